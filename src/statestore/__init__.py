@@ -1,0 +1,53 @@
+"""statestore: typed, crash-safe JSON state files that many processes can update at once.
+
+>>> from pydantic import BaseModel
+>>> from statestore import StateStore
+>>> class Counter(BaseModel):
+...     count: int = 0
+>>> store = StateStore(Counter, "counter.json", default=Counter)  # doctest: +SKIP
+>>> store.update(lambda s: Counter(count=s.count + 1))  # doctest: +SKIP
+Counter(count=1)
+"""
+
+from ._errors import (
+    CrossDeviceError,
+    DurabilityError,
+    LockCompromisedError,
+    LockError,
+    LockTimeout,
+    MigrationError,
+    NestedTransactionError,
+    SchemaVersionError,
+    StateCorruptError,
+    StateNotFoundError,
+    StateReadError,
+    StateStoreError,
+    StateValidationError,
+    StateWriteError,
+)
+from ._lock import DirectoryLock, LockOwner
+from ._migrate import MigrationReport
+from ._store import StateStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CrossDeviceError",
+    "DirectoryLock",
+    "DurabilityError",
+    "LockCompromisedError",
+    "LockError",
+    "LockOwner",
+    "LockTimeout",
+    "MigrationError",
+    "MigrationReport",
+    "NestedTransactionError",
+    "SchemaVersionError",
+    "StateCorruptError",
+    "StateNotFoundError",
+    "StateReadError",
+    "StateStore",
+    "StateStoreError",
+    "StateValidationError",
+    "StateWriteError",
+]

@@ -1,0 +1,184 @@
+"""Prompt, first-come-first-served hand-off between waiters on one host.
+
+The lock directory stays the only source of truth (``mkdir`` decides who
+holds the lock); this module only decides *when* a waiter tries again. Each
+waiter on this host makes a named pipe in a queue folder under the user's
+runtime directory (never in the state folder), named by the monotonic clock
+at which it started waiting. A releaser writes one byte into the oldest
+waiter's pipe; the waiter, blocked in ``poll`` on it, wakes at once instead of
+sleeping through the lock's free time. A new acquirer that finds waiters
+queued joins the end of the queue rather than barging in, so the lock is
+shared in turn instead of being handed back and forth inside one process.
+
+A waiter keeps its own pipe open read-write: while it lives, the pipe has a
+reader; once it dies, opening the pipe for writing fails with ``ENXIO`` and
+the entry is pruned by whoever notices. Waiters that are woken late, or never
+(a holder killed with SIGKILL releases nothing), still poll the lock with a
+capped timeout, so the queue can delay nobody by more than that cap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+import select
+import stat
+import tempfile
+import time
+
+__all__ = ["WaitQueue"]
+
+
+def _runtime_root() -> str | None:
+    """A private folder for this user's queues, or None when none is safe to use."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    root = (
+        os.path.join(base, "statestore")
+        if base and os.path.isdir(base)
+        else os.path.join(tempfile.gettempdir(), f"statestore-{uid}")
+    )
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        st = os.lstat(root)
+    except OSError:
+        return None
+    # Someone else's folder (or a link) in a shared /tmp: do not use it.
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        return None
+    return root
+
+
+class WaitQueue:
+    """The queue of waiters on this host for one lock path."""
+
+    def __init__(self, lock_path: str) -> None:
+        self._dir: str | None = None
+        self._lock_path = lock_path
+        self._resolved = False
+
+    def _folder(self) -> str | None:
+        if not self._resolved:
+            root = _runtime_root() if hasattr(os, "mkfifo") else None
+            if root is not None:
+                key = hashlib.sha256(self._lock_path.encode()).hexdigest()[:32]
+                folder = os.path.join(root, key)
+                try:
+                    os.makedirs(folder, mode=0o700, exist_ok=True)
+                    self._dir = folder
+                except OSError:
+                    self._dir = None
+            self._resolved = True
+        return self._dir
+
+    def _entries(self) -> list[str]:
+        folder = self._folder()
+        if folder is None:
+            return []
+        try:
+            return sorted(e for e in os.listdir(folder) if e.startswith("w"))
+        except OSError:
+            return []
+
+    def has_waiters(self) -> bool:
+        return bool(self._entries())
+
+    def join(self) -> Ticket | None:
+        """Enter the queue; None when this platform or folder cannot host one."""
+        folder = self._folder()
+        if folder is None:
+            return None
+        name = f"w{time.monotonic_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
+        path = os.path.join(folder, name)
+        try:
+            os.mkfifo(path, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None
+        return Ticket(self, name, path, fd)
+
+    def _signal(self, name: str) -> bool:
+        """Wake one waiter; False when it is gone (and then prune its entry)."""
+        folder = self._folder()
+        assert folder is not None
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no reader: the waiter died
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            return False
+        try:
+            os.write(fd, b"!")
+        except BlockingIOError:
+            pass  # its pipe is full of wake-ups already
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    def _alive(self, name: str) -> bool:
+        folder = self._folder()
+        assert folder is not None
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            return False
+        os.close(fd)
+        return True
+
+    def wake_first(self) -> None:
+        """Wake the oldest live waiter (called right after the lock is released)."""
+        for name in self._entries():
+            if self._signal(name):
+                return
+
+
+class Ticket:
+    """One waiter's place in the queue."""
+
+    def __init__(self, queue: WaitQueue, name: str, path: str, fd: int) -> None:
+        self._queue = queue
+        self.name = name
+        self._path = path
+        self._fd = fd
+
+    def is_first(self) -> bool:
+        """Whether every waiter ahead of us has gone (dead entries are pruned)."""
+        for name in self._queue._entries():
+            if name == self.name:
+                return True
+            if self._queue._alive(name):
+                return False
+        return True  # our entry vanished (cleaned up by hand): act as first
+
+    def wait(self, timeout: float) -> bool:
+        """Block until woken or ``timeout`` seconds pass; True when woken."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        try:
+            events = poller.poll(max(0, int(timeout * 1000)))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            events = []
+        if not events:
+            return False
+        with contextlib.suppress(OSError):
+            os.read(self._fd, 512)  # drain
+        return True
+
+    def leave(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self._path)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)

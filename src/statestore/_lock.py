@@ -1,0 +1,637 @@
+"""A cross-process lock made of a directory, that recovers from crashed holders.
+
+Protocol (``docs/locking.md`` has the full story, ``spec/`` a checked model):
+
+* **Acquire**: ``mkdir(L)``. The winner writes its owner record into the
+  directory *it* created (through a directory file descriptor, so a write can
+  never land in somebody else's lock) and checks that ``L`` is still that
+  directory.
+* **Stale locks**: a holder that is provably dead (same host: pid gone, pid
+  reused by a process with another start time, another boot) or whose lease
+  has expired may be broken. Breaking first takes the instance's *claim*
+  (``mkdir(L/claim)``: the claim lives inside the instance, so it guards that
+  instance and no other), re-checks that ``L`` is still the stale instance it
+  inspected, and only then renames ``L`` aside in one atomic step. Two
+  breakers cannot both win, and a fresh lock taken meanwhile is never removed.
+  ``rmdir`` then ``mkdir`` would let both in (proper-lockfile#121).
+* **Release**: by token, through the same claim, never a blind ``rmdir``.
+* **Lease**: the holder's heartbeat thread pushes the expiry in its owner
+  record forward; a holder that stops (SIGSTOP, a sleeping laptop) loses the
+  lock once the lease has run out, and finds out at :meth:`DirectoryLock.verify`,
+  which the store calls right before its commit rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import random
+import secrets
+import shutil
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+from ._errors import LockCompromisedError, LockError, LockTimeout
+from ._handoff import WaitQueue
+from ._owner import LockOwner, holder_alive, new_owner
+
+__all__ = ["DEFAULT_LEASE", "DirectoryLock", "LockOwner"]
+
+log = logging.getLogger("statestore")
+
+OWNER_FILE: Final = "owner.json"
+CLAIM: Final = "claim"
+DEFAULT_LEASE: Final = 30.0
+#: A lock directory without a readable owner record is "being created" for this long.
+CREATE_GRACE: Final = 2.0
+#: A claim is held for a few system calls; one older than this was abandoned by a crash.
+CLAIM_GRACE: Final = 2.0
+#: Extra time granted to holders on other hosts, whose clocks may disagree with ours.
+CLOCK_SKEW: Final = 5.0
+#: Polling bounds (seconds): full jitter between 0 and min(cap, base * 2**attempt).
+BACKOFF_BASE: Final = 0.002
+BACKOFF_CAP: Final = 0.1
+#: A waiter that has not reached the head of the local queue after this long polls anyway,
+#: so a stuck waiter ahead of it cannot hold everyone up.
+QUEUE_PATIENCE: Final = 1.0
+
+
+@dataclass
+class _Held:
+    """The directory lock as held by this process."""
+
+    owner: LockOwner
+    dirfd: int
+    ino: tuple[int, int]
+    lost: str | None = None
+    next_refresh: float = 0.0
+    # Serialises the heartbeat's writes through ``dirfd`` with the release that closes it.
+    mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+@dataclass
+class _Observation:
+    """What a waiter saw when it looked at a lock held by somebody else."""
+
+    ino: tuple[int, int] | None
+    owner: LockOwner | None
+    alive: bool | None
+    stale: bool
+    reason: str
+
+
+class _PathState:
+    """Per-process state of one lock path, shared by every DirectoryLock on it."""
+
+    def __init__(self, key: str) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.thread: int | None = None
+        self.count = 0
+        self.held: _Held | None = None
+        self.queue = WaitQueue(key)
+
+
+_registry: dict[str, _PathState] = {}
+_registry_lock = threading.Lock()
+
+
+def _state(key: str) -> _PathState:
+    with _registry_lock:
+        st = _registry.get(key)
+        if st is None:
+            st = _registry[key] = _PathState(key)
+        return st
+
+
+def _canonical(path: str) -> str:
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _read_owner_at(path: str) -> bytes:
+    with open(os.path.join(path, OWNER_FILE), "rb") as f:
+        return f.read(65536)
+
+
+def _write_owner(dirfd: int, owner: LockOwner) -> None:
+    """Publish an owner record atomically inside the directory behind ``dirfd``."""
+    tmp = f"{OWNER_FILE}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
+    try:
+        try:
+            os.write(fd, owner.to_json())
+        finally:
+            os.close(fd)
+        os.replace(tmp, OWNER_FILE, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dirfd)
+        raise
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a lock directory that has been renamed aside."""
+    try:
+        # The usual content: the owner record and one claim.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, OWNER_FILE))
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(os.path.join(path, CLAIM))
+        os.rmdir(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class DirectoryLock:
+    """A lock shared by processes (and threads), made of the directory ``path``.
+
+    >>> with DirectoryLock("/tmp/app/state.json.lock"):  # doctest: +SKIP
+    ...     ...  # one holder at a time, across processes and hosts
+
+    ``timeout`` is how long :meth:`acquire` waits by default; ``lease`` how long
+    the lock stays valid without a heartbeat (the holder refreshes it every
+    third of that). The lock is reentrant within a thread: acquiring it again
+    counts, and every DirectoryLock object on the same path shares the count.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 10.0,
+        lease: float = DEFAULT_LEASE,
+    ) -> None:
+        if lease <= 0:
+            raise ValueError("lease must be positive")
+        self.path = os.path.abspath(os.fspath(path))
+        self.timeout = timeout
+        self.lease = float(lease)
+        self._key = _canonical(self.path)
+
+    def __repr__(self) -> str:
+        return f"DirectoryLock({self.path!r}, timeout={self.timeout!r}, lease={self.lease!r})"
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def is_held(self) -> bool:
+        """Whether the calling thread holds this lock."""
+        st = _state(self._key)
+        return st.thread == threading.get_ident() and st.held is not None
+
+    def acquire(self, timeout: float | None = None) -> DirectoryLock:
+        """Wait until this thread holds the lock, or raise :class:`LockTimeout`."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        st = _state(self._key)
+        me = threading.get_ident()
+        with st.cond:
+            if st.thread == me:
+                st.count += 1
+                return self
+            # Other threads of this process wait here, not on the file system.
+            while st.thread is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    held = st.held
+                    raise LockTimeout(
+                        self.path,
+                        timeout=timeout,
+                        holder=held.owner.describe() if held else None,
+                        alive=True,
+                    )
+                st.cond.wait(remaining)
+            st.thread = me
+        try:
+            held = self._acquire_dir(deadline, timeout, st.queue)
+        except BaseException:
+            with st.cond:
+                st.thread = None
+                st.cond.notify()
+            raise
+        with st.cond:
+            st.held = held
+            st.count = 1
+        _heartbeat.start()
+        return self
+
+    def release(self) -> None:
+        """Release one level of the lock; the directory goes when the count reaches 0."""
+        st = _state(self._key)
+        with st.cond:
+            if st.thread != threading.get_ident() or st.count == 0:
+                raise RuntimeError(f"{self.path}: release() of a lock this thread does not hold")
+            st.count -= 1
+            if st.count:
+                return
+            held, st.held = st.held, None
+        try:
+            if held is not None:
+                self._release_dir(held, st.queue)
+        finally:
+            with st.cond:
+                st.thread = None
+                st.cond.notify()
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def owner(self) -> LockOwner | None:
+        """The current owner record, or None when the lock is free or being created."""
+        return self._observe().owner
+
+    def verify(self) -> None:
+        """Raise :class:`LockCompromisedError` unless this thread still holds the lock.
+
+        Called by the store right before it publishes a save: a holder that was
+        suspended past its lease must not write over the next holder's work.
+        """
+        st = _state(self._key)
+        held = st.held
+        if held is None or st.thread != threading.get_ident():
+            raise LockCompromisedError(self.path, "the lock is not held by this thread")
+        if held.lost:
+            raise LockCompromisedError(self.path, held.lost)
+        now = time.time()
+        if now >= held.owner.expires_at:
+            raise LockCompromisedError(
+                self.path,
+                f"our lease ran out {now - held.owner.expires_at:.1f} s ago (the process was "
+                "suspended or too slow to refresh it), so another process may hold the "
+                "lock now; nothing was written. Retry the operation, or raise 'lease'",
+            )
+        if not self._is_ours(held):
+            raise LockCompromisedError(
+                self.path,
+                "the lock was broken by another process after our lease ran out; "
+                "nothing was written. Retry the operation, or raise 'lease'",
+            )
+        if os.path.lexists(os.path.join(self.path, CLAIM)):
+            raise LockCompromisedError(
+                self.path, "another process is breaking this lock; nothing was written"
+            )
+
+    def break_lock(self, *, force: bool = False) -> LockOwner | None:
+        """Break the lock if it is stale (or, with ``force``, even if it is not).
+
+        Returns the owner record of the lock that was broken, or None when there
+        was nothing to break. A live lock without ``force`` raises :class:`LockError`.
+        """
+        seen = self._observe()
+        if seen.ino is None:
+            return None
+        if not seen.stale and not force:
+            raise LockError(
+                self.path,
+                f"the lock is live ({seen.reason}); use force to break it anyway",
+                errno=errno.EBUSY,
+            )
+        if not self._break(seen, force=force):
+            raise LockError(
+                self.path, "the lock changed while breaking it; look again", errno=errno.EAGAIN
+            )
+        return seen.owner
+
+    # -------------------------------------------------------------- the protocol
+
+    def _acquire_dir(self, deadline: float, timeout: float, queue: WaitQueue) -> _Held:
+        started = time.monotonic()
+        seen: _Observation | None = None
+        # An immediate first try, unless others on this host are already queued.
+        if not queue.has_waiters():
+            got = self._try_once()
+            if isinstance(got, _Held):
+                return got
+            seen = got
+        ticket = queue.join()
+        try:
+            attempt = 0
+            while True:
+                now = time.monotonic()
+                if ticket is None or now - started >= QUEUE_PATIENCE or ticket.is_first():
+                    got = self._try_once()
+                    if isinstance(got, _Held):
+                        return got
+                    seen = got or seen
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LockTimeout(
+                        self.path,
+                        timeout=timeout,
+                        holder=seen.owner.describe() if seen and seen.owner else None,
+                        alive=seen.alive if seen else None,
+                    )
+                delay = min(remaining, random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
+                attempt += 1
+                if seen is not None and attempt in (1, 8):
+                    log.debug(
+                        "waiting for lock %s (%s)", self.path,
+                        f"held by pid {seen.owner.pid} on {seen.owner.host}"
+                        if seen.owner else seen.reason,
+                    )
+                if ticket is None:
+                    time.sleep(delay)
+                elif ticket.wait(delay if ticket.is_first() else BACKOFF_CAP):
+                    attempt = 0  # woken by a release: try at once
+        finally:
+            if ticket is not None:
+                ticket.leave()
+
+    def _try_once(self) -> _Held | _Observation | None:
+        """One attempt: the lock, or what stands in the way (None: try again now)."""
+        try:
+            os.mkdir(self.path)
+        except FileExistsError:
+            seen = self._observe()
+            if seen.stale and seen.ino is not None:
+                self._break(seen)
+                return None
+            return seen
+        except FileNotFoundError:
+            # The state folder does not exist yet: statestore creates it on first save.
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            except OSError as e:
+                raise self._os_error(e, "create the folder for") from e
+            return None
+        except OSError as e:
+            raise self._os_error(e, "create") from e
+        return self._publish()
+
+    def _publish(self) -> _Held | None:
+        """Write our owner record into the directory we just created."""
+        try:
+            dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._os_error(e, "open") from e
+        try:
+            fd_stat = os.fstat(dirfd)
+            if os.listdir(dirfd):  # not the empty directory we made: someone else's
+                os.close(dirfd)
+                return None
+            owner = new_owner(self.lease)
+            _write_owner(dirfd, owner)
+            ino = (fd_stat.st_dev, fd_stat.st_ino)
+            path_stat = os.stat(self.path)
+        except OSError as e:
+            os.close(dirfd)
+            self._abandon(e)
+            raise self._os_error(e, "write the owner record of") from e
+        held = _Held(owner=owner, dirfd=dirfd, ino=ino)
+        if (path_stat.st_dev, path_stat.st_ino) != ino:
+            # We stalled for longer than the creation grace and our lock was broken.
+            os.close(dirfd)
+            return None
+        held.next_refresh = time.monotonic() + self.lease / 3
+        return held
+
+    def _abandon(self, cause: OSError) -> None:
+        log.warning("lock %s: could not publish the owner record (%s)", self.path, cause)
+
+    def _observe(self) -> _Observation:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return _Observation(None, None, None, False, "free")
+        except OSError as e:
+            raise self._os_error(e, "inspect") from e
+        if not stat.S_ISDIR(st.st_mode):
+            raise LockError(
+                self.path,
+                "the lock path exists but is not a directory; statestore did not make it. "
+                "Move it away if nothing else uses it",
+                errno=errno.ENOTDIR,
+            )
+        ino = (st.st_dev, st.st_ino)
+        now = time.time()
+        try:
+            owner = LockOwner.from_json(_read_owner_at(self.path))
+        except FileNotFoundError:
+            age = now - st.st_mtime
+            return _Observation(
+                ino, None, None, age > CREATE_GRACE,
+                f"no owner record for {age:.1f} s (being created, or its creator died)",
+            )
+        except PermissionError as e:
+            raise self._os_error(e, "read the owner record of") from e
+        except (OSError, ValueError) as e:
+            try:
+                age = now - os.stat(os.path.join(self.path, OWNER_FILE)).st_mtime
+            except OSError:
+                age = now - st.st_mtime
+            return _Observation(
+                ino, None, None, age > CREATE_GRACE, f"unreadable owner record ({e})"
+            )
+        alive = holder_alive(owner)
+        if alive is False:
+            return _Observation(
+                ino, owner, False, True,
+                f"holder pid {owner.pid} on {owner.host} is no longer running",
+            )
+        expiry = owner.expires_at + (CLOCK_SKEW if alive is None else 0.0)
+        if now > expiry:
+            return _Observation(
+                ino, owner, alive, True,
+                f"lease of pid {owner.pid} on {owner.host} expired {now - owner.expires_at:.1f} s ago",
+            )
+        return _Observation(ino, owner, alive, False, f"held by pid {owner.pid} on {owner.host}")
+
+    def _claim(self) -> str | None:
+        """Take the removal claim of the instance now at ``path`` (None: someone has it)."""
+        claim = os.path.join(self.path, CLAIM)
+        while True:
+            try:
+                os.mkdir(claim)
+                return claim
+            except FileExistsError:
+                pass
+            except (FileNotFoundError, NotADirectoryError):
+                return None  # the instance is gone
+            except OSError as e:
+                raise self._os_error(e, "claim") from e
+            deeper = os.path.join(claim, CLAIM)
+            if os.path.lexists(deeper):
+                claim = deeper
+                continue
+            try:
+                age = time.time() - os.stat(claim).st_mtime
+            except OSError:
+                return None
+            if age < CLAIM_GRACE:
+                return None  # someone is removing this instance right now
+            # A claim this old was abandoned by a crash: take over one level deeper,
+            # which again only one process can do.
+            claim = deeper
+
+    def _unclaim(self, claim: str) -> None:
+        with contextlib.suppress(OSError):
+            os.rmdir(claim)
+
+    def _break(self, seen: _Observation, *, force: bool = False) -> bool:
+        claim = self._claim()
+        if claim is None:
+            return False
+        try:
+            now = self._observe()
+            same = now.ino == seen.ino and (
+                (now.owner.token if now.owner else None)
+                == (seen.owner.token if seen.owner else None)
+            )
+            if not same or not (now.stale or force):
+                self._unclaim(claim)
+                return False
+            aside = f"{self.path}.{secrets.token_hex(6)}.broken"
+            os.rename(self.path, aside)
+        except OSError as e:
+            self._unclaim(claim)
+            raise self._os_error(e, "break") from e
+        log.warning("broke stale lock %s: %s", self.path, seen.reason)
+        _remove_tree(aside)
+        return True
+
+    def _is_ours(self, held: _Held) -> bool:
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) != held.ino:
+                return False
+            return LockOwner.from_json(_read_owner_at(self.path)).token == held.owner.token
+        except (OSError, ValueError):
+            return False
+
+    def _release_dir(self, held: _Held, queue: WaitQueue) -> None:
+        try:
+            give_up = time.monotonic() + 2 * CLAIM_GRACE
+            while True:
+                if not self._is_ours(held):
+                    log.warning("lock %s was lost before release (lease expired)", self.path)
+                    return
+                claim = self._claim()
+                if claim is not None:
+                    break
+                if time.monotonic() > give_up:  # pragma: no cover - needs a stalled breaker
+                    log.warning("lock %s: could not release, a claim is stuck", self.path)
+                    return
+                time.sleep(0.001)
+            if not self._is_ours(held):
+                self._unclaim(claim)
+                return
+            aside = f"{self.path}.{secrets.token_hex(6)}.released"
+            try:
+                os.rename(self.path, aside)
+            except OSError as e:
+                self._unclaim(claim)
+                raise self._os_error(e, "release") from e
+            _remove_tree(aside)
+        finally:
+            with held.mutex:
+                held.lost = "released"
+                os.close(held.dirfd)
+            queue.wake_first()
+
+    def _refresh(self, held: _Held) -> None:
+        """Push our lease forward (heartbeat thread)."""
+        with held.mutex:
+            if not held.lost:
+                self._refresh_locked(held)
+
+    def _refresh_locked(self, held: _Held) -> None:
+        if not self._is_ours(held):
+            held.lost = "the lock was broken by another process after our lease ran out"
+            log.warning("lock %s: %s", self.path, held.lost)
+            return
+        owner = dataclasses.replace(held.owner, expires_at=time.time() + self.lease)
+        try:
+            _write_owner(held.dirfd, owner)
+        except OSError as e:
+            log.warning("lock %s: could not refresh the lease (%s)", self.path, e)
+            held.next_refresh = time.monotonic() + min(1.0, self.lease / 10)
+            return
+        held.owner = owner
+        held.next_refresh = time.monotonic() + self.lease / 3
+
+    def _os_error(self, e: OSError, what: str) -> LockError:
+        hint = {
+            errno.EACCES: "permission denied: the lock folder or its parent belongs to "
+            "another user or is not writable",
+            errno.EPERM: "operation not permitted on the lock folder",
+            errno.EROFS: "the file system is read-only",
+            errno.ENOSPC: "the disk is full",
+        }.get(e.errno or 0, e.strerror or str(e))
+        return LockError(self.path, f"cannot {what} the lock directory: {hint}", errno=e.errno)
+
+
+class _Heartbeat:
+    """One daemon thread per process that refreshes the leases of held locks."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run, name="statestore-heartbeat", daemon=True
+            )
+            self._thread.start()
+        else:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                delay = self._beat()
+            except Exception:  # the heartbeat must never take the process down
+                log.exception("statestore heartbeat failed")
+                delay = 1.0
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    def _beat(self) -> float:
+        now = time.monotonic()
+        delay = 10.0
+        with _registry_lock:
+            items = list(_registry.items())
+        for key, st in items:
+            held = st.held
+            if held is None:
+                continue
+            if now >= held.next_refresh:
+                DirectoryLock(key, lease=held.owner.lease)._refresh(held)
+            delay = min(delay, max(0.01, held.next_refresh - time.monotonic()))
+        return delay
+
+
+_heartbeat = _Heartbeat()
+
+
+def _after_fork_in_child() -> None:
+    """The child of a fork holds none of its parent's locks."""
+    global _registry, _registry_lock, _heartbeat
+    for st in _registry.values():
+        if st.held is not None:
+            with contextlib.suppress(OSError):
+                os.close(st.held.dirfd)
+    _registry = {}
+    _registry_lock = threading.Lock()
+    _heartbeat = _Heartbeat()
+
+
+with contextlib.suppress(AttributeError):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,376 @@
+"""StateStore: a typed JSON document that many processes update without losing a write."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
+
+from ._errors import (
+    MigrationError,
+    NestedTransactionError,
+    StateCorruptError,
+    StateNotFoundError,
+    StateValidationError,
+)
+from ._lock import DirectoryLock
+from ._migrate import VERSION_KEY, MigrationReport, Migrations, Migrator
+from .backends import Session, Storage
+from .backends.file import FileStorage
+
+__all__ = ["SCHEMA_KEY", "ModelT", "StateStore"]
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+#: The key an editor reads to find a document's JSON Schema.
+SCHEMA_KEY: Final = "$schema"
+_RESERVED: Final = (VERSION_KEY, SCHEMA_KEY)
+
+# (thread, document) pairs inside a transaction, across every store object in the
+# process: update() on a second store object for the same file would otherwise
+# commit, then be overwritten by the outer transaction's commit.
+_active: set[tuple[int, str]] = set()
+_active_lock = threading.Lock()
+
+
+@dataclass
+class _Loaded(Generic[ModelT]):
+    """A document as found under the lock."""
+
+    model: ModelT
+    raw: bytes | None  # None: no file yet (the default was used)
+    version: int
+    schema: str | None  # the "$schema" the file carried
+
+
+def _position(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column of a byte offset."""
+    before = data[:offset]
+    line = before.count(b"\n") + 1
+    return line, offset - (before.rfind(b"\n") + 1) + 1
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _errors_of(e: ValidationError) -> list[dict[str, Any]]:
+    # Through JSON so that every value is plain data (picklable, printable).
+    errors: list[dict[str, Any]] = json.loads(e.json(include_url=False))
+    return errors
+
+
+class StateStore(Generic[ModelT]):
+    """A JSON state file validated by a pydantic model, safe to update from many processes.
+
+    >>> class Counter(BaseModel):  # doctest: +SKIP
+    ...     count: int = 0
+    >>> store = StateStore(Counter, "state.json", default=Counter)  # doctest: +SKIP
+    >>> store.update(lambda s: s.model_copy(update={"count": s.count + 1}))  # doctest: +SKIP
+    Counter(count=1)
+
+    Reading (:meth:`load`) takes no lock; :meth:`save`, :meth:`update` and
+    :meth:`transaction` run under the store's lock and publish each save with an
+    atomic rename, so readers always see a whole, valid document.
+    """
+
+    def __init__(
+        self,
+        model: type[ModelT],
+        path: str | os.PathLike[str] | Storage,
+        *,
+        default: ModelT | Callable[[], ModelT] | None = None,
+        lock: DirectoryLock | str | os.PathLike[str] | None = None,
+        timeout: float = 10.0,
+        durable: bool = True,
+        version: int = 1,
+        migrations: Migrations | None = None,
+        schema_ref: str | None = None,
+        read_attempts: int = 3,
+        read_delay: float = 0.05,
+    ) -> None:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"StateStore needs a pydantic BaseModel subclass, not {model!r}")
+        for name, info in model.model_fields.items():
+            if name in _RESERVED or info.alias in _RESERVED:
+                raise TypeError(
+                    f"{model.__name__}.{name}: the key {info.alias or name!r} is written by "
+                    "the store itself; rename the field"
+                )
+        if read_attempts < 1:
+            raise ValueError("read_attempts must be at least 1")
+        self.model = model
+        self.timeout = timeout
+        self.durable = durable
+        self.schema_ref = schema_ref
+        self._default = default
+        self._read_attempts = read_attempts
+        self._read_delay = read_delay
+        if isinstance(path, (str, os.PathLike)):
+            file = os.path.abspath(os.fspath(path))
+            if lock is None:
+                lock = DirectoryLock(file + ".lock", timeout=timeout)
+            elif not isinstance(lock, DirectoryLock):
+                lock = DirectoryLock(lock, timeout=timeout)
+            self.lock: DirectoryLock | None = lock
+            self._storage: Storage = FileStorage(file, lock, durable=durable)
+        else:
+            if lock is not None:
+                raise TypeError("lock= applies to file stores only; this storage locks itself")
+            self.lock = None
+            self._storage = path
+        self._key = os.path.realpath(self._storage.location) if self.lock else self._storage.location
+        self._migrator = Migrator(version, migrations, self._storage.location)
+
+    def __repr__(self) -> str:
+        return f"StateStore({self.model.__name__}, {self._storage.location!r})"
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def path(self) -> Path:
+        """Where the document lives (for the file backend, the state file)."""
+        return Path(self._storage.location)
+
+    @property
+    def version(self) -> int:
+        """The schema version this store reads and writes."""
+        return self._migrator.version
+
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
+    def exists(self) -> bool:
+        """Whether the state file exists (the default does not count)."""
+        return self._storage.exists()
+
+    def load(self) -> ModelT:
+        """Read, migrate in memory and validate the state, without taking the lock.
+
+        Missing file: the default, or :class:`StateNotFoundError`. A file that does
+        not parse is read again (``read_attempts`` times, ``read_delay`` apart) in
+        case a writer that does not rename atomically is halfway through.
+        """
+        return self._load(self._storage.read).model
+
+    def save(self, state: ModelT) -> None:
+        """Validate ``state`` and write it, under the lock.
+
+        A file that exists but cannot be read (corrupt, invalid, or written by
+        a newer version) is not overwritten: the error says so.
+        """
+        self._check_type(state, "save()")
+        with self._session("save()") as session:
+            loaded = self._load(session.read)
+            self._commit(session, state, loaded)
+
+    def update(self, fn: Callable[[ModelT], ModelT | None]) -> ModelT:
+        """Load, apply ``fn``, validate and save, all under the lock; return what was saved.
+
+        ``fn`` returns a new model, or None after changing the one it was given.
+        If it raises, nothing is written and the exception propagates.
+        """
+        with self._session("update()") as session:
+            loaded = self._load(session.read)
+            result = fn(loaded.model)
+            state = loaded.model if result is None else result
+            self._check_type(state, f"update(): {getattr(fn, '__qualname__', 'fn')} returned")
+            return self._commit(session, state, loaded)
+
+    @contextmanager
+    def transaction(self) -> Iterator[ModelT]:
+        """``with store.transaction() as state:`` load under the lock; saved on normal exit.
+
+        An exception inside the block discards the changes and writes nothing.
+        """
+        with self._session("transaction()") as session:
+            loaded = self._load(session.read)
+            yield loaded.model
+            self._commit(session, loaded.model, loaded)
+
+    def migrate(self, *, dry_run: bool = False) -> MigrationReport:
+        """Upgrade the file to this store's version, under the lock, keeping a backup."""
+        with self._session("migrate()") as session:
+            raw = session.read()
+            if raw is None:
+                raise StateNotFoundError(self._storage.location, "there is no state file to migrate")
+            loaded = self._load(lambda: raw)
+            found, to = loaded.version, self.version
+            steps = tuple(range(found, to))
+            location = self._storage.location
+            if not steps:
+                return MigrationReport(location, found, to, dry_run=dry_run)
+            label = f"v{found}"
+            if dry_run:
+                return MigrationReport(
+                    location, found, to, steps, session.backup_location(label), False, True
+                )
+            backup = session.backup(label, raw)
+            session.write(self._encode(loaded.model, loaded.schema)[0])
+            return MigrationReport(location, found, to, steps, backup, True)
+
+    # ---------------------------------------------------------------- internals
+
+    @contextmanager
+    def _session(self, what: str) -> Iterator[Session]:
+        key = (threading.get_ident(), self._key)
+        with _active_lock:
+            if key in _active:
+                raise NestedTransactionError(
+                    self._storage.location,
+                    f"{what} called inside a transaction on the same file; the outer "
+                    "transaction would overwrite its result. Change the state yielded by "
+                    "the transaction instead",
+                )
+            _active.add(key)
+        try:
+            with self._storage.session(self.timeout) as session:
+                yield session
+        finally:
+            with _active_lock:
+                _active.discard(key)
+
+    def _check_type(self, state: object, what: str) -> None:
+        if not isinstance(state, self.model):
+            raise TypeError(
+                f"{self._storage.location}: {what} {type(state).__name__}, expected a "
+                f"{self.model.__name__} instance; nothing was written"
+            )
+
+    def _decode(self, data: bytes) -> dict[str, Any]:
+        location = self._storage.location
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line, col = _position(data, e.start)
+            raise StateCorruptError(
+                location,
+                f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                "the file was left untouched",
+                line=line,
+                column=col,
+            ) from e
+        if text.startswith("\ufeff"):  # a byte-order mark some editors add
+            text = text[1:]
+        if not text.strip():
+            raise StateCorruptError(
+                location, "the file is empty; the file was left untouched", line=1, column=1
+            )
+        try:
+            doc = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as e:
+            raise StateCorruptError(
+                location,
+                f"not valid JSON: {e.msg}; the file was left untouched",
+                line=e.lineno,
+                column=e.colno,
+            ) from e
+        except (ValueError, RecursionError) as e:
+            raise StateCorruptError(
+                location, f"not usable JSON: {e}; the file was left untouched"
+            ) from e
+        if not isinstance(doc, dict):
+            kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+                type(doc), "number"
+            )
+            raise StateCorruptError(
+                location,
+                f"the document is a JSON {kind}, but a state file holds a JSON object; "
+                "the file was left untouched",
+                line=1,
+                column=1,
+            )
+        return doc
+
+    def _load(self, read: Callable[[], bytes | None]) -> _Loaded[ModelT]:
+        for attempt in range(self._read_attempts):
+            raw = read()
+            if raw is None:
+                return _Loaded(self._make_default(), None, self.version, None)
+            try:
+                doc = self._decode(raw)
+                break
+            except StateCorruptError:
+                if attempt + 1 >= self._read_attempts:
+                    raise
+                time.sleep(self._read_delay)
+        return self._from_doc(doc, raw)
+
+    def _from_doc(self, doc: dict[str, Any], raw: bytes) -> _Loaded[ModelT]:
+        location = self._storage.location
+        found = self._migrator.version_of(doc, location)
+        schema = doc.pop(SCHEMA_KEY, None)
+        upgraded, steps = self._migrator.upgrade(doc, location)
+        try:
+            model = self.model.model_validate(upgraded)
+        except ValidationError as e:
+            if steps:
+                raise MigrationError(
+                    location,
+                    f"after migration step {steps[-1]}->{steps[-1] + 1} the document does not "
+                    f"fit {self.model.__name__}: {e.error_count()} error(s), first: "
+                    f"{e.errors()[0]['msg']} at {'.'.join(map(str, e.errors()[0]['loc']))}; "
+                    "the file was not changed",
+                ) from e
+            raise StateValidationError(location, errors=_errors_of(e)) from e
+        return _Loaded(model, raw, found, schema if isinstance(schema, str) else None)
+
+    def _make_default(self) -> ModelT:
+        default = self._default
+        if default is None:
+            raise StateNotFoundError(
+                self._storage.location,
+                "no state file; save() one first, or give the store a default",
+            )
+        if isinstance(default, BaseModel):
+            made: object = default.model_copy(deep=True)
+        else:
+            made = default()
+        self._check_type(made, "the default gave")
+        return made  # type: ignore[return-value]
+
+    def _encode(self, state: ModelT, schema: str | None) -> tuple[bytes, ModelT]:
+        """The bytes to store for ``state``, and the model they load back as.
+
+        Validation is of the serialised document itself: a model changed by
+        attribute assignment (which pydantic does not validate by default) must
+        not reach disk if it would not load again.
+        """
+        location = self._storage.location
+        try:
+            body = state.model_dump_json(by_alias=True, indent=2)
+        except PydanticSerializationError as e:
+            raise StateValidationError(
+                location, f"the new state cannot be written as JSON ({e}); nothing was written"
+            ) from e
+        try:
+            checked = self.model.model_validate_json(body)
+        except ValidationError as e:
+            raise StateValidationError(location, errors=_errors_of(e)) from e
+        head = ""
+        ref = self.schema_ref if self.schema_ref is not None else schema
+        if ref is not None:
+            head += f'  "{SCHEMA_KEY}": {json.dumps(ref, ensure_ascii=False)},\n'
+        head += f'  "{VERSION_KEY}": {self.version}'
+        text = "{\n" + head + ("\n}" if body == "{}" else ",\n" + body[2:])
+        return (text + "\n").encode("utf-8"), checked
+
+    def _commit(self, session: Session, state: ModelT, loaded: _Loaded[ModelT]) -> ModelT:
+        data, checked = self._encode(state, loaded.schema)
+        if loaded.raw is not None:
+            if data == loaded.raw:
+                return checked  # nothing changed: no need to rewrite the file
+            if loaded.version < self.version:
+                session.backup(f"v{loaded.version}", loaded.raw)
+        session.write(data)
+        return checked
