@@ -193,7 +193,7 @@ def sweep_temp_files(path: str) -> list[str]:
     folder = os.path.dirname(target) or "."
     prefix, suffix = temp_pattern(target)
     mine = _host_tag()
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(folder)
     except OSError:

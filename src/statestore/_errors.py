@@ -77,8 +77,8 @@ class _OSErrorMixin(StateStoreError, OSError):
     ) -> None:
         StateStoreError.__init__(self, path, message)
         # OSError's own attributes, so `except OSError as e: e.errno` works.
-        self.errno = errno  # type: ignore[misc]
-        self.strerror = os.strerror(errno) if errno is not None else None  # type: ignore[misc]
+        self.errno = errno
+        self.strerror = os.strerror(errno) if errno is not None else None
         self.filename = self.path
 
     def __str__(self) -> str:

@@ -171,7 +171,10 @@ class StateStore(Generic[ModelT]):
         """
         self._check_type(state, "save()")
         with self._session("save()") as session:
-            loaded = self._load(session.read)
+            try:
+                loaded = self._load(session.read)
+            except StateNotFoundError:  # no file and no default: nothing to protect
+                loaded = _Loaded(state, None, self.version, None)
             self._commit(session, state, loaded)
 
     def update(self, fn: Callable[[ModelT], ModelT | None]) -> ModelT:
@@ -271,7 +274,8 @@ class StateStore(Generic[ModelT]):
         except json.JSONDecodeError as e:
             raise StateCorruptError(
                 location,
-                f"not valid JSON: {e.msg}; the file was left untouched",
+                f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                "the file was left untouched",
                 line=e.lineno,
                 column=e.colno,
             ) from e
@@ -293,18 +297,19 @@ class StateStore(Generic[ModelT]):
         return doc
 
     def _load(self, read: Callable[[], bytes | None]) -> _Loaded[ModelT]:
-        for attempt in range(self._read_attempts):
+        attempt = 1
+        while True:
             raw = read()
             if raw is None:
                 return _Loaded(self._make_default(), None, self.version, None)
             try:
-                doc = self._decode(raw)
-                break
+                return self._from_doc(self._decode(raw), raw)
             except StateCorruptError:
-                if attempt + 1 >= self._read_attempts:
+                # A writer that does not rename atomically may be halfway through.
+                if attempt >= self._read_attempts:
                     raise
+                attempt += 1
                 time.sleep(self._read_delay)
-        return self._from_doc(doc, raw)
 
     def _from_doc(self, doc: dict[str, Any], raw: bytes) -> _Loaded[ModelT]:
         location = self._storage.location

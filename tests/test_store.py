@@ -1,0 +1,328 @@
+"""The core: StateStore load, save, update, transaction and their errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Counter, Strict, listing, temp_files
+from pydantic import BaseModel, field_validator
+
+from statestore import (
+    NestedTransactionError,
+    StateCorruptError,
+    StateNotFoundError,
+    StateReadError,
+    StateStore,
+    StateStoreError,
+    StateValidationError,
+)
+
+
+def test_save_then_load_round_trips(state_path: Path) -> None:
+    store = StateStore(Counter, state_path)
+    store.save(Counter(count=3, note="héllo"))
+    assert store.load() == Counter(count=3, note="héllo")
+    assert store.exists()
+    assert store.path == state_path
+
+
+def test_file_format_diffs_well(state_path: Path) -> None:
+    store = StateStore(Counter, state_path)
+    store.save(Counter(count=3, note="héllo"))
+    text = state_path.read_text(encoding="utf-8")
+    assert text == '{\n  "schema_version": 1,\n  "count": 3,\n  "note": "héllo"\n}\n'
+
+
+def test_empty_model_is_written_as_an_object(tmp_path: Path) -> None:
+    class Empty(BaseModel):
+        pass
+
+    store = StateStore(Empty, tmp_path / "e.json")
+    store.save(Empty())
+    assert json.loads((tmp_path / "e.json").read_text()) == {"schema_version": 1}
+    assert store.load() == Empty()
+
+
+def test_missing_file_without_default_is_a_typed_error(state_path: Path) -> None:
+    store = StateStore(Counter, state_path)
+    with pytest.raises(StateNotFoundError) as info:
+        store.load()
+    assert isinstance(info.value, FileNotFoundError)
+    assert info.value.path == str(state_path)
+    assert str(state_path) in str(info.value)
+    assert not store.exists()
+
+
+@pytest.mark.parametrize("kind", ["instance", "callable"])
+def test_default_is_used_but_not_written(state_path: Path, kind: str) -> None:
+    default = Counter(count=7) if kind == "instance" else (lambda: Counter(count=7))
+    store = StateStore(Counter, state_path, default=default)
+    first = store.load()
+    assert first == Counter(count=7)
+    first.count = 100  # must not leak into the next default
+    assert store.load() == Counter(count=7)
+    assert not state_path.exists()
+    assert listing(state_path.parent) == []
+
+
+def test_default_of_the_wrong_type_is_refused(state_path: Path) -> None:
+    store = StateStore(Counter, state_path, default=lambda: Strict(name="x"))  # type: ignore[arg-type, return-value]
+    with pytest.raises(TypeError, match="Counter"):
+        store.load()
+
+
+def test_missing_parent_folders_are_created_on_first_save(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "state.json"
+    store = StateStore(Counter, path, default=Counter)
+    assert store.load() == Counter()
+    assert not (tmp_path / "a").exists()
+    store.update(lambda s: Counter(count=1))
+    assert store.load().count == 1
+
+
+def test_update_by_mutation_and_by_return(state_path: Path) -> None:
+    store = StateStore(Counter, state_path, default=Counter)
+
+    def mutate(s: Counter) -> None:
+        s.count += 1
+
+    saved = store.update(mutate)
+    assert saved == Counter(count=1)
+    saved = store.update(lambda s: Counter(count=s.count + 10, note="x"))
+    assert saved == Counter(count=11, note="x")
+    assert store.load() == saved
+
+
+def test_transaction_saves_on_exit_and_discards_on_error(state_path: Path) -> None:
+    store = StateStore(Counter, state_path, default=Counter)
+    with store.transaction() as state:
+        state.count = 5
+    assert store.load().count == 5
+    before = state_path.read_bytes()
+    with pytest.raises(KeyError), store.transaction() as state:
+        state.count = 99
+        raise KeyError("boom")
+    assert state_path.read_bytes() == before
+    assert listing(state_path.parent) == ["state.json"]
+
+
+def test_exception_in_fn_leaves_file_and_lock_alone(state_path: Path) -> None:
+    store = StateStore(Counter, state_path, default=Counter)
+    store.save(Counter(count=1))
+    before = state_path.read_bytes()
+
+    def fail(s: Counter) -> None:
+        s.count = 1000
+        raise RuntimeError("nope")
+
+    with pytest.raises(RuntimeError, match="nope"):
+        store.update(fail)
+    assert state_path.read_bytes() == before
+    assert listing(state_path.parent) == ["state.json"]  # no lock dir, no temp file
+    assert store.update(lambda s: Counter(count=s.count + 1)).count == 2  # lock is free
+
+
+def test_fn_returning_something_else_is_a_type_error(state_path: Path) -> None:
+    store = StateStore(Counter, state_path, default=Counter)
+    store.save(Counter(count=1))
+    before = state_path.read_bytes()
+    with pytest.raises(TypeError, match=r"returned dict, expected a Counter"):
+        store.update(lambda s: {"count": 2})  # type: ignore[arg-type, return-value]
+    assert state_path.read_bytes() == before
+    assert listing(state_path.parent) == ["state.json"]
+
+
+def test_a_mutated_model_that_would_not_load_never_reaches_disk(state_path: Path) -> None:
+    class Positive(BaseModel):
+        n: int = 1
+
+        @field_validator("n")
+        @classmethod
+        def positive(cls, v: int) -> int:
+            if v <= 0:
+                raise ValueError("must be positive")
+            return v
+
+    store = StateStore(Positive, state_path, default=Positive)
+    store.save(Positive(n=2))
+    before = state_path.read_bytes()
+
+    def break_it(s: Positive) -> None:
+        s.n = -5  # assignment is not validated by pydantic by default
+
+    with pytest.raises(StateValidationError) as info:
+        store.update(break_it)
+    assert info.value.errors[0]["loc"] == ["n"]
+    assert state_path.read_bytes() == before
+    with pytest.raises(StateValidationError), store.transaction() as s:
+        s.n = 0
+    assert state_path.read_bytes() == before
+
+
+def test_unchanged_state_is_not_rewritten(state_path: Path) -> None:
+    store = StateStore(Counter, state_path, default=Counter)
+    store.save(Counter(count=1))
+    inode = state_path.stat().st_ino
+    store.update(lambda s: None)
+    store.save(Counter(count=1))
+    assert state_path.stat().st_ino == inode
+    store.update(lambda s: Counter(count=2))
+    assert state_path.stat().st_ino != inode
+
+
+def test_new_file_mode_follows_umask_and_existing_mode_is_kept(state_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        StateStore(Counter, state_path).save(Counter())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(state_path.stat().st_mode) == 0o640
+    state_path.chmod(0o600)
+    StateStore(Counter, state_path).save(Counter(count=2))
+    assert stat.S_IMODE(state_path.stat().st_mode) == 0o600
+
+
+VALID = b'{\n  "count": 1,\n  "note": "x"\n}\n'
+BAD_FILES = {
+    "not-json": (b"hello world", StateCorruptError, "1:1"),
+    "empty": (b"", StateCorruptError, "empty"),
+    "whitespace": (b"  \n ", StateCorruptError, "empty"),
+    "truncated": (VALID[:20], StateCorruptError, ".json:3:3: not valid JSON"),
+    "fails-model": (b'{"count": "many"}', StateValidationError, "count"),
+    "array": (b"[1, 2]", StateCorruptError, "JSON array"),
+    "string": (b'"text"', StateCorruptError, "JSON string"),
+    "not-utf8": (b'{"note": "\xff\xfe"}', StateCorruptError, "not UTF-8"),
+    "nan": (b'{"count": NaN}', StateCorruptError, "NaN"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_files_give_typed_errors_and_stay_untouched(state_path: Path, name: str) -> None:
+    content, error, fragment = BAD_FILES[name]
+    state_path.write_bytes(content)
+    store = StateStore(Counter, state_path, default=Counter, read_delay=0.001)
+    with pytest.raises(error) as info:
+        store.load()
+    assert isinstance(info.value, ValueError)
+    assert info.value.path == str(state_path)
+    assert fragment in str(info.value)
+    for attempt in (
+        lambda: store.update(lambda s: None),
+        lambda: store.save(Counter()),
+        lambda: store.transaction().__enter__(),
+    ):
+        with pytest.raises(error):
+            attempt()
+    assert state_path.read_bytes() == content
+    assert listing(state_path.parent) == ["state.json"]
+
+
+def test_corrupt_error_carries_line_and_column(state_path: Path) -> None:
+    state_path.write_bytes(b'{\n  "count": 1,\n  "note": }\n')
+    with pytest.raises(StateCorruptError) as info:
+        StateStore(Counter, state_path, read_attempts=1).load()
+    assert (info.value.line, info.value.column) == (3, 11)
+    assert f"{state_path}:3:11" in str(info.value)
+
+
+def test_a_folder_where_the_file_should_be(state_path: Path) -> None:
+    state_path.mkdir()
+    store = StateStore(Counter, state_path, default=Counter)
+    with pytest.raises(StateReadError, match="is a folder") as info:
+        store.load()
+    assert isinstance(info.value, OSError)
+    with pytest.raises(StateReadError):
+        store.update(lambda s: None)
+    assert state_path.is_dir()
+    assert listing(state_path.parent) == ["state.json"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file; tests/test_fs_edges.py runs this as an unprivileged user")
+def test_unreadable_file(state_path: Path) -> None:
+    state_path.write_bytes(VALID)
+    state_path.chmod(0)
+    with pytest.raises(StateReadError, match="permission denied"):
+        StateStore(Counter, state_path).load()
+
+
+def test_read_is_retried_while_a_non_atomic_writer_finishes(state_path: Path) -> None:
+    state_path.write_bytes(VALID[:10])
+
+    def finish() -> None:
+        time.sleep(0.05)
+        state_path.write_bytes(VALID)
+
+    t = threading.Thread(target=finish)
+    t.start()
+    try:
+        assert StateStore(Counter, state_path, read_attempts=20, read_delay=0.02).load().count == 1
+    finally:
+        t.join()
+
+
+def test_read_attempts_are_bounded(state_path: Path) -> None:
+    state_path.write_bytes(b"{")
+    started = time.monotonic()
+    with pytest.raises(StateCorruptError):
+        StateStore(Counter, state_path, read_attempts=3, read_delay=0.1).load()
+    assert 0.2 <= time.monotonic() - started < 2.0
+
+
+def test_update_inside_a_transaction_is_refused(state_path: Path) -> None:
+    store = StateStore(Counter, state_path, default=Counter)
+    twin = StateStore(Counter, str(state_path))
+    with store.transaction() as state:
+        state.count = 1
+        with pytest.raises(NestedTransactionError, match="inside a transaction"):
+            store.update(lambda s: None)
+        with pytest.raises(NestedTransactionError):
+            twin.save(Counter(count=5))
+        with pytest.raises(NestedTransactionError):
+            store.transaction().__enter__()
+        assert store.load() == Counter()  # reads are fine
+    assert store.load().count == 1
+
+
+def test_stores_on_other_files_nest_under_a_shared_lock(tmp_path: Path) -> None:
+    from statestore import DirectoryLock
+
+    lock = DirectoryLock(tmp_path / "folder.lock")
+    a = StateStore(Counter, tmp_path / "a.json", default=Counter, lock=lock)
+    b = StateStore(Strict, tmp_path / "b.json", default=lambda: Strict(name="b"), lock=lock)
+    with a.transaction() as sa:
+        sa.count = 1
+        b.update(lambda sb: Strict(name="b", size=sa.count))
+    assert a.load().count == 1
+    assert b.load().size == 1
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.json"]
+
+
+def test_extra_forbid_model_works(tmp_path: Path) -> None:
+    store = StateStore(Strict, tmp_path / "s.json")
+    store.save(Strict(name="n"))
+    assert store.load() == Strict(name="n")
+
+
+def test_reserved_field_names_are_refused(tmp_path: Path) -> None:
+    class Clash(BaseModel):
+        schema_version: int = 1
+
+    with pytest.raises(TypeError, match="schema_version"):
+        StateStore(Clash, tmp_path / "c.json")
+
+
+def test_not_a_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="BaseModel"):
+        StateStore(dict, tmp_path / "c.json")  # type: ignore[type-var]
+
+
+def test_every_error_is_a_statestore_error(state_path: Path) -> None:
+    state_path.write_bytes(b"[")
+    with pytest.raises(StateStoreError):
+        StateStore(Counter, state_path, read_attempts=1).load()
