@@ -96,6 +96,17 @@ class _PathState:
         self.count = 0
         self.held: _Held | None = None
         self.queue = WaitQueue(key)
+        # When this process first saw a lock instance without a valid owner record.
+        # A directory's mtime cannot tell: every claim made and undone inside it
+        # (by any waiter) moves the mtime forward.
+        self.first_seen: dict[tuple[int, int], float] = {}
+
+    def unrecorded_for(self, ino: tuple[int, int]) -> float:
+        """Seconds this process has seen ``ino`` without a valid owner record."""
+        now = time.monotonic()
+        if len(self.first_seen) > 64:
+            self.first_seen.clear()
+        return now - self.first_seen.setdefault(ino, now)
 
 
 _registry: dict[str, _PathState] = {}
@@ -424,7 +435,7 @@ class DirectoryLock:
         try:
             owner = LockOwner.from_json(_read_owner_at(self.path))
         except FileNotFoundError:
-            age = now - st.st_mtime
+            age = max(now - st.st_mtime, _state(self._key).unrecorded_for(ino))
             return _Observation(
                 ino, None, None, age > CREATE_GRACE,
                 f"no owner record for {age:.1f} s (being created, or its creator died)",
@@ -436,6 +447,7 @@ class DirectoryLock:
                 age = now - os.stat(os.path.join(self.path, OWNER_FILE)).st_mtime
             except OSError:
                 age = now - st.st_mtime
+            age = max(age, _state(self._key).unrecorded_for(ino))
             return _Observation(
                 ino, None, None, age > CREATE_GRACE, f"unreadable owner record ({e})"
             )
