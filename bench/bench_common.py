@@ -1,0 +1,142 @@
+"""Shared pieces of the benchmark: the document model, payload sizing, statistics, tables."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+from pydantic import BaseModel, Field
+
+SIZES: dict[str, int] = {"1KB": 1024, "100KB": 100 * 1024, "1MB": 1024 * 1024}
+
+_ITEM_TAIL = "abcdefghij" * 4  # every payload item is ~52 characters
+
+
+class Doc(BaseModel):
+    """The benchmarked document: a counter plus a payload that sets the file size."""
+
+    counter: int = 0
+    items: list[str] = Field(default_factory=list)
+
+
+def parse_size(text: str) -> int:
+    """``1KB`` / ``100KB`` / ``1MB`` / ``4096`` -> bytes."""
+    key = text.strip().upper()
+    if key in SIZES:
+        return SIZES[key]
+    for suffix, factor in (("KB", 1024), ("MB", 1024 * 1024), ("B", 1)):
+        if key.endswith(suffix):
+            return int(float(key[: -len(suffix)]) * factor)
+    return int(key)
+
+
+def size_label(nbytes: int) -> str:
+    for label, value in SIZES.items():
+        if value == nbytes:
+            return label
+    if nbytes >= 1024 * 1024 and nbytes % (1024 * 1024) == 0:
+        return f"{nbytes // (1024 * 1024)}MB"
+    if nbytes >= 1024 and nbytes % 1024 == 0:
+        return f"{nbytes // 1024}KB"
+    return f"{nbytes}B"
+
+
+def make_doc(target_bytes: int, counter: int = 0) -> Doc:
+    """A document whose compact JSON is close to ``target_bytes`` (never above it by much)."""
+    empty = len(Doc(counter=counter).model_dump_json())
+    per_item = len(f'"item-{0:07d}-{_ITEM_TAIL}",')
+    count = max(0, (target_bytes - empty) // per_item)
+    items = [f"item-{i:07d}-{_ITEM_TAIL}" for i in range(count)]
+    doc = Doc(counter=counter, items=items)
+    short = target_bytes - len(doc.model_dump_json())
+    if short > 3:  # pad with one more item so the file lands on the target size
+        doc.items.append("p" * (short - 3))
+    return doc
+
+
+# --- statistics -------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence (q in 0..100)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
+    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def median(sorted_values: Sequence[float]) -> float:
+    n = len(sorted_values)
+    if n == 0:
+        return math.nan
+    mid = n // 2
+    if n % 2:
+        return float(sorted_values[mid])
+    return (sorted_values[mid - 1] + sorted_values[mid]) / 2.0
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def ms(ns: float) -> str:
+    """Nanoseconds -> a millisecond figure with sensible precision."""
+    if ns is None or (isinstance(ns, float) and math.isnan(ns)):
+        return "-"
+    value = ns / 1e6
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def ratio(a: float, b: float) -> str:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None
+) -> str:
+    """A GitHub-flavoured markdown table; ``align`` is one of l/r per column (default: first l)."""
+    if align is None:
+        align = "l" + "r" * (len(headers) - 1)
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], len(c))
+
+    def fmt(row: Sequence[str]) -> str:
+        parts = []
+        for i, c in enumerate(row):
+            parts.append(c.ljust(widths[i]) if align[i] == "l" else c.rjust(widths[i]))
+        return "| " + " | ".join(parts) + " |"
+
+    sep = []
+    for i, w in enumerate(widths):
+        sep.append(":" + "-" * max(1, w - 1) if align[i] == "l" else "-" * max(1, w - 1) + ":")
+    lines = [fmt(list(headers)), "| " + " | ".join(sep) + " |"]
+    lines.extend(fmt(r) for r in cells)
+    return "\n".join(lines)
+
+
+# --- small file helpers shared by the hand-rolled contenders -----------------
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
