@@ -53,6 +53,8 @@ DEFAULT_LEASE: Final = 30.0
 CREATE_GRACE: Final = 2.0
 #: A claim is held for a few system calls; one older than this was abandoned by a crash.
 CLAIM_GRACE: Final = 2.0
+#: Sightings of an unrecorded lock further apart than this do not add up to its age.
+SIGHTING_GAP: Final = 0.5
 #: Extra time granted to holders on other hosts, whose clocks may disagree with ours.
 CLOCK_SKEW: Final = 5.0
 #: Polling bounds (seconds): full jitter between 0 and min(cap, base * 2**attempt).
@@ -72,6 +74,11 @@ class _Held:
     ino: tuple[int, int]
     lost: str | None = None
     next_refresh: float = 0.0
+
+    @property
+    def token_mark(self) -> bytes:
+        """How our token appears in our owner record (no parsing on the hot path)."""
+        return f'"token": "{self.owner.token}"'.encode()
     # Serialises the heartbeat's writes through ``dirfd`` with the release that closes it.
     mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -99,14 +106,20 @@ class _PathState:
         # When this process first saw a lock instance without a valid owner record.
         # A directory's mtime cannot tell: every claim made and undone inside it
         # (by any waiter) moves the mtime forward.
-        self.first_seen: dict[tuple[int, int], float] = {}
+        # Only continuous sightings count: a gap restarts the clock, so an inode
+        # reused by a new lock directory is not taken for the old one.
+        self.first_seen: dict[tuple[int, int], tuple[float, float]] = {}
 
     def unrecorded_for(self, ino: tuple[int, int]) -> float:
-        """Seconds this process has seen ``ino`` without a valid owner record."""
+        """Seconds this process has kept seeing ``ino`` without a valid owner record."""
         now = time.monotonic()
+        first, last = self.first_seen.get(ino, (now, now))
+        if now - last > SIGHTING_GAP:
+            first = now
         if len(self.first_seen) > 64:
             self.first_seen.clear()
-        return now - self.first_seen.setdefault(ino, now)
+        self.first_seen[ino] = (first, now)
+        return now - first
 
 
 _registry: dict[str, _PathState] = {}
@@ -394,13 +407,23 @@ class DirectoryLock:
             raise self._os_error(e, "open") from e
         try:
             fd_stat = os.fstat(dirfd)
-            if os.listdir(dirfd):  # not the empty directory we made: someone else's
-                os.close(dirfd)
-                return None
             owner = new_owner(self.lease)
-            _write_owner(dirfd, owner)
+            # O_EXCL: a record already there means this is not the directory we made.
+            # A reader that catches the record half-written treats it as a lock
+            # "being created", so no temp file and rename are needed here.
+            fd = os.open(
+                OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644,
+                dir_fd=dirfd,
+            )
+            try:
+                os.write(fd, owner.to_json())
+            finally:
+                os.close(fd)
             ino = (fd_stat.st_dev, fd_stat.st_ino)
             path_stat = os.stat(self.path)
+        except FileExistsError:
+            os.close(dirfd)
+            return None
         except OSError as e:
             os.close(dirfd)
             self._abandon(e)
@@ -519,38 +542,47 @@ class DirectoryLock:
         return True
 
     def _is_ours(self, held: _Held) -> bool:
+        """Whether the instance now at ``path`` carries our token (tokens are unique)."""
         try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) != held.ino:
-                return False
-            return LockOwner.from_json(_read_owner_at(self.path)).token == held.owner.token
-        except (OSError, ValueError):
+            return held.token_mark in _read_owner_at(self.path)
+        except OSError:
             return False
 
     def _release_dir(self, held: _Held, queue: WaitQueue) -> None:
         try:
             give_up = time.monotonic() + 2 * CLAIM_GRACE
             while True:
-                if not self._is_ours(held):
-                    log.warning("lock %s was lost before release (lease expired)", self.path)
-                    return
                 claim = self._claim()
                 if claim is not None:
                     break
+                if not self._is_ours(held):
+                    log.warning("lock %s was lost before release (lease expired)", self.path)
+                    return
                 if time.monotonic() > give_up:  # pragma: no cover - needs a stalled breaker
                     log.warning("lock %s: could not release, a claim is stuck", self.path)
                     return
                 time.sleep(0.001)
             if not self._is_ours(held):
                 self._unclaim(claim)
+                log.warning("lock %s was lost before release (lease expired)", self.path)
                 return
-            aside = f"{self.path}.{secrets.token_hex(6)}.released"
+            # We hold the claim of our own instance: nobody else can remove it now,
+            # so it can be taken apart in place (an observer sees "being created").
             try:
-                os.rename(self.path, aside)
-            except OSError as e:
-                self._unclaim(claim)
-                raise self._os_error(e, "release") from e
-            _remove_tree(aside)
+                os.unlink(os.path.join(self.path, OWNER_FILE))
+                os.rmdir(claim)
+                os.rmdir(self.path)
+            except OSError:
+                # Something unexpected inside (a heartbeat's temp file, a nested claim):
+                # move the whole instance aside in one step, then delete it.
+                aside = f"{self.path}.{secrets.token_hex(6)}.released"
+                try:
+                    os.rename(self.path, aside)
+                except FileNotFoundError:
+                    return
+                except OSError as e:
+                    raise self._os_error(e, "release") from e
+                _remove_tree(aside)
         finally:
             with held.mutex:
                 held.lost = "released"
