@@ -536,87 +536,115 @@ def scenario_memory(args: argparse.Namespace, workdir: str, report: Report) -> N
 # --- scenario 2: contention --------------------------------------------------------------
 
 
+def contention_run(
+    args: argparse.Namespace,
+    pool: Pool,
+    key: str,
+    n: int,
+    directory: str,
+    start: int,
+    notes: list[str],
+    name: str | None = None,
+) -> list[object] | None:
+    """One contended run: n processes x k updates of contender ``key``; a table row or None."""
+    k = args.updates_per_worker
+    name = name or label(key)
+    c = prepare(key, directory, make_doc(parse_size("1KB"), counter=start), "contention")
+    if c is None:
+        return None
+    c.close()
+    del c
+    log(f"[contention] {key}: {n} processes x {k} updates, counter from {start}")
+    job = {"cmd": "contention", "key": key, "path": state_path(directory), "k": k}
+    try:
+        t_go, results, errors = run_gated(
+            pool, [dict(job) for _ in range(n)], os.path.join(directory, "gate"), args.job_timeout
+        )
+    except (TimeoutError, WorkerDied) as exc:
+        pool.kill()
+        notes.append(f"- {name} with {n} processes: {exc}; run abandoned")
+        log(f"  {notes[-1]}")
+        return None
+    if errors:
+        notes.append(f"- {name} with {n} processes: worker setup failed: {errors[0]}")
+    if not results:
+        return None
+    successes = sum(r["successes"] for r in results)
+    timeouts = sum(r["timeouts"] for r in results)
+    errs = sum(r["errors"] for r in results)
+    kinds: dict[str, int] = {}
+    for r in results:
+        for kind, count in r["error_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    if kinds:
+        top = ", ".join(f"{kd} x{ct}" for kd, ct in sorted(kinds.items(), key=lambda x: -x[1])[:3])
+        notes.append(f"- {name} with {n} processes: errors: {top}")
+    final, why = read_counter(key, directory)
+    if final is None:
+        notes.append(
+            f"- {name} with {n} processes: the final state no longer loads ({why}); "
+            f"{successes} update calls had succeeded"
+        )
+        lost = "corrupt"
+    else:
+        lost = str(successes - (final - start))
+    t_end = max(r["t_finish"] for r in results)
+    t_first = min(r["t_finish"] for r in results)
+    span = max(1, t_end - t_go)
+    waits = sorted(w for r in results for w in r["waits"])
+    totals = sorted(t for r in results for t in r["totals"])
+    return [
+        name,
+        n,
+        f"{successes / (span / 1e9):.0f}",
+        lost,
+        timeouts,
+        errs,
+        ms(percentile(waits, 50)),
+        ms(percentile(waits, 99)),
+        ms(waits[-1] if waits else math.nan),
+        ms(percentile(totals, 99)),
+        f"{(t_end - t_first) / span * 100:.0f}%",
+    ]
+
+
 def scenario_contention(args: argparse.Namespace, workdir: str, report: Report, pool: Pool) -> None:
     keys: list[str] = args.contention_contenders or CONTENTION_DEFAULT
-    doc = make_doc(parse_size("1KB"))
-    k = args.updates_per_worker
     rows = []
     ran: set[str] = set()
     notes: list[str] = []
     for n in args.workers:
         for key in keys:
             directory = os.path.join(workdir, f"contention-{key}-{n}")
-            c = prepare(key, directory, doc, "contention")
-            if c is None:
-                continue
-            c.close()
-            del c
-            log(f"[contention] {key}: {n} processes x {k} updates")
-            job = {"cmd": "contention", "key": key, "path": state_path(directory), "k": k}
-            try:
-                t_go, results, errors = run_gated(
-                    pool,
-                    [dict(job) for _ in range(n)],
-                    os.path.join(directory, "gate"),
-                    args.job_timeout,
-                )
-            except (TimeoutError, WorkerDied) as exc:
-                pool.kill()
-                notes.append(f"- {label(key)} with {n} processes: {exc}; run abandoned")
-                log(f"  {notes[-1]}")
-                continue
-            if errors:
-                notes.append(f"- {label(key)} with {n} processes: worker setup failed: {errors[0]}")
-            if not results:
-                continue
-            ran.add(key)
-            successes = sum(r["successes"] for r in results)
-            timeouts = sum(r["timeouts"] for r in results)
-            errs = sum(r["errors"] for r in results)
-            kinds: dict[str, int] = {}
-            for r in results:
-                for kind, count in r["error_kinds"].items():
-                    kinds[kind] = kinds.get(kind, 0) + count
-            if kinds:
-                top = ", ".join(
-                    f"{kd} x{ct}" for kd, ct in sorted(kinds.items(), key=lambda x: -x[1])[:3]
-                )
-                notes.append(f"- {label(key)} with {n} processes: errors: {top}")
-            final, why = read_counter(key, directory)
-            if final is None:
-                notes.append(
-                    f"- {label(key)} with {n} processes: the final state no longer loads ({why}); "
-                    f"{successes} update calls had succeeded"
-                )
-                lost = "corrupt"
-            else:
-                lost = str(successes - final)
-            t_end = max(r["t_finish"] for r in results)
-            t_first = min(r["t_finish"] for r in results)
-            span = max(1, t_end - t_go)
-            waits = sorted(w for r in results for w in r["waits"])
-            totals = sorted(t for r in results for t in r["totals"])
-            rows.append(
-                [
-                    label(key),
-                    n,
-                    f"{successes / (span / 1e9):.0f}",
-                    lost,
-                    timeouts,
-                    errs,
-                    ms(percentile(waits, 50)),
-                    ms(percentile(waits, 99)),
-                    ms(waits[-1] if waits else math.nan),
-                    ms(percentile(totals, 99)),
-                    f"{(t_end - t_first) / span * 100:.0f}%",
-                ]
+            row = contention_run(args, pool, key, n, directory, args.start_counter, notes)
+            if row is not None:
+                rows.append(row)
+                ran.add(key)
+    # A document that changes length while two unlocked writers rewrite it in place.
+    probe = ""
+    many = [n for n in args.workers if n > 1]
+    if "tinydb" in ran and many and args.start_counter >= 10:
+        n = many[0]
+        directory = os.path.join(workdir, f"contention-tinydb-{n}-from0")
+        name = f"{label('tinydb')}, counter from 0"
+        row = contention_run(args, pool, "tinydb", n, directory, 0, notes, name)
+        if row is not None:
+            rows.append(row)
+            probe = (
+                f'The last row ("{name}") repeats TinyDB with the counter starting at 0, so the '
+                "document grows by a byte when the counter reaches 10: TinyDB rewrites its "
+                "file in place and each writer truncates at its own length. "
             )
+    k = args.updates_per_worker
     text = (
         "## 2. Contention: N processes incrementing one 1KB document\n\n"
-        f"Each process does {k} updates back to back; all are released together by a start gate. "
-        "**updates/s** is successful updates over the time from the gate opening to the last "
-        "process finishing. **lost** = successful update calls - final counter. **wait** is the "
-        "time from calling update until the mutation starts: lock acquired and the current "
+        f"Each process does {k} updates back to back; all are released together by a start "
+        f"gate. The counter starts at {args.start_counter}, so that every update keeps the "
+        "document's length. "
+        + probe
+        + "**updates/s** is successful updates over the time from the gate opening to the last "
+        "process finishing. **lost** = successful update calls - counter increase. **wait** is "
+        "the time from calling update until the mutation starts: lock acquired and the current "
         "state read and validated (for statestore: until `update()` calls the mutation "
         "function; for TinyDB there is no lock, so it is only the read). **update p99** is the "
         "whole update call. **finish gap** is the time between the first and the last process "
@@ -649,7 +677,7 @@ def scenario_contention(args: argparse.Namespace, workdir: str, report: Report, 
 
 def scenario_readers(args: argparse.Namespace, workdir: str, report: Report, pool: Pool) -> None:
     keys: list[str] = args.contenders or READERS_DEFAULT
-    doc = make_doc(args.reader_size)
+    doc = make_doc(args.reader_size, counter=args.start_counter)
     rows = []
     ran = []
     notes: list[str] = []
@@ -816,6 +844,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=parse_size,
         default=parse_size("100KB"),
         help="document size for scenario 3",
+    )
+    p.add_argument(
+        "--start-counter",
+        type=int,
+        default=1_000_000,
+        help="initial counter for the contention and readers scenarios",
     )
     p.add_argument(
         "--job-timeout",
