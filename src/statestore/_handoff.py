@@ -35,12 +35,16 @@ __all__ = ["WaitQueue"]
 def _runtime_root() -> str | None:
     """A private folder for this user's queues, or None when none is safe to use."""
     uid = os.getuid() if hasattr(os, "getuid") else 0
+    # A memory file system when there is one: joining and leaving the queue are
+    # file-system operations on every contended acquire, and on a disk they would
+    # queue behind the journal commits of everybody's fsyncs.
     base = os.environ.get("XDG_RUNTIME_DIR")
-    root = (
-        os.path.join(base, "statestore")
-        if base and os.path.isdir(base)
-        else os.path.join(tempfile.gettempdir(), f"statestore-{uid}")
-    )
+    if base and os.path.isdir(base):
+        root = os.path.join(base, "statestore")
+    elif os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        root = os.path.join("/dev/shm", f"statestore-{uid}")
+    else:
+        root = os.path.join(tempfile.gettempdir(), f"statestore-{uid}")
     try:
         os.makedirs(root, mode=0o700, exist_ok=True)
         st = os.lstat(root)

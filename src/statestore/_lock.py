@@ -103,6 +103,7 @@ class _PathState:
         self.count = 0
         self.held: _Held | None = None
         self.queue = WaitQueue(key)
+        self.swept = False  # leftovers of dead processes removed (once per process)
         # When this process first saw a lock instance without a valid owner record.
         # A directory's mtime cannot tell: every claim made and undone inside it
         # (by any waiter) moves the mtime forward.
@@ -173,6 +174,30 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _sweep_aside(path: str) -> None:
+    """Delete instances of the lock at ``path`` renamed aside by a process that died
+    before deleting them (its kill landed between the rename and the removal).
+
+    Aside names are unique and nobody reads them: deleting one that its renamer is
+    deleting at the same time is harmless (both ignore what is already gone).
+    """
+    folder, name = os.path.split(path)
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return
+    for entry in names:
+        token, dot, kind = entry[len(name) + 1 :].partition(".")
+        if (
+            entry.startswith(name + ".")
+            and dot
+            and kind in ("broken", "released")
+            and len(token) == 12
+            and all(c in "0123456789abcdef" for c in token)
+        ):
+            _remove_tree(os.path.join(folder, entry))
+
+
 class DirectoryLock:
     """A lock shared by processes (and threads), made of the directory ``path``.
 
@@ -240,6 +265,9 @@ class DirectoryLock:
                 st.thread = None
                 st.cond.notify()
             raise
+        if not st.swept:
+            st.swept = True
+            _sweep_aside(self.path)
         with st.cond:
             st.held = held
             st.count = 1
@@ -345,9 +373,16 @@ class DirectoryLock:
         ticket = queue.join()
         try:
             attempt = 0
+            woken = False
             while True:
-                now = time.monotonic()
-                if ticket is None or now - started >= QUEUE_PATIENCE or ticket.is_first():
+                # A release wakes the oldest waiter; the others need not look until then.
+                first = (
+                    ticket is None
+                    or woken
+                    or time.monotonic() - started >= QUEUE_PATIENCE
+                    or ticket.is_first()
+                )
+                if first:
                     got = self._try_once()
                     if isinstance(got, _Held):
                         return got
@@ -370,7 +405,12 @@ class DirectoryLock:
                     )
                 if ticket is None:
                     time.sleep(delay)
-                elif ticket.wait(delay if ticket.is_first() else BACKOFF_CAP):
+                    continue
+                # The head polls with backoff (the holder may be on another host, or
+                # dead without a release to wake anyone); the rest wait for their turn,
+                # looking now and then in case the waiters ahead of them died.
+                woken = ticket.wait(delay if first else min(remaining, QUEUE_PATIENCE / 2))
+                if woken:
                     attempt = 0  # woken by a release: try at once
         finally:
             if ticket is not None:
@@ -404,7 +444,9 @@ class DirectoryLock:
         except FileNotFoundError:
             return None
         except OSError as e:
+            self._abandon(None, False, e)
             raise self._os_error(e, "open") from e
+        recorded = False
         try:
             fd_stat = os.fstat(dirfd)
             owner = new_owner(self.lease)
@@ -415,6 +457,7 @@ class DirectoryLock:
                 OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644,
                 dir_fd=dirfd,
             )
+            recorded = True
             try:
                 os.write(fd, owner.to_json())
             finally:
@@ -425,8 +468,7 @@ class DirectoryLock:
             os.close(dirfd)
             return None
         except OSError as e:
-            os.close(dirfd)
-            self._abandon(e)
+            self._abandon(dirfd, recorded, e)
             raise self._os_error(e, "write the owner record of") from e
         held = _Held(owner=owner, dirfd=dirfd, ino=ino)
         if (path_stat.st_dev, path_stat.st_ino) != ino:
@@ -436,8 +478,22 @@ class DirectoryLock:
         held.next_refresh = time.monotonic() + self.lease / 3
         return held
 
-    def _abandon(self, cause: OSError) -> None:
+    def _abandon(self, dirfd: int | None, recorded: bool, cause: OSError) -> None:
+        """Take apart the directory we made but could not publish, so nobody waits for it."""
         log.warning("lock %s: could not publish the owner record (%s)", self.path, cause)
+        with contextlib.suppress(OSError):
+            if dirfd is not None:
+                try:
+                    made = os.fstat(dirfd)
+                    if recorded:
+                        os.unlink(OWNER_FILE, dir_fd=dirfd)
+                    now = os.stat(self.path)
+                    if (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
+                        return
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.close(dirfd)
+            os.rmdir(self.path)  # only an empty directory: never somebody's published lock
 
     def _observe(self) -> _Observation:
         try:
@@ -548,29 +604,53 @@ class DirectoryLock:
         except OSError:
             return False
 
+    def _lost(self, held: _Held) -> bool:
+        """For release: whether the instance at ``path`` is no longer ours.
+
+        A read error proves nothing: while our lease runs nobody may break the lock,
+        and a release that gives up leaves a live lock that everyone waits for.
+        """
+        try:
+            return held.token_mark not in _read_owner_at(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return time.time() >= held.owner.expires_at - CLAIM_GRACE
+
     def _release_dir(self, held: _Held, queue: WaitQueue) -> None:
         try:
             give_up = time.monotonic() + 2 * CLAIM_GRACE
             while True:
-                claim = self._claim()
+                try:
+                    claim = self._claim()
+                except LockError:
+                    # No claim can be made (a full disk, an I/O error). While our lease
+                    # runs nobody else may remove this instance: take it apart without
+                    # one rather than leave a live lock that everyone waits for.
+                    if time.time() >= held.owner.expires_at - CLAIM_GRACE:
+                        raise
+                    claim = ""
+                    break
                 if claim is not None:
                     break
-                if not self._is_ours(held):
+                if self._lost(held):
                     log.warning("lock %s was lost before release (lease expired)", self.path)
                     return
                 if time.monotonic() > give_up:  # pragma: no cover - needs a stalled breaker
                     log.warning("lock %s: could not release, a claim is stuck", self.path)
                     return
                 time.sleep(0.001)
-            if not self._is_ours(held):
-                self._unclaim(claim)
+            if self._lost(held):
+                if claim:
+                    self._unclaim(claim)
                 log.warning("lock %s was lost before release (lease expired)", self.path)
                 return
             # We hold the claim of our own instance: nobody else can remove it now,
             # so it can be taken apart in place (an observer sees "being created").
             try:
                 os.unlink(os.path.join(self.path, OWNER_FILE))
-                os.rmdir(claim)
+                if claim:
+                    os.rmdir(claim)
                 os.rmdir(self.path)
             except OSError:
                 # Something unexpected inside (a heartbeat's temp file, a nested claim):
@@ -586,7 +666,8 @@ class DirectoryLock:
         finally:
             with held.mutex:
                 held.lost = "released"
-                os.close(held.dirfd)
+                with contextlib.suppress(OSError):  # the descriptor is gone either way
+                    os.close(held.dirfd)
             queue.wake_first()
 
     def _refresh(self, held: _Held) -> None:
