@@ -98,6 +98,14 @@ class Migrator:
                 f"version {self.version}: it was written by a newer release. Upgrade this "
                 "program; the file was not changed",
             )
+        if found < self.oldest and not self.steps:
+            # Most often a version bump without its step: "use an older release" misleads.
+            raise SchemaVersionError(
+                location,
+                f"the file is at schema version {found}, but this store is at version "
+                f"{self.version} and has no migration steps; add a step for each version "
+                f"from {found} to {self.version - 1}. The file was not changed",
+            )
         if found < self.oldest:
             raise SchemaVersionError(
                 location,
