@@ -472,11 +472,6 @@ def test_no_backup_without_an_upgrade_or_without_a_write(tmp_path: Path) -> None
     assert listing(tmp_path) == {"state.json": original}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backends/file.py: FileSession.backup writes with the umask's mode, not the "
-    "state file's, so a private (0600) state file gets a world-readable backup",
-)
 def test_the_backup_keeps_the_mode_of_a_private_file(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     write_historic(path, 1)

@@ -22,19 +22,29 @@ is untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import secrets
 import stat
 import sys
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, NamedTuple
 
 from ._errors import DurabilityError, StateReadError, StateStoreError, write_error
 from ._owner import identity
 
-__all__ = ["read_bytes", "resolve_target", "sweep_temp_files", "temp_pattern", "write_atomic"]
+__all__ = [
+    "TempFile",
+    "abandoned_temp_files",
+    "read_bytes",
+    "resolve_target",
+    "sweep_temp_files",
+    "temp_pattern",
+    "write_atomic",
+]
 
 _TMP_SUFFIX: Final = ".tmp"
 #: Temporary files of processes on other hosts are swept only when this old (seconds).
@@ -58,10 +68,19 @@ def _temp_name(target: str) -> str:
 
 
 def resolve_target(path: str) -> str:
-    """The file a save really replaces: a symlink's final target, so the link stays a link."""
-    if not os.path.islink(path):
-        return path
-    return os.path.realpath(path)
+    """The file a save really replaces: a symlink's final target, so the link stays a link.
+
+    Raises OSError when a link cannot be read: guessing "not a link" would replace it.
+    """
+    for _ in range(40):
+        try:
+            link = os.readlink(path)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT):  # not a link, or nothing there yet
+                return path
+            raise
+        path = os.path.join(os.path.dirname(path), link)
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
 
 
 def read_bytes(path: str) -> bytes | None:
@@ -109,17 +128,24 @@ def write_atomic(
     *,
     durable: bool = True,
     before_replace: Callable[[], None] | None = None,
+    mode_of: str | None = None,
 ) -> None:
     """Replace the file at ``path`` with ``data``, atomically (and durably if asked).
+
+    The file keeps the mode it had (``mode_of``: take the mode of that file
+    instead, as a backup does of its state file).
 
     ``path`` may be a symlink: the link's target is replaced and the link kept.
     ``before_replace`` runs right before the rename; if it raises, nothing is
     published and the exception propagates.
     """
-    target = resolve_target(path)
+    try:
+        target = resolve_target(path)
+    except OSError as e:
+        raise write_error(path, e, "read the symbolic link") from e
     folder = os.path.dirname(target) or "."
     try:
-        mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
+        mode: int | None = stat.S_IMODE(os.stat(mode_of or target).st_mode)
     except FileNotFoundError:
         mode = None  # new file: 0o666 & ~umask, applied by the kernel
     except OSError as e:
@@ -183,39 +209,70 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+# ".<target>.<host tag>-<pid>-<random>.tmp", as made by _temp_name.
+_TEMP_RE: Final = re.compile(
+    r"\.(?P<target>.+)\.(?P<tag>[0-9A-Za-z]+)-(?P<pid>[0-9]+)-[0-9A-Za-z]+"
+    + re.escape(_TMP_SUFFIX),
+    re.DOTALL,
+)
+
+
+class TempFile(NamedTuple):
+    """A temporary file statestore left next to a state file."""
+
+    path: str
+    target: str  # the name of the file it was meant to replace, in the same folder
+    pid: int
+    local: bool  # made on this host since its last boot (its pid can be checked)
+
+
+def abandoned_temp_files(folder: str, target: str | None = None) -> list[TempFile]:
+    """Temporary files in ``folder`` whose writers are gone (for the file named ``target``,
+    or for any file).
+
+    A file from this host is abandoned when its process is no longer running; one
+    from another host (or an earlier boot) only once it is ``FOREIGN_TEMP_AGE`` old.
+    """
+    mine = _host_tag()
+    found: list[TempFile] = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return found
+    now = time.time()
+    for name in names:
+        m = _TEMP_RE.fullmatch(name)
+        if m is None or (target is not None and m["target"] != target):
+            continue
+        full = os.path.join(folder, name)
+        local = m["tag"] == mine
+        try:
+            if local:
+                if _pid_alive(int(m["pid"])):
+                    continue
+            elif now - os.lstat(full).st_mtime < FOREIGN_TEMP_AGE:
+                continue
+        except OSError:
+            continue
+        found.append(TempFile(full, m["target"], int(m["pid"]), local))
+    return found
+
+
 def sweep_temp_files(path: str) -> list[str]:
     """Remove temporary files left next to ``path`` by processes that died.
 
     Call only while holding the lock. Files of this host's live processes are
     kept; files from other hosts only once they are very old.
     """
-    target = resolve_target(path)
-    folder = os.path.dirname(target) or "."
-    prefix, suffix = temp_pattern(target)
-    mine = _host_tag()
-    removed: list[str] = []
     try:
-        names = os.listdir(folder)
+        target = resolve_target(path)
     except OSError:
-        return removed
-    now = time.time()
-    for name in names:
-        if not (name.startswith(prefix) and name.endswith(suffix)):
-            continue
-        parts = name[len(prefix) : -len(suffix)].split("-")
-        if len(parts) != 3:
-            continue
-        tag, pid_text, _ = parts
-        full = os.path.join(folder, name)
+        return []
+    removed: list[str] = []
+    for temp in abandoned_temp_files(os.path.dirname(target) or ".", os.path.basename(target)):
         try:
-            if tag == mine:
-                if _pid_alive(int(pid_text)):
-                    continue
-            elif now - os.lstat(full).st_mtime < FOREIGN_TEMP_AGE:
-                continue
-            os.unlink(full)
-            removed.append(full)
-        except (OSError, ValueError):
+            os.unlink(temp.path)
+        except OSError:
             continue
+        removed.append(temp.path)
     return removed
-

@@ -32,7 +32,8 @@ class FileSession:
         target = self.backup_location(label)
         # A backup keeps the first original of that version: never overwrite it.
         if not os.path.lexists(target):
-            write_atomic(target, data, durable=self._storage.durable)
+            # With the state file's mode: a private state must not get a public backup.
+            write_atomic(target, data, durable=self._storage.durable, mode_of=self._storage.path)
         return target
 
 
