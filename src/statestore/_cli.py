@@ -1,10 +1,51 @@
-"""The ``statestore`` command line (standard library only: argparse)."""
+"""The ``statestore`` command line (standard library only: argparse).
+
+A store is named as ``module:attribute``, the attribute being a
+:class:`StateStore` or a pydantic model (then ``--path`` gives the file, and
+the version is 1). ``docs/cli.md`` shows every command.
+
+Results, including failed checks, go to stdout; an error that stops a
+command is one line on stderr (``--debug`` adds the traceback). Exit codes:
+0 ok, 1 a check or the operation failed, 2 usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import logging
+import os
+import re
 import sys
-from collections.abc import Sequence
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from ._atomic import write_atomic
+from ._errors import (
+    MigrationError,
+    SchemaVersionError,
+    StateCorruptError,
+    StateStoreError,
+    StateValidationError,
+)
+from ._lock import DirectoryLock
+from ._migrate import VERSION_KEY
+from ._schema import (
+    DRAFTS,
+    Draft,
+    document_schema,
+    draft_of,
+    dump_schema,
+    internal_schemas,
+    schema_filename,
+    schema_name,
+)
+from ._store import StateStore
 
 __all__ = ["main"]
 
@@ -13,37 +54,419 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+class UsageError(Exception):
+    """The command line names something that does not exist or does not fit: exit 2."""
+
+
+def _out(text: str) -> None:
+    print(text, file=sys.stdout)
+
+
+# ------------------------------------------------------------------ store refs
+
+
+def _resolve(ref: str) -> StateStore[Any] | type[BaseModel]:
+    module_name, sep, attr = ref.partition(":")
+    if not (sep and module_name and attr):
+        raise UsageError(f"{ref!r} is not a store reference; write module:attribute, "
+                         "e.g. myapp.state:store")
+    # As with `python -m`: modules in the current folder are importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name + ".").startswith(e.name + "."):
+            raise UsageError(f"{ref}: no module named {e.name!r}") from e
+        raise
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(f"{ref}: {module_name!r} has no attribute {attr!r}") from None
+    if isinstance(obj, StateStore) or (isinstance(obj, type) and issubclass(obj, BaseModel)):
+        return obj
+    found = type(obj).__name__
+    raise UsageError(f"{ref}: expected a StateStore or a pydantic model, found {found}")
+
+
+def _store(ref: str, path: str | None) -> StateStore[Any]:
+    obj = _resolve(ref)
+    if isinstance(obj, StateStore):
+        if path is None:
+            return obj
+        if obj.lock is None:
+            raise UsageError(f"{ref}: --path applies to stores of files only")
+        return StateStore(
+            obj.model, path, default=obj._default, timeout=obj.timeout, durable=obj.durable,
+            version=obj.version, migrations=obj._migrator.steps, schema_ref=obj.schema_ref,
+        )
+    if path is None:
+        raise UsageError(f"{ref} is a model, not a store: name the file with --path")
+    return StateStore(obj, path)
+
+
+def _schema_of(ref: str) -> tuple[str, int, Callable[[Draft], dict[str, Any]]]:
+    """(file name, version, draft -> schema) for a store or model reference."""
+    obj = _resolve(ref)
+    if isinstance(obj, StateStore):
+        store = obj
+        name, version = schema_filename(schema_name(store.model), store.version), store.version
+        return name, version, lambda draft: store.json_schema(draft)
+    model = obj
+    return schema_filename(schema_name(model), 1), 1, lambda d: document_schema(model, 1, draft=d)
+
+
+# ----------------------------------------------------------------- positions
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _positions(text: str) -> dict[tuple[Any, ...], int]:
+    """Offset of every value in a JSON text, by path (members: the offset of their key)."""
+    found: dict[tuple[Any, ...], int] = {}
+
+    def ws(i: int) -> int:
+        m = _WS.match(text, i)
+        return m.end() if m else i
+
+    def value(i: int, path: tuple[Any, ...]) -> int:
+        i = ws(i)
+        found.setdefault(path, i)
+        if text[i] in "{[":
+            close, n = ("}" if text[i] == "{" else "]"), 0
+            i = ws(i + 1)
+            while text[i] != close:
+                if close == "}":
+                    key, j = _DECODER.raw_decode(text, i)
+                    found[path + (key,)] = i
+                    i = value(ws(j) + 1, path + (key,))  # past the ':'
+                else:
+                    i = value(i, path + (n,))
+                n += 1
+                i = ws(i)
+                if text[i] == ",":
+                    i = ws(i + 1)
+            return i + 1
+        end: int = _DECODER.raw_decode(text, i)[1]  # a string, number, true, false or null
+        return end
+
+    try:
+        value(0, ())
+    except (ValueError, IndexError, RecursionError):
+        pass  # positions are a courtesy: report what was found
+    return found
+
+
+def _validation_lines(store: StateStore[Any], e: StateValidationError) -> list[str]:
+    raw = store.storage.read() or b""
+    text = raw.decode("utf-8", "replace").removeprefix("\ufeff")
+    positions = _positions(text)
+    lines = []
+    for err in e.errors:
+        loc = tuple(err.get("loc", ()))
+        # The longest prefix of the error's path that is in the file: a missing
+        # field points at its object; union member names are not in the file.
+        at = next(loc[:n] for n in range(len(loc), -1, -1) if loc[:n] in positions or n == 0)
+        where = str(store.path)
+        if at in positions:
+            before = text[: positions[at]]
+            where += f":{before.count(chr(10)) + 1}:{len(before) - before.rfind(chr(10))}"
+        name = ".".join(map(str, loc)) or "(document)"
+        lines.append(f"{where}: {name}: {err.get('msg')}")
+    return lines
+
+
+# ------------------------------------------------------------------- commands
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    state = _store(args.ref, args.path).load()
+    _out(state.model_dump_json(indent=2, by_alias=True))
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    store = _store(args.ref, args.path)
+    if not store.exists():
+        _out(f"{store.path}: no such file")
+        return EXIT_FAILED
+    try:
+        store.load()
+    except StateValidationError as e:
+        for line in _validation_lines(store, e):
+            _out(line)
+        return EXIT_FAILED
+    except (StateCorruptError, SchemaVersionError, MigrationError) as e:
+        _out(_one_line(str(e)))
+        return EXIT_FAILED
+    doc = json.loads((store.storage.read() or b"{}").decode("utf-8-sig"))
+    found = doc.get(VERSION_KEY, 1)
+    if found == store.version:
+        _out(f"{store.path}: ok")
+    else:
+        _out(f"{store.path}: ok at version {found}; loads as version {store.version} "
+             "(run 'statestore migrate' to upgrade the file)")
+    return EXIT_OK
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    _out(str(_store(args.ref, args.path).migrate(dry_run=args.dry_run)))
+    return EXIT_OK
+
+
+def _cmd_schema_export(args: argparse.Namespace) -> int:
+    made: dict[str, str] = {}
+    for ref in args.refs:
+        name, _, schema_for = _schema_of(ref)
+        schema = schema_for(args.draft or "2020-12")
+        path = os.path.join(args.out, name)
+        if path in made:
+            raise UsageError(f"{made[path]} and {ref} would both write {path}")
+        made[path] = ref
+        write_atomic(path, dump_schema(schema).encode("utf-8"))
+        _out(f"wrote {path}")
+    return EXIT_OK
+
+
+def _cmd_schema_check(args: argparse.Namespace) -> int:
+    failed = False
+    for ref in args.refs:
+        name, version, schema_for = _schema_of(ref)
+        path = os.path.join(args.out, name)
+        export = f"statestore schema export {ref} --out {args.out}"
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                committed = f.read()
+        except FileNotFoundError:
+            _out(f"{path}: missing; export it with: {export}")
+            failed = True
+            continue
+        try:
+            draft = args.draft or draft_of(json.loads(committed)) or "2020-12"
+        except ValueError:
+            draft = args.draft or "2020-12"
+        expected = dump_schema(schema_for(draft))
+        if committed == expected:
+            _out(f"{path}: up to date")
+            continue
+        failed = True
+        line = next(
+            (n for n, (a, b) in enumerate(zip(committed.splitlines(), expected.splitlines()), 1)
+             if a != b),
+            min(len(committed.splitlines()), len(expected.splitlines())) + 1,
+        )
+        _out(f"{path}: the schema of version {version} changed (first difference at line "
+             f"{line}), but the version did not. Bump the store's version and add a "
+             f"migration; or, if version {version} was never released, re-export: {export}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _cmd_schema_internal(args: argparse.Namespace) -> int:
+    for name, schema in internal_schemas().items():
+        path = os.path.join(args.out, name)
+        write_atomic(path, dump_schema(schema).encode("utf-8"))
+        _out(f"wrote {path}")
+    return EXIT_OK
+
+
+def _lock_of(path: str) -> DirectoryLock:
+    """PATH is a lock directory (existing, or ending in .lock) or the state file it guards."""
+    if os.path.isdir(path) or path.endswith(".lock"):
+        return DirectoryLock(path)
+    return DirectoryLock(path + ".lock")
+
+
+def _cmd_lock_status(args: argparse.Namespace) -> int:
+    lock = _lock_of(args.path)
+    seen = lock._observe()
+    _out(f"lock:     {lock.path}")
+    if seen.ino is None:
+        _out("state:    free")
+        return EXIT_OK
+    _out(f"state:    {'stale' if seen.stale else 'held'} ({seen.reason})")
+    owner = seen.owner
+    if owner is not None:
+        alive = {True: "yes", False: "no", None: "unknown (another host or container)"}
+        left = owner.expires_at - time.time()
+        _out(f"pid:      {owner.pid}")
+        _out(f"host:     {owner.host}")
+        _out(f"alive:    {alive[seen.alive]}")
+        _out(f"age:      {owner.age:.1f} s")
+        lease = f"expires in {left:.1f} s" if left >= 0 else f"expired {-left:.1f} s ago"
+        _out(f"lease:    {lease}")
+    if seen.stale:
+        _out(f"break it: statestore lock break {lock.path}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_lock_break(args: argparse.Namespace) -> int:
+    lock = _lock_of(args.path)
+    seen = lock._observe()
+    if seen.ino is None:
+        _out(f"{lock.path}: free; nothing to break")
+        return EXIT_OK
+    if not seen.stale and not args.force:
+        raise StateStoreError(
+            lock.path, f"the lock is live ({seen.reason}); use --force to break it anyway"
+        )
+    lock.break_lock(force=args.force)
+    forced = "" if seen.stale else "forced: "
+    _out(f"{lock.path}: broke the lock ({forced}{seen.reason})")
+    return EXIT_OK
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from ._doctor import doctor
+
+    if not os.path.isdir(args.dir):
+        raise UsageError(f"{args.dir}: not a folder")
+    return doctor(args.dir, repair=args.fix, out=_out)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import demo_main
+
+    return demo_main(args.processes, args.updates, args.dir)
+
+
+# --------------------------------------------------------------------- parser
+
+
+def _at_least_1(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
+    # --debug is accepted before or after the command; SUPPRESS keeps a subcommand
+    # from resetting the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
     parser = argparse.ArgumentParser(
         prog="statestore",
         description="Typed, crash-safe JSON state files shared by many processes.",
-        epilog="Exit codes: 0 ok, 1 check failed, 2 usage error.",
+        epilog="A store is named as module:attribute (a StateStore, or a pydantic model "
+        "with --path). Exit codes: 0 ok, 1 check failed, 2 usage error.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    demo = sub.add_parser(
-        "demo",
-        help="run N processes incrementing one counter and check that no update is lost",
-        description="Start N real processes that each increment one counter K times "
+
+    def command(owner: Any, name: str, text: str, run: Any = None, **kw: Any) -> Any:
+        p = owner.add_parser(name, help=text, description=kw.pop("description", text),
+                             parents=[common], **kw)
+        if run is not None:
+            p.set_defaults(run=run)
+        return p
+
+    def ref_and_path(p: argparse.ArgumentParser) -> None:
+        p.add_argument("ref", metavar="REF", help="module:attribute of a StateStore or model")
+        p.add_argument("--path", metavar="P", help="the state file (overrides the store's)")
+
+    p = command(sub, "show", "print the state (migrated in memory, validated) as JSON", _cmd_show)
+    ref_and_path(p)
+    p = command(sub, "validate", "check that the file loads and validates (exit 1 if not)",
+                _cmd_validate, description="Exit 0 if the file loads and validates; else 1, "
+                "listing the errors as file:line:col where known.")
+    ref_and_path(p)
+    p = command(sub, "migrate", "upgrade the file to the store's version, keeping a backup",
+                _cmd_migrate)
+    ref_and_path(p)
+    p.add_argument("--dry-run", action="store_true", help="say what would be done; write nothing")
+
+    schema = command(sub, "schema", "export and check JSON Schemas")
+    schema_sub = schema.add_subparsers(dest="schema_command", metavar="COMMAND", required=True)
+    drafts = {"choices": DRAFTS, "metavar": "{2020-12,07}"}
+    p = command(schema_sub, "export", "write <name>.v<version>.schema.json for each store",
+                _cmd_schema_export)
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("--out", default=".", metavar="DIR", help="folder to write to (default: .)")
+    p.add_argument("--draft", **drafts, help="JSON Schema dialect (default: 2020-12)")
+    p = command(schema_sub, "check", "exit 1 if an exported schema is missing or out of date",
+                _cmd_schema_check, description="For CI: exit 1 if the schema file of a store's "
+                "current version is missing, or differs from what the model gives now (the "
+                "schema of an exported version changed without a version bump).")
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder of the exported schemas")
+    p.add_argument("--draft", **drafts, help="dialect (default: the one the file declares)")
+    p = command(schema_sub, "internal", "write the schemas of statestore's own records",
+                _cmd_schema_internal)
+    p.add_argument("--out", default=".", metavar="DIR", help="folder to write to (default: .)")
+
+    lock = command(sub, "lock", "inspect or break a state file's lock")
+    lock_sub = lock.add_subparsers(dest="lock_command", metavar="COMMAND", required=True)
+    where = "a state file, or its lock directory"
+    p = command(lock_sub, "status", "who holds the lock, or that it is free (exit 1 if stale)",
+                _cmd_lock_status)
+    p.add_argument("path", metavar="PATH", help=where)
+    p = command(lock_sub, "break", "break a stale lock", _cmd_lock_break)
+    p.add_argument("path", metavar="PATH", help=where)
+    p.add_argument("--force", action="store_true", help="break it even if its holder is alive")
+
+    p = command(sub, "doctor", "find (and --fix) what a crash left in a state folder", _cmd_doctor,
+                description="List state files that do not parse, stale locks, temporary files "
+                "of dead writers, and backups. Exit 1 if problems remain.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--fix", action="store_true", help="break stale locks, remove dead temp "
+                   "files, move unparseable files into DIR/.quarantine/")
+
+    p = command(
+        sub, "demo", "run N processes incrementing one counter and check that no update is lost",
+        _cmd_demo, description="Start N real processes that each increment one counter K times "
         "through StateStore.update, then print the tally. Exit 1 if any update was lost.",
     )
-    demo.add_argument("--processes", "-n", type=int, default=4, metavar="N")
-    demo.add_argument("--updates", "-k", type=int, default=250, metavar="K")
-    demo.add_argument("--dir", metavar="D", help="folder for the state file (default: a temp folder)")
+    p.add_argument("--processes", "-n", type=_at_least_1, default=4, metavar="N")
+    p.add_argument("--updates", "-k", type=_at_least_1, default=250, metavar="K")
+    p.add_argument("--dir", metavar="D", help="folder for the state file (default: a temp folder)")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from ._demo import demo_main
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "") if lines else ""
 
-        if args.processes < 1 or args.updates < 1:
-            parser.error("--processes and --updates must be at least 1")
-        return demo_main(args.processes, args.updates, args.dir)
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
-    return EXIT_USAGE  # pragma: no cover
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (``--help`` and usage errors included)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse has printed
+        return EXIT_OK if e.code is None else e.code if isinstance(e.code, int) else EXIT_USAGE
+    # The library logs what it repairs (a broken stale lock); the commands say it
+    # themselves, so its records are shown only with --debug.
+    handler: logging.Handler = logging.StreamHandler() if args.debug else logging.NullHandler()
+    log = logging.getLogger("statestore")
+    level = log.level
+    log.addHandler(handler)
+    if args.debug:
+        log.setLevel(logging.DEBUG)
+    try:
+        code: int = args.run(args)
+        return code
+    except UsageError as e:
+        print(f"statestore: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(e, (StateStoreError, OSError)):
+            text = _one_line(str(e))
+        else:
+            text = f"{type(e).__name__}: {_one_line(str(e))} (--debug shows the traceback)"
+        print(f"statestore: error: {text}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,7 @@ from ._errors import (
 )
 from ._lock import DirectoryLock
 from ._migrate import VERSION_KEY, MigrationReport, Migrations, Migrator
+from ._schema import Draft, document_schema
 from .backends import Session, Storage
 from .backends.file import FileStorage
 
@@ -221,6 +222,21 @@ class StateStore(Generic[ModelT]):
             backup = session.backup(label, raw)
             session.write(self._encode(loaded.model, loaded.schema)[0])
             return MigrationReport(location, found, to, steps, backup, True)
+
+    def json_schema(
+        self, draft: Draft = "2020-12", *, schema_id: str | None = None
+    ) -> dict[str, Any]:
+        """The JSON Schema of the document as stored (``docs/schema.md``).
+
+        The model's schema plus the ``"schema_version"`` and ``"$schema"`` keys the
+        file carries, with ``"$schema"`` (the dialect: ``"2020-12"`` or ``"07"``) and
+        ``"$id"`` at the top. ``$id`` is ``schema_id``, else ``schema_ref`` when that
+        is an absolute URI, else ``urn:statestore:model:<module>.<qualname>:v<version>``.
+        The dict is in canonical order: ``json.dumps(schema, indent=2)`` is stable.
+        """
+        return document_schema(
+            self.model, self.version, draft=draft, schema_id=schema_id, schema_ref=self.schema_ref
+        )
 
     # ---------------------------------------------------------------- internals
 
