@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -509,6 +510,26 @@ def test_lock_status_live(capsys: pytest.CaptureFixture[str], live_lock: tuple[P
         "alive:    yes",
     ]
     assert len(out.splitlines()) == 7
+
+
+def test_lock_without_owner_record(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # A creator that died between mkdir and writing its owner record.
+    lock = tmp_path / "state.json.lock"
+    lock.mkdir()
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    code, out, err = run(capsys, "lock", "status", str(lock))
+    assert (code, err) == (1, "")
+    lines = out.splitlines()
+    assert lines[0] == f"lock:     {lock}"
+    assert re.fullmatch(
+        r"state:    stale \(no owner record for 6\d\.\d s \(being created, or its creator "
+        r"died\)\)", lines[1]
+    )
+    assert lines[2:] == [f"break it: statestore lock break {lock}"]
+    code, out, _ = run(capsys, "lock", "break", str(lock))
+    assert code == 0 and out.startswith(f"{lock}: broke the lock (no owner record for ")
+    assert not lock.exists()
 
 
 def test_lock_break_stale(capsys: pytest.CaptureFixture[str], stale_lock: tuple[Path, int]) -> None:

@@ -40,7 +40,7 @@ from typing import Final
 
 from ._errors import LockCompromisedError, LockError, LockTimeout
 from ._handoff import WaitQueue
-from ._owner import LockOwner, holder_alive, new_owner
+from ._owner import LockOwner, holder_alive, identity, new_owner
 
 __all__ = ["DEFAULT_LEASE", "DirectoryLock", "LockOwner"]
 
@@ -364,6 +364,10 @@ class DirectoryLock:
     def _acquire_dir(self, deadline: float, timeout: float, queue: WaitQueue) -> _Held:
         started = time.monotonic()
         seen: _Observation | None = None
+        # Who we are (read from /proc once per process, milliseconds in a fresh one)
+        # before mkdir, not between mkdir and the owner record: a process killed in
+        # that window leaves a lock that others must wait out the creation grace for.
+        identity()
         # An immediate first try, unless others on this host are already queued.
         if not queue.has_waiters():
             got = self._try_once()
@@ -585,7 +589,10 @@ class DirectoryLock:
                 (now.owner.token if now.owner else None)
                 == (seen.owner.token if seen.owner else None)
             )
-            if not same or not (now.stale or force):
+            # Our own claim has just moved the directory's mtime, so an instance that
+            # still has no owner record would look freshly made to a process that saw
+            # it only now: it is the same instance we judged stale before claiming.
+            if not same or not (now.stale or force or now.owner is None):
                 self._unclaim(claim)
                 return False
             aside = f"{self.path}.{secrets.token_hex(6)}.broken"
