@@ -23,6 +23,7 @@ Protocol (``docs/locking.md`` has the full story, ``spec/`` a checked model):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -100,6 +101,10 @@ class _PathState:
     def __init__(self, key: str) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.thread: int | None = None
+        # Threads waiting for their turn, first come first served: a release hands
+        # the turn to the oldest directly, so a thread that loops on update() cannot
+        # take the lock back before the others wake up.
+        self.waiting: collections.deque[int] = collections.deque()
         self.count = 0
         self.held: _Held | None = None
         self.queue = WaitQueue(key)
@@ -110,6 +115,12 @@ class _PathState:
         # Only continuous sightings count: a gap restarts the clock, so an inode
         # reused by a new lock directory is not taken for the old one.
         self.first_seen: dict[tuple[int, int], tuple[float, float]] = {}
+
+    def pass_turn(self) -> None:
+        """Give the turn to the oldest waiting thread, or free it."""
+        with self.cond:
+            self.thread = self.waiting.popleft() if self.waiting else None
+            self.cond.notify_all()
 
     def unrecorded_for(self, ino: tuple[int, int]) -> float:
         """Seconds this process has kept seeing ``ino`` without a valid owner record."""
@@ -246,24 +257,26 @@ class DirectoryLock:
                 st.count += 1
                 return self
             # Other threads of this process wait here, not on the file system.
-            while st.thread is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    held = st.held
-                    raise LockTimeout(
-                        self.path,
-                        timeout=timeout,
-                        holder=held.owner.describe() if held else None,
-                        alive=True,
-                    )
-                st.cond.wait(remaining)
-            st.thread = me
+            if st.thread is None and not st.waiting:
+                st.thread = me
+            else:
+                st.waiting.append(me)
+                while st.thread != me:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        st.waiting.remove(me)
+                        held = st.held
+                        raise LockTimeout(
+                            self.path,
+                            timeout=timeout,
+                            holder=held.owner.describe() if held else None,
+                            alive=True,
+                        )
+                    st.cond.wait(remaining)
         try:
             held = self._acquire_dir(deadline, timeout, st.queue)
         except BaseException:
-            with st.cond:
-                st.thread = None
-                st.cond.notify()
+            st.pass_turn()
             raise
         if not st.swept:
             st.swept = True
@@ -288,9 +301,7 @@ class DirectoryLock:
             if held is not None:
                 self._release_dir(held, st.queue)
         finally:
-            with st.cond:
-                st.thread = None
-                st.cond.notify()
+            st.pass_turn()
 
     def __enter__(self) -> DirectoryLock:
         return self.acquire()
