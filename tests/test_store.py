@@ -7,6 +7,7 @@ import os
 import stat
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,42 @@ def test_every_error_is_a_statestore_error(state_path: Path) -> None:
     state_path.write_bytes(b"[")
     with pytest.raises(StateStoreError):
         StateStore(Counter, state_path, read_attempts=1).load()
+
+
+class Stamped(BaseModel):
+    model_config = {"strict": True}
+    when: datetime
+    tags: set[str] = set()
+    ratio: float = 0.5
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["as-written", "compact", "reordered", "with-schema-key"],
+)
+def test_every_layout_of_a_document_loads_the_same(state_path: Path, layout: str) -> None:
+    """The store's own layout is read by a fast path; any other layout by the general one."""
+    store = StateStore(Stamped, state_path)
+    state = Stamped(when=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), tags={"a", "b"})
+    store.save(state)
+    doc = json.loads(state_path.read_text())
+    if layout == "compact":
+        state_path.write_text(json.dumps(doc, separators=(",", ":")))
+    elif layout == "reordered":
+        state_path.write_text(json.dumps(dict(reversed(list(doc.items()))), indent=4))
+    elif layout == "with-schema-key":
+        state_path.write_text(json.dumps({"$schema": "s.json", **doc}, indent=2) + "\n")
+    assert store.load() == state
+    store.update(lambda s: None)
+    assert store.load() == state
+
+
+def test_fast_path_rejects_what_the_general_path_rejects(state_path: Path) -> None:
+    store = StateStore(Counter, state_path, read_attempts=1)
+    state_path.write_text('{\n  "schema_version": 1,\n  "count": "x"\n}\n')
+    with pytest.raises(StateValidationError, match="count"):
+        store.load()
+    state_path.write_text('{\n  "schema_version": 1,\n  "count": 1,\n}\n')
+    with pytest.raises(StateCorruptError) as info:
+        store.load()
+    assert info.value.line == 4

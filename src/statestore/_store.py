@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -41,6 +42,48 @@ _RESERVED: Final = (VERSION_KEY, SCHEMA_KEY)
 # commit, then be overwritten by the outer transaction's commit.
 _active: set[tuple[int, str]] = set()
 _active_lock = threading.Lock()
+
+
+_SCHEMA_LINE: Final = f'  "{SCHEMA_KEY}": '.encode()
+
+_gc_lock = threading.Lock()
+#: Objects allocated during a pause above which they are promoted without a scan.
+_GC_PROMOTE_AFTER: Final = 10_000
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Keep Python's cyclic garbage collector off while pydantic builds or walks a model.
+
+    Validating a large document allocates hundreds of thousands of objects, none
+    of them garbage, and each allocation burst triggers a full collection that
+    scans them all again: at 1 MB that is most of an update's time. Pauses nest
+    across threads; the collector's state is restored when the last one ends.
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0:
+                # Re-enabling alone would only postpone the work: the next allocation
+                # would start a collection that scans every object made during the
+                # pause. When that is a large model, move the young objects straight
+                # to the oldest generation instead (freeze, then unfreeze: no scan).
+                # Skipped when the program froze objects itself, so as not to undo it.
+                if gc.get_count()[0] > _GC_PROMOTE_AFTER and gc.get_freeze_count() == 0:
+                    gc.freeze()
+                    gc.unfreeze()
+                if _gc_was_enabled:
+                    gc.enable()
 
 
 @dataclass
@@ -131,6 +174,7 @@ class StateStore(Generic[ModelT]):
             self._storage = path
         self._key = os.path.realpath(self._storage.location) if self.lock else self._storage.location
         self._migrator = Migrator(version, migrations, self._storage.location)
+        self._version_line = f'  "{VERSION_KEY}": {self.version}'.encode()
 
     def __repr__(self) -> str:
         return f"StateStore({self.model.__name__}, {self._storage.location!r})"
@@ -187,9 +231,15 @@ class StateStore(Generic[ModelT]):
         with self._session("update()") as session:
             loaded = self._load(session.read)
             result = fn(loaded.model)
-            state = loaded.model if result is None else result
-            self._check_type(state, f"update(): {getattr(fn, '__qualname__', 'fn')} returned")
-            return self._commit(session, state, loaded)
+            if result is not None:
+                loaded.model = result
+            del result
+            self._check_type(loaded.model, f"update(): {getattr(fn, '__qualname__', 'fn')} returned")
+            body = self._dump(loaded.model)
+            # Let a large model go before the copy that checks it is built: a parsed
+            # model takes several times its JSON size.
+            loaded.model = None  # type: ignore[assignment]
+            return self._publish(session, body, loaded)
 
     @contextmanager
     def transaction(self) -> Iterator[ModelT]:
@@ -319,7 +369,8 @@ class StateStore(Generic[ModelT]):
             if raw is None:
                 return _Loaded(self._make_default(), None, self.version, None)
             try:
-                return self._from_doc(self._decode(raw), raw)
+                with _collector_paused():
+                    return self._fast_load(raw) or self._from_doc(self._decode(raw), raw)
             except StateCorruptError:
                 # A writer that does not rename atomically may be halfway through.
                 if attempt >= self._read_attempts:
@@ -327,18 +378,61 @@ class StateStore(Generic[ModelT]):
                 attempt += 1
                 time.sleep(self._read_delay)
 
+    def _fast_load(self, raw: bytes) -> _Loaded[ModelT] | None:
+        """Validate a file in the store's own current format straight from its bytes.
+
+        The store writes ``{"$schema": ..., "schema_version": N, <model fields>}``
+        with a fixed layout; when the file starts that way at this store's version,
+        pydantic parses and validates the rest in one pass, without building the
+        intermediate dict. Anything else (older versions, other layouts, errors)
+        returns None and takes the general path, which reports errors precisely.
+        """
+        if not raw.startswith(b"{\n"):
+            return None
+        pos = 2
+        schema: str | None = None
+        if raw.startswith(_SCHEMA_LINE, pos):
+            end = raw.find(b",\n", pos)  # JSON strings cannot hold a raw newline
+            if end < 0:
+                return None
+            try:
+                value = json.loads(raw[pos + len(_SCHEMA_LINE) : end])
+            except ValueError:
+                return None
+            if not isinstance(value, str):
+                return None
+            schema, pos = value, end + 2
+        if not raw.startswith(self._version_line, pos):
+            return None
+        pos += len(self._version_line)
+        if raw.startswith(b",\n", pos):
+            body = b"{\n" + raw[pos + 2 :]
+        elif raw[pos:].strip() == b"}":
+            body = b"{}"
+        else:
+            return None
+        try:
+            model = self.model.model_validate_json(body)
+        except ValidationError:
+            return None
+        return _Loaded(model, raw, self.version, schema)
+
     def _from_doc(self, doc: dict[str, Any], raw: bytes) -> _Loaded[ModelT]:
         location = self._storage.location
         found = self._migrator.version_of(doc, location)
         schema = doc.pop(SCHEMA_KEY, None)
         upgraded, steps = self._migrator.upgrade(doc, location)
         try:
-            model = self.model.model_validate(upgraded)
+            # JSON-mode validation, as for every other document the store reads and
+            # writes: strict models accept what JSON can express (dates as strings).
+            model = self.model.model_validate_json(json.dumps(upgraded, ensure_ascii=False))
         except ValidationError as e:
             if steps:
                 raise MigrationError(
                     location,
-                    f"after migration step {steps[-1]}->{steps[-1] + 1} the document does not "
+                    f"after migration step {steps[-1]}->{steps[-1] + 1} "
+                    f"({getattr(self._migrator.steps[steps[-1]], '__qualname__', '?')}) "
+                    "the document does not "
                     f"fit {self.model.__name__}: {e.error_count()} error(s), first: "
                     f"{e.errors()[0]['msg']} at {'.'.join(map(str, e.errors()[0]['loc']))}; "
                     "the file was not changed",
@@ -360,34 +454,57 @@ class StateStore(Generic[ModelT]):
         self._check_type(made, "the default gave")
         return made  # type: ignore[return-value]
 
-    def _encode(self, state: ModelT, schema: str | None) -> tuple[bytes, ModelT]:
-        """The bytes to store for ``state``, and the model they load back as.
+    def _dump(self, state: ModelT) -> str:
+        """The model's JSON document, in field order, indented by 2."""
+        try:
+            with _collector_paused():
+                return state.model_dump_json(by_alias=True, indent=2)
+        except PydanticSerializationError as e:
+            raise StateValidationError(
+                self._storage.location,
+                f"the new state cannot be written as JSON ({e}); nothing was written",
+            ) from e
+
+    def _check(self, body: str) -> ModelT:
+        """The model ``body`` loads back as: what would be read after the save.
 
         Validation is of the serialised document itself: a model changed by
         attribute assignment (which pydantic does not validate by default) must
         not reach disk if it would not load again.
         """
-        location = self._storage.location
         try:
-            body = state.model_dump_json(by_alias=True, indent=2)
-        except PydanticSerializationError as e:
-            raise StateValidationError(
-                location, f"the new state cannot be written as JSON ({e}); nothing was written"
-            ) from e
-        try:
-            checked = self.model.model_validate_json(body)
+            with _collector_paused():
+                return self.model.model_validate_json(body)
         except ValidationError as e:
-            raise StateValidationError(location, errors=_errors_of(e)) from e
+            raise StateValidationError(
+                self._storage.location,
+                "the new state does not fit the model, so nothing was written:\n"
+                + StateValidationError(self._storage.location, errors=_errors_of(e)).message,
+                errors=_errors_of(e),
+            ) from e
+
+    def _frame(self, body: str, schema: str | None) -> bytes:
+        """The file's bytes: the store's own keys first, then the model's fields."""
         head = ""
         ref = self.schema_ref if self.schema_ref is not None else schema
         if ref is not None:
             head += f'  "{SCHEMA_KEY}": {json.dumps(ref, ensure_ascii=False)},\n'
         head += f'  "{VERSION_KEY}": {self.version}'
         text = "{\n" + head + ("\n}" if body == "{}" else ",\n" + body[2:])
-        return (text + "\n").encode("utf-8"), checked
+        return (text + "\n").encode("utf-8")
+
+    def _encode(self, state: ModelT, schema: str | None) -> tuple[bytes, ModelT]:
+        """The bytes to store for ``state``, and the model they load back as."""
+        body = self._dump(state)
+        return self._frame(body, schema), self._check(body)
 
     def _commit(self, session: Session, state: ModelT, loaded: _Loaded[ModelT]) -> ModelT:
-        data, checked = self._encode(state, loaded.schema)
+        return self._publish(session, self._dump(state), loaded)
+
+    def _publish(self, session: Session, body: str, loaded: _Loaded[ModelT]) -> ModelT:
+        checked = self._check(body)
+        data = self._frame(body, loaded.schema)
+        del body
         if loaded.raw is not None:
             if data == loaded.raw:
                 return checked  # nothing changed: no need to rewrite the file
