@@ -10,14 +10,25 @@ from pydantic import BaseModel, Field
 
 SIZES: dict[str, int] = {"1KB": 1024, "100KB": 100 * 1024, "1MB": 1024 * 1024}
 
-_ITEM_TAIL = "abcdefghij" * 4  # every payload item is ~52 characters
+class Item(BaseModel):
+    """One record of the payload: state files mostly hold lists of records (tasks, jobs,
+    sessions), and every record is a model with a few fields."""
+
+    id: int
+    name: str
+    tags: list[str] = Field(default_factory=list)
+    done: bool = False
 
 
 class Doc(BaseModel):
-    """The benchmarked document: a counter plus a payload that sets the file size."""
+    """The benchmarked document: a counter plus a payload of records that sets the size."""
 
     counter: int = 0
-    items: list[str] = Field(default_factory=list)
+    items: list[Item] = Field(default_factory=list)
+
+
+def _item(i: int, name: str | None = None) -> Item:
+    return Item(id=i, name=name or f"item-{i:07d}", tags=["build", "test"], done=i % 2 == 0)
 
 
 def parse_size(text: str) -> int:
@@ -45,13 +56,13 @@ def size_label(nbytes: int) -> str:
 def make_doc(target_bytes: int, counter: int = 0) -> Doc:
     """A document whose compact JSON is close to ``target_bytes`` (never above it by much)."""
     empty = len(Doc(counter=counter).model_dump_json())
-    per_item = len(f'"item-{0:07d}-{_ITEM_TAIL}",')
+    per_item = len(_item(10 ** 5).model_dump_json()) + 1  # ids up to 6 digits
     count = max(0, (target_bytes - empty) // per_item)
-    items = [f"item-{i:07d}-{_ITEM_TAIL}" for i in range(count)]
-    doc = Doc(counter=counter, items=items)
+    doc = Doc(counter=counter, items=[_item(i) for i in range(count)])
     short = target_bytes - len(doc.model_dump_json())
-    if short > 3:  # pad with one more item so the file lands on the target size
-        doc.items.append("p" * (short - 3))
+    if short > per_item:  # pad with one more record so the file lands on the target size
+        name = "p" * (short - len(_item(count).model_dump_json()) - 1 + len(_item(count).name))
+        doc.items.append(_item(count, name))
     return doc
 
 
