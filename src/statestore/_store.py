@@ -109,7 +109,15 @@ def _reject_constant(name: str) -> Any:
 
 def _errors_of(e: ValidationError) -> list[dict[str, Any]]:
     # Through JSON so that every value is plain data (picklable, printable).
-    errors: list[dict[str, Any]] = json.loads(e.json(include_url=False))
+    try:
+        errors: list[dict[str, Any]] = json.loads(e.json(include_url=False))
+    except ValueError:
+        # The input holds text that is not Unicode (a lone surrogate such as "\ud800",
+        # valid JSON escape syntax): pydantic cannot write it as JSON. Keep the rest.
+        errors = [
+            {"type": err["type"], "loc": list(err["loc"]), "msg": err["msg"]}
+            for err in e.errors(include_url=False)
+        ]
     return errors
 
 
