@@ -366,3 +366,15 @@ def test_fast_path_rejects_what_the_general_path_rejects(state_path: Path) -> No
     with pytest.raises(StateCorruptError) as info:
         store.load()
     assert info.value.line == 4
+
+
+def test_a_large_unchanged_state_is_not_rewritten(state_path: Path) -> None:
+    """Large files are compared by digest rather than kept in memory; same result."""
+    store = StateStore(Counter, state_path)
+    store.save(Counter(note="x" * 400_000))
+    inode = state_path.stat().st_ino
+    store.update(lambda s: None)
+    assert state_path.stat().st_ino == inode
+    store.update(lambda s: Counter(count=1, note=s.note))
+    assert state_path.stat().st_ino != inode
+    assert store.load().count == 1

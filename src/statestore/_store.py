@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import threading
@@ -94,6 +95,33 @@ class _Loaded(Generic[ModelT]):
     raw: bytes | None  # None: no file yet (the default was used)
     version: int
     schema: str | None  # the "$schema" the file carried
+    digest: bytes | None = None  # stands in for a large ``raw`` once it was let go
+
+    def shed_raw(self, current: int) -> None:
+        """Keep a digest instead of the bytes of a large file at the current version.
+
+        The bytes are needed only to skip a save that changes nothing (and, for
+        an older version, for the backup); a collision-resistant digest does the
+        first, and a large document should not be held twice during a save.
+        ``raw`` becomes empty (the file still exists).
+        """
+        if self.version == current and self.raw is not None and len(self.raw) > _SHED_ABOVE:
+            self.digest = _digest(self.raw)
+            self.raw = b""
+
+    def unchanged(self, data: bytes) -> bool:
+        """Whether ``data`` is exactly what the file holds."""
+        if self.digest is not None:
+            return _digest(data) == self.digest
+        return data == self.raw
+
+
+#: Files larger than this are compared by digest, not kept in memory during a save.
+_SHED_ABOVE: Final = 256 * 1024
+
+
+def _digest(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + hashlib.blake2b(data, digest_size=32).digest()
 
 
 def _position(data: bytes, offset: int) -> tuple[int, int]:
@@ -183,6 +211,7 @@ class StateStore(Generic[ModelT]):
         self._key = os.path.realpath(self._storage.location) if self.lock else self._storage.location
         self._migrator = Migrator(version, migrations, self._storage.location)
         self._version_line = f'  "{VERSION_KEY}": {self.version}'.encode()
+        self._ignores_extra = model.model_config.get("extra") in (None, "ignore")
 
     def __repr__(self) -> str:
         return f"StateStore({self.model.__name__}, {self._storage.location!r})"
@@ -238,6 +267,7 @@ class StateStore(Generic[ModelT]):
         """
         with self._session("update()") as session:
             loaded = self._load(session.read)
+            loaded.shed_raw(self.version)
             result = fn(loaded.model)
             if result is not None:
                 loaded.model = result
@@ -413,8 +443,13 @@ class StateStore(Generic[ModelT]):
         if not raw.startswith(self._version_line, pos):
             return None
         pos += len(self._version_line)
+        body: bytes | bytearray
         if raw.startswith(b",\n", pos):
-            body = b"{\n" + raw[pos + 2 :]
+            if self._ignores_extra:
+                body = raw  # the store's own keys are extra keys, which the model ignores
+            else:
+                body = bytearray(b"{\n")
+                body += memoryview(raw)[pos + 2 :]  # one copy, not two
         elif raw[pos:].strip() == b"}":
             body = b"{}"
         else:
@@ -462,18 +497,19 @@ class StateStore(Generic[ModelT]):
         self._check_type(made, "the default gave")
         return made  # type: ignore[return-value]
 
-    def _dump(self, state: ModelT) -> str:
-        """The model's JSON document, in field order, indented by 2."""
+    def _dump(self, state: ModelT) -> bytes:
+        """The model's JSON document, in field order, indented by 2, as UTF-8."""
         try:
             with _collector_paused():
-                return state.model_dump_json(by_alias=True, indent=2)
+                # As model_dump_json(), but bytes: no str copy of a large document.
+                return state.__pydantic_serializer__.to_json(state, indent=2, by_alias=True)
         except PydanticSerializationError as e:
             raise StateValidationError(
                 self._storage.location,
                 f"the new state cannot be written as JSON ({e}); nothing was written",
             ) from e
 
-    def _check(self, body: str) -> ModelT:
+    def _check(self, body: bytes) -> ModelT:
         """The model ``body`` loads back as: what would be read after the save.
 
         Validation is of the serialised document itself: a model changed by
@@ -491,15 +527,16 @@ class StateStore(Generic[ModelT]):
                 errors=_errors_of(e),
             ) from e
 
-    def _frame(self, body: str, schema: str | None) -> bytes:
+    def _frame(self, body: bytes, schema: str | None) -> bytes:
         """The file's bytes: the store's own keys first, then the model's fields."""
         head = ""
         ref = self.schema_ref if self.schema_ref is not None else schema
         if ref is not None:
             head += f'  "{SCHEMA_KEY}": {json.dumps(ref, ensure_ascii=False)},\n'
         head += f'  "{VERSION_KEY}": {self.version}'
-        text = "{\n" + head + ("\n}" if body == "{}" else ",\n" + body[2:])
-        return (text + "\n").encode("utf-8")
+        if body == b"{}":
+            return ("{\n" + head + "\n}\n").encode()
+        return b"".join((("{\n" + head + ",\n").encode(), memoryview(body)[2:], b"\n"))
 
     def _encode(self, state: ModelT, schema: str | None) -> tuple[bytes, ModelT]:
         """The bytes to store for ``state``, and the model they load back as."""
@@ -509,12 +546,12 @@ class StateStore(Generic[ModelT]):
     def _commit(self, session: Session, state: ModelT, loaded: _Loaded[ModelT]) -> ModelT:
         return self._publish(session, self._dump(state), loaded)
 
-    def _publish(self, session: Session, body: str, loaded: _Loaded[ModelT]) -> ModelT:
+    def _publish(self, session: Session, body: bytes, loaded: _Loaded[ModelT]) -> ModelT:
         checked = self._check(body)
         data = self._frame(body, loaded.schema)
         del body
         if loaded.raw is not None:
-            if data == loaded.raw:
+            if loaded.unchanged(data):
                 return checked  # nothing changed: no need to rewrite the file
             if loaded.version < self.version:
                 session.backup(f"v{loaded.version}", loaded.raw)
