@@ -686,7 +686,10 @@ class DirectoryLock:
                 held.lost = "released"
                 with contextlib.suppress(OSError):  # the descriptor is gone either way
                     os.close(held.dirfd)
-            queue.wake_first()
+            # Waking a waiter only saves it time (waiters poll anyway): an error here
+            # must not turn a finished release into a failure.
+            with contextlib.suppress(OSError):
+                queue.wake_first()
 
     def _refresh(self, held: _Held) -> None:
         """Push our lease forward (heartbeat thread)."""
