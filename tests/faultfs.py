@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import signal
 import sys
 import threading
 import time

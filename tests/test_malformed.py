@@ -168,16 +168,16 @@ def test_every_truncation_of_a_valid_document(checker: Checker) -> None:
 
 def test_random_bytes(checker: Checker) -> None:
     rng = random.Random(1234)
-    for n in range(300):
+    for _ in range(300):
         size = rng.choice([1, 2, 3, 8, 64, 512, 4096])
         blob = bytes(rng.getrandbits(8) for _ in range(size))
         assert checker.check(blob) == "StateCorruptError", blob
     # Random bytes inside an otherwise valid document.
-    for n in range(300):
-        blob = bytearray(VALID)
+    for _ in range(300):
+        edited = bytearray(VALID)
         for _ in range(rng.randint(1, 4)):
-            blob[rng.randrange(len(blob))] = rng.getrandbits(8)
-        checker.check(bytes(blob))
+            edited[rng.randrange(len(edited))] = rng.getrandbits(8)
+        checker.check(bytes(edited))
     assert set(checker.outcomes) >= {"StateCorruptError"}
 
 
