@@ -378,3 +378,20 @@ def test_a_large_unchanged_state_is_not_rewritten(state_path: Path) -> None:
     store.update(lambda s: Counter(count=1, note=s.note))
     assert state_path.stat().st_ino != inode
     assert store.load().count == 1
+
+
+def test_a_link_and_its_target_share_one_lock(tmp_path: Path) -> None:
+    target = tmp_path / "real" / "state.json"
+    target.parent.mkdir()
+    link = tmp_path / "state.json"
+    link.symlink_to(target)
+    via_link = StateStore(Counter, link, default=Counter)
+    via_target = StateStore(Counter, target, default=Counter)
+    assert via_link.lock is not None and via_target.lock is not None
+    assert via_link.lock.path == via_target.lock.path == str(target) + ".lock"
+    with via_link.transaction() as state:
+        state.count = 1
+        with pytest.raises(NestedTransactionError):
+            via_target.update(lambda s: None)
+    assert link.is_symlink()
+    assert via_target.load().count == 1

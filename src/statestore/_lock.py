@@ -338,7 +338,17 @@ class DirectoryLock:
                 "suspended or too slow to refresh it), so another process may hold the "
                 "lock now; nothing was written. Retry the operation, or raise 'lease'",
             )
-        if not self._is_ours(held):
+        try:
+            ours = held.token_mark in _read_owner_at(self.path)
+        except FileNotFoundError:
+            ours = False
+        except OSError as e:
+            raise LockCompromisedError(
+                self.path,
+                f"could not confirm that the lock is still ours ({e.strerror or e}); "
+                "nothing was written",
+            ) from e
+        if not ours:
             raise LockCompromisedError(
                 self.path,
                 "the lock was broken by another process after our lease ran out; "

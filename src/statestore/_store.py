@@ -198,7 +198,9 @@ class StateStore(Generic[ModelT]):
         if isinstance(path, (str, os.PathLike)):
             file = os.path.abspath(os.fspath(path))
             if lock is None:
-                lock = DirectoryLock(file + ".lock", timeout=timeout)
+                # Next to the file a symlink points to, so that stores opened through
+                # the link and through the target share one lock.
+                lock = DirectoryLock(os.path.realpath(file) + ".lock", timeout=timeout)
             elif not isinstance(lock, DirectoryLock):
                 lock = DirectoryLock(lock, timeout=timeout)
             self.lock: DirectoryLock | None = lock
