@@ -284,7 +284,7 @@ class DirectoryLock:
         with st.cond:
             st.held = held
             st.count = 1
-        _heartbeat.start()
+        _heartbeat.start(held.next_refresh)
         return self
 
     def release(self) -> None:
@@ -692,14 +692,15 @@ class DirectoryLock:
                     raise self._os_error(e, "release") from e
                 _remove_tree(aside)
         finally:
+            # Waking a waiter only saves it time (waiters poll anyway): an error here
+            # must not turn a finished release into a failure. Wake first, tidy after:
+            # the next holder's hand-off is on the critical path, closing is not.
+            with contextlib.suppress(OSError):
+                queue.wake_first()
             with held.mutex:
                 held.lost = "released"
                 with contextlib.suppress(OSError):  # the descriptor is gone either way
                     os.close(held.dirfd)
-            # Waking a waiter only saves it time (waiters poll anyway): an error here
-            # must not turn a finished release into a failure.
-            with contextlib.suppress(OSError):
-                queue.wake_first()
 
     def _refresh(self, held: _Held) -> None:
         """Push our lease forward (heartbeat thread)."""
@@ -739,14 +740,19 @@ class _Heartbeat:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        self._next_beat = 0.0  # monotonic time of the thread's next look
 
-    def start(self) -> None:
+    def start(self, due: float) -> None:
+        """Make sure a lock whose lease is due for refresh at ``due`` gets it."""
         if self._thread is None or not self._thread.is_alive():
+            self._next_beat = due
             self._thread = threading.Thread(
                 target=self._run, name="statestore-heartbeat", daemon=True
             )
             self._thread.start()
-        else:
+        elif due < self._next_beat:
+            # Only when it would otherwise look too late: waking the thread on every
+            # acquire would cost a thread switch per update.
             self._wake.set()
 
     def _run(self) -> None:
@@ -756,6 +762,7 @@ class _Heartbeat:
             except Exception:  # the heartbeat must never take the process down
                 log.exception("statestore heartbeat failed")
                 delay = 1.0
+            self._next_beat = time.monotonic() + delay
             self._wake.wait(delay)
             self._wake.clear()
 
