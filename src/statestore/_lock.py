@@ -569,25 +569,35 @@ class DirectoryLock:
             )
         return _Observation(ino, owner, alive, False, f"held by pid {owner.pid} on {owner.host}")
 
-    def _claim(self) -> str | None:
-        """Take the removal claim of the instance now at ``path`` (None: someone has it)."""
-        claim = os.path.join(self.path, CLAIM)
+    def _claim(self, dirfd: int) -> str | None:
+        """Take the removal claim of the lock instance behind ``dirfd``.
+
+        Returns the claim's path relative to the instance, or None when someone else
+        holds it (or the instance is being deleted). Working through the instance's
+        descriptor keeps claim and undo on that instance, wherever it has moved.
+        """
+        claim = CLAIM
         while True:
             try:
-                os.mkdir(claim)
+                os.mkdir(claim, dir_fd=dirfd)
                 return claim
             except FileExistsError:
                 pass
             except (FileNotFoundError, NotADirectoryError):
-                return None  # the instance is gone
+                return None  # the instance is being deleted
             except OSError as e:
                 raise self._os_error(e, "claim") from e
-            deeper = os.path.join(claim, CLAIM)
-            if os.path.lexists(deeper):
+            deeper = f"{claim}/{CLAIM}"
+            try:
+                os.stat(deeper, dir_fd=dirfd, follow_symlinks=False)
                 claim = deeper
                 continue
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return None
             try:
-                age = time.time() - os.stat(claim).st_mtime
+                age = time.time() - os.stat(claim, dir_fd=dirfd, follow_symlinks=False).st_mtime
             except OSError:
                 return None
             if age < CLAIM_GRACE:
@@ -596,31 +606,49 @@ class DirectoryLock:
             # which again only one process can do.
             claim = deeper
 
-    def _unclaim(self, claim: str) -> None:
+    def _unclaim(self, dirfd: int, claim: str) -> None:
         with contextlib.suppress(OSError):
-            os.rmdir(claim)
+            os.rmdir(claim, dir_fd=dirfd)
 
     def _break(self, seen: _Observation, *, force: bool = False) -> bool:
-        claim = self._claim()
-        if claim is None:
-            return False
         try:
-            now = self._observe()
-            same = now.ino == seen.ino and (
-                (now.owner.token if now.owner else None)
-                == (seen.owner.token if seen.owner else None)
-            )
-            # Our own claim has just moved the directory's mtime, so an instance that
-            # still has no owner record would look freshly made to a process that saw
-            # it only now: it is the same instance we judged stale before claiming.
-            if not same or not (now.stale or force or now.owner is None):
-                self._unclaim(claim)
-                return False
-            aside = f"{self.path}.{secrets.token_hex(6)}.broken"
-            os.rename(self.path, aside)
+            dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
         except OSError as e:
-            self._unclaim(claim)
-            raise self._os_error(e, "break") from e
+            raise self._os_error(e, "open") from e
+        try:
+            try:
+                st = os.fstat(dirfd)
+            except OSError as e:
+                raise self._os_error(e, "inspect") from e
+            if (st.st_dev, st.st_ino) != seen.ino:
+                return False  # not the instance we judged stale
+            claim = self._claim(dirfd)
+            if claim is None:
+                return False
+            try:
+                now = self._observe()
+                same = now.ino == seen.ino and (
+                    (now.owner.token if now.owner else None)
+                    == (seen.owner.token if seen.owner else None)
+                )
+                # Our own claim has just moved the directory's mtime, so an instance
+                # that still has no owner record would look freshly made to a process
+                # that saw it only now: it is the same instance we judged stale before.
+                if not same or not (now.stale or force or now.owner is None):
+                    self._unclaim(dirfd, claim)
+                    return False
+                # The path still holds the instance we claimed (same inode, and only a
+                # claim holder removes a stale instance): move it aside in one step.
+                aside = f"{self.path}.{secrets.token_hex(6)}.broken"
+                os.rename(self.path, aside)
+            except OSError as e:
+                self._unclaim(dirfd, claim)
+                raise self._os_error(e, "break") from e
+        finally:
+            with contextlib.suppress(OSError):  # the descriptor is gone either way
+                os.close(dirfd)
         log.warning("broke stale lock %s: %s", self.path, seen.reason)
         _remove_tree(aside)
         return True
@@ -646,61 +674,99 @@ class DirectoryLock:
             return time.time() >= held.owner.expires_at - CLAIM_GRACE
 
     def _release_dir(self, held: _Held, queue: WaitQueue) -> None:
+        aside: str | None = None
         try:
-            give_up = time.monotonic() + 2 * CLAIM_GRACE
-            while True:
-                try:
-                    claim = self._claim()
-                except LockError:
-                    # No claim can be made (a full disk, an I/O error). While our lease
-                    # runs nobody else may remove this instance: take it apart without
-                    # one rather than leave a live lock that everyone waits for.
-                    if time.time() >= held.owner.expires_at - CLAIM_GRACE:
-                        raise
-                    claim = ""
-                    break
-                if claim is not None:
-                    break
-                if self._lost(held):
-                    log.warning("lock %s was lost before release (lease expired)", self.path)
-                    return
-                if time.monotonic() > give_up:  # pragma: no cover - needs a stalled breaker
-                    log.warning("lock %s: could not release, a claim is stuck", self.path)
-                    return
-                time.sleep(0.001)
-            if self._lost(held):
-                if claim:
-                    self._unclaim(claim)
-                log.warning("lock %s was lost before release (lease expired)", self.path)
-                return
-            # We hold the claim of our own instance: nobody else can remove it now,
-            # so it can be taken apart in place (an observer sees "being created").
-            try:
-                os.unlink(os.path.join(self.path, OWNER_FILE))
-                if claim:
-                    os.rmdir(claim)
-                os.rmdir(self.path)
-            except OSError:
-                # Something unexpected inside (a heartbeat's temp file, a nested claim):
-                # move the whole instance aside in one step, then delete it.
-                aside = f"{self.path}.{secrets.token_hex(6)}.released"
-                try:
-                    os.rename(self.path, aside)
-                except FileNotFoundError:
-                    return
-                except OSError as e:
-                    raise self._os_error(e, "release") from e
-                _remove_tree(aside)
+            if time.time() < held.owner.expires_at - CLAIM_GRACE:
+                aside = self._release_fast(held)
+            else:
+                self._release_claimed(held)
         finally:
             # Waking a waiter only saves it time (waiters poll anyway): an error here
             # must not turn a finished release into a failure. Wake first, tidy after:
-            # the next holder's hand-off is on the critical path, closing is not.
+            # the next holder's hand-off is on the critical path, deleting is not.
             with contextlib.suppress(OSError):
                 queue.wake_first()
+            if aside is not None:
+                _remove_tree(aside)
             with held.mutex:
                 held.lost = "released"
                 with contextlib.suppress(OSError):  # the descriptor is gone either way
                     os.close(held.dirfd)
+
+    def _release_fast(self, held: _Held) -> str | None:
+        """Release a lock whose lease still has a while to run; returns the moved-aside copy.
+
+        While our lease runs, no other process may remove our instance (only a dead
+        holder's lock, or one whose lease expired, is broken; ``force`` aside), so
+        no claim is needed: check the token, then move the instance away from the
+        lock path in one step. The path is free from that instant, even if we are
+        killed before the copy is deleted (the next acquirer sweeps it).
+        """
+        if self._lost(held):
+            log.warning("lock %s was lost before release (lease expired)", self.path)
+            return None
+        aside = f"{self.path}.{secrets.token_hex(6)}.released"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            # The rename needs a new directory entry (a full disk refuses it); taking
+            # the instance apart in place needs none. Still ours alone, as above.
+            try:
+                os.unlink(os.path.join(self.path, OWNER_FILE))
+                os.rmdir(self.path)
+            except OSError:
+                raise self._os_error(e, "release") from e
+            return None
+        return aside
+
+    def _release_claimed(self, held: _Held) -> None:
+        """Release a lock whose lease is running out, through its claim (see the module doc)."""
+        give_up = time.monotonic() + 2 * CLAIM_GRACE
+        while True:
+            try:
+                claim = self._claim(held.dirfd)
+            except LockError:
+                # No claim can be made (a full disk, an I/O error). While our lease
+                # runs nobody else may remove this instance: take it apart without
+                # one rather than leave a live lock that everyone waits for.
+                if time.time() >= held.owner.expires_at - CLAIM_GRACE:
+                    raise
+                claim = ""
+                break
+            if claim is not None:
+                break
+            if self._lost(held):
+                log.warning("lock %s was lost before release (lease expired)", self.path)
+                return
+            if time.monotonic() > give_up:  # pragma: no cover - needs a stalled breaker
+                log.warning("lock %s: could not release, a claim is stuck", self.path)
+                return
+            time.sleep(0.001)
+        if self._lost(held):
+            if claim:
+                self._unclaim(held.dirfd, claim)
+            log.warning("lock %s was lost before release (lease expired)", self.path)
+            return
+        # We hold the claim of our own instance: nobody else can remove it now,
+        # so it can be taken apart in place (an observer sees "being created").
+        try:
+            os.unlink(os.path.join(self.path, OWNER_FILE))
+            if claim:
+                os.rmdir(claim, dir_fd=held.dirfd)
+            os.rmdir(self.path)
+        except OSError:
+            # Something unexpected inside (a heartbeat's temp file, a nested claim):
+            # move the whole instance aside in one step, then delete it.
+            aside = f"{self.path}.{secrets.token_hex(6)}.released"
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                raise self._os_error(e, "release") from e
+            _remove_tree(aside)
 
     def _refresh(self, held: _Held) -> None:
         """Push our lease forward (heartbeat thread)."""

@@ -48,8 +48,22 @@ class LockOwner:
         return max(0.0, time.time() - self.acquired_at)
 
     def to_json(self) -> bytes:
-        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
-        return json.dumps(doc, indent=2).encode() + b"\n"
+        # Built by hand rather than with asdict(), which deep-copies: this runs on
+        # every acquire.
+        doc = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "token": self.token,
+            "pid": self.pid,
+            "host": self.host,
+            "boot_id": self.boot_id,
+            "start_time": self.start_time,
+            "pid_ns": self.pid_ns,
+            "acquired_at": self.acquired_at,
+            "expires_at": self.expires_at,
+            "lease": self.lease,
+        }
+        return json.dumps(doc).encode() + b"\n"
 
     @classmethod
     def from_json(cls, data: bytes) -> LockOwner:
