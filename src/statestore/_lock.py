@@ -354,7 +354,17 @@ class DirectoryLock:
                 "the lock was broken by another process after our lease ran out; "
                 "nothing was written. Retry the operation, or raise 'lease'",
             )
-        if os.path.lexists(os.path.join(self.path, CLAIM)):
+        # A claim in our lock is a breaker that will back off (our lease is live) or
+        # one that judged it stale: wait for it to decide rather than fail at once.
+        try:
+            state = self._settle(held.dirfd, held.ino, patience=CLAIM_GRACE)
+        except OSError as e:
+            raise LockCompromisedError(
+                self.path,
+                f"could not confirm that the lock is still ours ({e.strerror or e}); "
+                "nothing was written",
+            ) from e
+        if state != "ours":
             raise LockCompromisedError(
                 self.path, "another process is breaking this lock; nothing was written"
             )
@@ -488,7 +498,6 @@ class DirectoryLock:
             finally:
                 os.close(fd)
             ino = (fd_stat.st_dev, fd_stat.st_ino)
-            path_stat = os.stat(self.path)
         except FileExistsError:
             os.close(dirfd)
             return None
@@ -496,12 +505,52 @@ class DirectoryLock:
             self._abandon(dirfd, recorded, e)
             raise self._os_error(e, "write the owner record of") from e
         held = _Held(owner=owner, dirfd=dirfd, ino=ino)
-        if (path_stat.st_dev, path_stat.st_ino) != ino:
-            # We stalled for longer than the creation grace and our lock was broken.
-            os.close(dirfd)
+        # Only now, with the record written, is it safe to look: a breaker that judged
+        # our record-less directory stale may be between its re-check and its rename.
+        # Its claim is in our directory until it decides (spec/: without this check,
+        # a creator stalled past the grace and its breaker both hold the lock).
+        try:
+            state = self._settle(dirfd, ino, patience=2 * CLAIM_GRACE)
+        except OSError as e:
+            self._abandon(dirfd, True, e)
+            raise self._os_error(e, "inspect") from e
+        if state == "claimed":
+            # A claim stuck in the lock we just made: its maker died in the claim's
+            # window. The lock is ours alone to take apart (our record is in it).
+            with contextlib.suppress(OSError):
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == ino:
+                    aside = f"{self.path}.{secrets.token_hex(6)}.released"
+                    os.rename(self.path, aside)
+                    _remove_tree(aside)
+        if state != "ours":
+            with contextlib.suppress(OSError):
+                os.close(dirfd)
             return None
         held.next_refresh = time.monotonic() + self.lease / 3
         return held
+
+    def _settle(self, dirfd: int, ino: tuple[int, int], patience: float) -> str:
+        """After writing into our instance: "ours" (at the lock path, no claim in it),
+        "moved" (broken), or "claimed" (a claim still undecided after ``patience``).
+
+        Raises OSError when the file system cannot tell.
+        """
+        give_up = time.monotonic() + patience
+        while True:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                return "moved"
+            if (st.st_dev, st.st_ino) != ino:
+                return "moved"
+            try:
+                os.stat(CLAIM, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return "ours"
+            if time.monotonic() >= give_up:
+                return "claimed"
+            time.sleep(0.001)
 
     def _abandon(self, dirfd: int | None, recorded: bool, cause: OSError) -> None:
         """Take apart the directory we made but could not publish, so nobody waits for it."""
@@ -653,13 +702,6 @@ class DirectoryLock:
         _remove_tree(aside)
         return True
 
-    def _is_ours(self, held: _Held) -> bool:
-        """Whether the instance now at ``path`` carries our token (tokens are unique)."""
-        try:
-            return held.token_mark in _read_owner_at(self.path)
-        except OSError:
-            return False
-
     def _lost(self, held: _Held) -> bool:
         """For release: whether the instance at ``path`` is no longer ours.
 
@@ -775,16 +817,27 @@ class DirectoryLock:
                 self._refresh_locked(held)
 
     def _refresh_locked(self, held: _Held) -> None:
-        if not self._is_ours(held):
-            held.lost = "the lock was broken by another process after our lease ran out"
-            log.warning("lock %s: %s", self.path, held.lost)
-            return
         owner = dataclasses.replace(held.owner, expires_at=time.time() + self.lease)
         try:
             _write_owner(held.dirfd, owner)
         except OSError as e:
             log.warning("lock %s: could not refresh the lease (%s)", self.path, e)
             held.next_refresh = time.monotonic() + min(1.0, self.lease / 10)
+            return
+        # Write first, then look, then believe: a breaker that found our lease expired
+        # may be between its re-check and its rename (spec/: checking before writing
+        # lets a holder renew a lease on a lock that is being removed).
+        try:
+            state = self._settle(held.dirfd, held.ino, patience=0.0)
+        except OSError as e:
+            log.warning("lock %s: could not check the lock after a refresh (%s)", self.path, e)
+            state = "claimed"  # undecided: do not believe the new expiry yet
+        if state == "moved":
+            held.lost = "the lock was broken by another process after our lease ran out"
+            log.warning("lock %s: %s", self.path, held.lost)
+            return
+        if state == "claimed":  # being decided: keep the old expiry, look again soon
+            held.next_refresh = time.monotonic() + min(0.1, self.lease / 10)
             return
         held.owner = owner
         held.next_refresh = time.monotonic() + self.lease / 3
