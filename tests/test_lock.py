@@ -362,3 +362,50 @@ def test_nested_update_in_a_transaction_is_refused(tmp_path: Path) -> None:
     store = StateStore(Counter, tmp_path / "s.json", default=Counter)
     with store.transaction(), pytest.raises(NestedTransactionError):
         store.update(lambda s: None)
+
+
+def _tag(pid: int, start_time: int | None) -> str:
+    me = identity()
+    return json.dumps([me.host, me.boot_id, pid, start_time, me.pid_ns])
+
+
+def test_a_claim_left_by_a_dead_breaker_is_taken_over_at_once(tmp_path: Path) -> None:
+    lock_dir = tmp_path / "x.lock"
+    write_record(lock_dir, pid=dead_pid())
+    os.symlink(_tag(dead_pid(), None), lock_dir / "claim")
+    started = time.monotonic()
+    with DirectoryLock(lock_dir, timeout=5):
+        took = time.monotonic() - started
+    assert took < 1.0
+
+
+def test_a_claim_of_a_live_process_is_never_taken_over(tmp_path: Path) -> None:
+    """A breaker that merely stalls keeps its claim, however old (spec/ CLAIM_TAKEOVER)."""
+    from statestore._owner import _proc_stat
+
+    lock_dir = tmp_path / "x.lock"
+    write_record(lock_dir, pid=dead_pid())
+    parent = os.getppid()
+    stat = _proc_stat(parent)
+    assert stat is not None
+    os.symlink(_tag(parent, stat[1]), lock_dir / "claim")
+    old = time.time() - 3600
+    os.utime(lock_dir / "claim", (old, old), follow_symlinks=False)
+    with pytest.raises(LockTimeout):
+        DirectoryLock(lock_dir).acquire(timeout=0.5)
+    assert (lock_dir / "claim").is_symlink()
+
+
+def test_commit_waits_out_a_claim_that_is_undone(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    store = StateStore(Counter, path, default=Counter)
+    from statestore._owner import _proc_stat
+
+    stat = _proc_stat(os.getpid())
+    assert stat is not None
+    with store.transaction() as state:
+        state.count = 5
+        claim = Path(str(path) + ".lock") / "claim"
+        os.symlink(_tag(os.getpid(), stat[1]), claim)  # a live breaker deciding
+        threading.Timer(0.2, claim.unlink).start()  # ... that backs off
+    assert store.load().count == 5

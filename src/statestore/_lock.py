@@ -41,7 +41,7 @@ from typing import Final
 
 from ._errors import LockCompromisedError, LockError, LockTimeout
 from ._handoff import WaitQueue
-from ._owner import LockOwner, holder_alive, identity, new_owner
+from ._owner import LockOwner, claim_maker_alive, claim_tag, holder_alive, identity, new_owner
 
 __all__ = ["DEFAULT_LEASE", "DirectoryLock", "LockOwner"]
 
@@ -175,14 +175,30 @@ def _write_owner(dirfd: int, owner: LockOwner) -> None:
 def _remove_tree(path: str) -> None:
     """Delete a lock directory that has been renamed aside."""
     try:
-        # The usual content: the owner record and one claim.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, OWNER_FILE))
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(os.path.join(path, CLAIM))
+        # The usual content: the owner record, and claims (symbolic links).
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
         os.rmdir(path)
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _claims(dirfd: int) -> list[str]:
+    """The claims in a lock instance, in the order they were taken."""
+    names = [n for n in os.listdir(dirfd) if n == CLAIM or n.startswith(CLAIM + ".")]
+    return sorted(names, key=lambda n: 1 if n == CLAIM else int(n.rpartition(".")[2] or 0))
+
+
+def _live_claim(dirfd: int) -> bool:
+    """Whether some process that may still be running holds a claim in the instance."""
+    for name in _claims(dirfd):
+        try:
+            tag = os.readlink(name, dir_fd=dirfd)
+        except FileNotFoundError:
+            continue
+        if claim_maker_alive(tag) is not False:
+            return True
+    return False
 
 
 def _sweep_aside(path: str) -> None:
@@ -544,9 +560,7 @@ class DirectoryLock:
                 return "moved"
             if (st.st_dev, st.st_ino) != ino:
                 return "moved"
-            try:
-                os.stat(CLAIM, dir_fd=dirfd, follow_symlinks=False)
-            except FileNotFoundError:
+            if not _live_claim(dirfd):
                 return "ours"
             if time.monotonic() >= give_up:
                 return "claimed"
@@ -621,43 +635,52 @@ class DirectoryLock:
     def _claim(self, dirfd: int) -> str | None:
         """Take the removal claim of the lock instance behind ``dirfd``.
 
-        Returns the claim's path relative to the instance, or None when someone else
-        holds it (or the instance is being deleted). Working through the instance's
-        descriptor keeps claim and undo on that instance, wherever it has moved.
+        A claim is a symbolic link whose target names its maker, so it is made
+        with its identity in one atomic step. Returns the claim's name, or None
+        when someone else holds it (or the instance is being deleted). Working
+        through the instance's descriptor keeps claim and undo on that instance,
+        wherever it has moved.
         """
-        claim = CLAIM
+        index = 1
         while True:
+            name = CLAIM if index == 1 else f"{CLAIM}.{index}"
             try:
-                os.mkdir(claim, dir_fd=dirfd)
-                return claim
+                os.symlink(claim_tag(), name, dir_fd=dirfd)
+                return name
             except FileExistsError:
                 pass
             except (FileNotFoundError, NotADirectoryError):
                 return None  # the instance is being deleted
             except OSError as e:
                 raise self._os_error(e, "claim") from e
-            deeper = f"{claim}/{CLAIM}"
             try:
-                os.stat(deeper, dir_fd=dirfd, follow_symlinks=False)
-                claim = deeper
+                os.stat(f"{CLAIM}.{index + 1}", dir_fd=dirfd, follow_symlinks=False)
+                index += 1  # a later claim took this one over: look at that one
                 continue
             except FileNotFoundError:
                 pass
             except OSError:
                 return None
             try:
-                age = time.time() - os.stat(claim, dir_fd=dirfd, follow_symlinks=False).st_mtime
+                tag = os.readlink(name, dir_fd=dirfd)
+                made = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue  # undone meanwhile: try this one again
             except OSError:
                 return None
-            if age < CLAIM_GRACE:
-                return None  # someone is removing this instance right now
-            # A claim this old was abandoned by a crash: take over one level deeper,
-            # which again only one process can do.
-            claim = deeper
+            alive = claim_maker_alive(tag)
+            # Take over only the claim of a process that is provably dead (spec/: taking
+            # over by age lets a breaker that merely stalled move the next holder's
+            # lock), or, for a maker on another host, one older than a lease.
+            stale = time.time() - made > max(self.lease, CLAIM_GRACE)
+            if alive is False or (alive is None and stale):
+                index += 1  # one further, which again only one process can do
+                continue
+            return None
 
     def _unclaim(self, dirfd: int, claim: str) -> None:
         with contextlib.suppress(OSError):
-            os.rmdir(claim, dir_fd=dirfd)
+            os.unlink(claim, dir_fd=dirfd)
 
     def _break(self, seen: _Observation, *, force: bool = False) -> bool:
         try:
@@ -796,7 +819,7 @@ class DirectoryLock:
         try:
             os.unlink(os.path.join(self.path, OWNER_FILE))
             if claim:
-                os.rmdir(claim, dir_fd=held.dirfd)
+                os.unlink(claim, dir_fd=held.dirfd)
             os.rmdir(self.path)
         except OSError:
             # Something unexpected inside (a heartbeat's temp file, a nested claim):

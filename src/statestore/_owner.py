@@ -185,27 +185,52 @@ def new_owner(lease: float) -> LockOwner:
 def holder_alive(owner: LockOwner) -> bool | None:
     """True or False on this host; None when the holder is on another host or
     in another pid namespace (only its lease can tell then)."""
+    return process_alive(owner.host, owner.boot_id, owner.pid, owner.start_time, owner.pid_ns)
+
+
+def claim_tag() -> str:
+    """This process's identity, as the target of a claim symlink (made atomically)."""
     me = identity()
-    if owner.host != me.host:
+    return json.dumps([me.host, me.boot_id, me.pid, me.start_time, me.pid_ns])
+
+
+def claim_maker_alive(tag: str) -> bool | None:
+    """Whether the maker of a claim is alive (None: cannot be told from here)."""
+    try:
+        host, boot_id, pid, start_time, pid_ns = json.loads(tag)
+        if not isinstance(pid, int):
+            return None
+        return process_alive(str(host), boot_id, pid, start_time, pid_ns)
+    except (ValueError, TypeError):
         return None
-    if owner.boot_id and me.boot_id and owner.boot_id != me.boot_id:
+
+
+def process_alive(
+    host: str, boot_id: str | None, pid: int, start_time: int | None, pid_ns: int | None
+) -> bool | None:
+    """True or False for a process on this host; None for one on another host or
+    in another pid namespace."""
+    me = identity()
+    if host != me.host:
+        return None
+    if boot_id and me.boot_id and boot_id != me.boot_id:
         return False
-    if owner.pid_ns and me.pid_ns and owner.pid_ns != me.pid_ns:
+    if pid_ns and me.pid_ns and pid_ns != me.pid_ns:
         return None
     try:
-        os.kill(owner.pid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # exists, owned by another user
-    stat = _proc_stat(owner.pid)
+    stat = _proc_stat(pid)
     if stat is None:
         # No /proc (not Linux): the pid exists, and that is all we can know.
         return True if not os.path.isdir("/proc/self") else False
     state, start = stat
     if state in ("Z", "X"):  # a zombie has finished running: it will never release
         return False
-    return not (owner.start_time is not None and start != owner.start_time)
+    return not (start_time is not None and start != start_time)
 
 
 def reset_after_fork() -> None:
