@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 revs=("$@")
-[ ${#revs[@]} -gt 0 ] || revs=(fac7594 44415e6 b2748ff 6e30b0d 03dea8b HEAD)
+[ ${#revs[@]} -gt 0 ] || revs=(fac7594 44415e6 b2748ff 6e30b0d 03dea8b d2cc893 HEAD)
 mkdir -p bench/results
 for rev in "${revs[@]}"; do
     tree=$(mktemp -d /tmp/statestore-rev-XXXXXX)
