@@ -106,17 +106,23 @@ class WaitQueue:
             return None
         return Ticket(self, name, path, fd)
 
-    def _signal(self, name: str) -> bool:
-        """Wake one waiter; False when it is gone (and then prune its entry)."""
+    def _open_writer(self, name: str) -> int | None:
+        """Open a waiter's pipe for writing; None when it is gone (its entry is pruned)."""
         folder = self._folder()
         assert folder is not None
         path = os.path.join(folder, name)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             if e.errno == errno.ENXIO:  # no reader: the waiter died
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+            return None
+
+    def _signal(self, name: str) -> bool:
+        """Wake one waiter; False when it is gone."""
+        fd = self._open_writer(name)
+        if fd is None:
             return False
         try:
             os.write(fd, b"!")
@@ -125,21 +131,16 @@ class WaitQueue:
         except OSError:
             return False
         finally:
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
         return True
 
     def _alive(self, name: str) -> bool:
-        folder = self._folder()
-        assert folder is not None
-        path = os.path.join(folder, name)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        fd = self._open_writer(name)
+        if fd is None:
             return False
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
         return True
 
     def wake_first(self) -> None:

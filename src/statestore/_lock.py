@@ -355,9 +355,13 @@ class DirectoryLock:
                 "lock now; nothing was written. Retry the operation, or raise 'lease'",
             )
         try:
-            ours = held.token_mark in _read_owner_at(self.path)
-        except FileNotFoundError:
-            ours = False
+            try:
+                ours = held.token_mark in _read_owner_at(self.path)
+            except FileNotFoundError:
+                ours = False
+            # A claim in our lock is a breaker that will back off (our lease is live)
+            # or one that judged it stale: wait for it to decide rather than fail now.
+            state = self._settle(held.dirfd, held.ino, patience=CLAIM_GRACE) if ours else ""
         except OSError as e:
             raise LockCompromisedError(
                 self.path,
@@ -370,16 +374,6 @@ class DirectoryLock:
                 "the lock was broken by another process after our lease ran out; "
                 "nothing was written. Retry the operation, or raise 'lease'",
             )
-        # A claim in our lock is a breaker that will back off (our lease is live) or
-        # one that judged it stale: wait for it to decide rather than fail at once.
-        try:
-            state = self._settle(held.dirfd, held.ino, patience=CLAIM_GRACE)
-        except OSError as e:
-            raise LockCompromisedError(
-                self.path,
-                f"could not confirm that the lock is still ours ({e.strerror or e}); "
-                "nothing was written",
-            ) from e
         if state != "ours":
             raise LockCompromisedError(
                 self.path, "another process is breaking this lock; nothing was written"
