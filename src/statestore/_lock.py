@@ -75,13 +75,13 @@ class _Held:
     ino: tuple[int, int]
     lost: str | None = None
     next_refresh: float = 0.0
+    # Serialises the heartbeat's writes through ``dirfd`` with the release that closes it.
+    mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
     def token_mark(self) -> bytes:
         """How our token appears in our owner record (no parsing on the hot path)."""
         return f'"token": "{self.owner.token}"'.encode()
-    # Serialises the heartbeat's writes through ``dirfd`` with the release that closes it.
-    mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
 @dataclass
