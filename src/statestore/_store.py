@@ -295,10 +295,12 @@ class StateStore(Generic[ModelT]):
     def migrate(self, *, dry_run: bool = False) -> MigrationReport:
         """Upgrade the file to this store's version, under the lock, keeping a backup."""
         with self._session("migrate()") as session:
-            raw = session.read()
-            if raw is None:
+            try:
+                loaded: _Loaded[ModelT] | None = self._load(session.read)
+            except StateNotFoundError:
+                loaded = None
+            if loaded is None or loaded.raw is None:  # the default does not count
                 raise StateNotFoundError(self._storage.location, "there is no state file to migrate")
-            loaded = self._load(lambda: raw)
             found, to = loaded.version, self.version
             steps = tuple(range(found, to))
             location = self._storage.location
@@ -309,9 +311,10 @@ class StateStore(Generic[ModelT]):
                 return MigrationReport(
                     location, found, to, steps, session.backup_location(label), False, True
                 )
-            backup = session.backup(label, raw)
-            session.write(self._encode(loaded.model, loaded.schema)[0])
-            return MigrationReport(location, found, to, steps, backup, True)
+            self._commit(session, loaded.model, loaded)  # keeps the backup first
+            return MigrationReport(
+                location, found, to, steps, session.backup_location(label), True
+            )
 
     def json_schema(
         self, draft: Draft = "2020-12", *, schema_id: str | None = None
@@ -539,11 +542,6 @@ class StateStore(Generic[ModelT]):
         if body == b"{}":
             return ("{\n" + head + "\n}\n").encode()
         return b"".join((("{\n" + head + ",\n").encode(), memoryview(body)[2:], b"\n"))
-
-    def _encode(self, state: ModelT, schema: str | None) -> tuple[bytes, ModelT]:
-        """The bytes to store for ``state``, and the model they load back as."""
-        body = self._dump(state)
-        return self._frame(body, schema), self._check(body)
 
     def _commit(self, session: Session, state: ModelT, loaded: _Loaded[ModelT]) -> ModelT:
         return self._publish(session, self._dump(state), loaded)
