@@ -530,9 +530,7 @@ class DirectoryLock:
             with contextlib.suppress(OSError):
                 st = os.stat(self.path)
                 if (st.st_dev, st.st_ino) == ino:
-                    aside = f"{self.path}.{secrets.token_hex(6)}.released"
-                    os.rename(self.path, aside)
-                    _remove_tree(aside)
+                    _remove_tree(self._move_aside("released"))
         if state != "ours":
             with contextlib.suppress(OSError):
                 os.close(dirfd)
@@ -707,8 +705,7 @@ class DirectoryLock:
                     return False
                 # The path still holds the instance we claimed (same inode, and only a
                 # claim holder removes a stale instance): move it aside in one step.
-                aside = f"{self.path}.{secrets.token_hex(6)}.broken"
-                os.rename(self.path, aside)
+                aside = self._move_aside("broken")
             except OSError as e:
                 self._unclaim(dirfd, claim)
                 raise self._os_error(e, "break") from e
@@ -718,6 +715,16 @@ class DirectoryLock:
         log.warning("broke stale lock %s: %s", self.path, seen.reason)
         _remove_tree(aside)
         return True
+
+    def _move_aside(self, kind: str) -> str:
+        """Rename the instance at ``path`` to a unique name beside it, in one step.
+
+        The name is ``<path>.<12 hex>.<kind>``, which ``_sweep_aside`` recognises
+        when the process that moved it dies before deleting it.
+        """
+        aside = f"{self.path}.{secrets.token_hex(6)}.{kind}"
+        os.rename(self.path, aside)
+        return aside
 
     def _lost(self, held: _Held) -> bool:
         """For release: whether the instance at ``path`` is no longer ours.
@@ -764,9 +771,8 @@ class DirectoryLock:
         if self._lost(held):
             log.warning("lock %s was lost before release (lease expired)", self.path)
             return None
-        aside = f"{self.path}.{secrets.token_hex(6)}.released"
         try:
-            os.rename(self.path, aside)
+            aside = self._move_aside("released")
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -818,9 +824,8 @@ class DirectoryLock:
         except OSError:
             # Something unexpected inside (a heartbeat's temp file, a nested claim):
             # move the whole instance aside in one step, then delete it.
-            aside = f"{self.path}.{secrets.token_hex(6)}.released"
             try:
-                os.rename(self.path, aside)
+                aside = self._move_aside("released")
             except FileNotFoundError:
                 return
             except OSError as e:
