@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Final, NamedTuple
 
 from ._errors import DurabilityError, StateReadError, StateStoreError, write_error
-from ._owner import identity
+from ._owner import identity, process_alive
 
 __all__ = [
     "TempFile",
@@ -194,21 +194,6 @@ def write_atomic(
             ) from e
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
-
-
 # ".<target>.<host tag>-<pid>-<random>.tmp", as made by _temp_name.
 _TEMP_RE: Final = re.compile(
     r"\.(?P<target>.+)\.(?P<tag>[0-9A-Za-z]+)-(?P<pid>[0-9]+)-[0-9A-Za-z]+"
@@ -248,7 +233,8 @@ def abandoned_temp_files(folder: str, target: str | None = None) -> list[TempFil
         local = m["tag"] == mine
         try:
             if local:
-                if _pid_alive(int(m["pid"])):
+                me = identity()  # the tag matched: this host, this boot
+                if process_alive(me.host, me.boot_id, int(m["pid"]), None, None) is not False:
                     continue
             elif now - os.lstat(full).st_mtime < FOREIGN_TEMP_AGE:
                 continue
