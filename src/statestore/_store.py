@@ -112,7 +112,8 @@ class _Loaded(Generic[ModelT]):
     def unchanged(self, data: bytes) -> bool:
         """Whether ``data`` is exactly what the file holds."""
         if self.digest is not None:
-            return _digest(data) == self.digest
+            # The length first: a save that changes the size needs no hash at all.
+            return self.digest.startswith(_length(data)) and _digest(data) == self.digest
         return data == self.raw
 
 
@@ -120,8 +121,14 @@ class _Loaded(Generic[ModelT]):
 _SHED_ABOVE: Final = 256 * 1024
 
 
+def _length(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little")
+
+
 def _digest(data: bytes) -> bytes:
-    return len(data).to_bytes(8, "little") + hashlib.blake2b(data, digest_size=32).digest()
+    # SHA-256, not BLAKE2: CPUs with SHA instructions (most x86-64 and ARMv8 of the
+    # last years) hash 2 MB in about 1 ms with it, against 3 ms for BLAKE2b.
+    return _length(data) + hashlib.sha256(data).digest()
 
 
 def _position(data: bytes, offset: int) -> tuple[int, int]:
