@@ -180,7 +180,12 @@ def _write_owner(dirfd: int, owner: LockOwner) -> None:
 def _remove_tree(path: str) -> None:
     """Delete a lock directory that has been renamed aside."""
     try:
-        # The usual content: the owner record, and claims (symbolic links).
+        # Almost always only the owner record: try that before listing the folder.
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(path, OWNER_FILE))
+            os.rmdir(path)
+            return
+        # Otherwise claims (symbolic links), or a heartbeat's temp file.
         for name in os.listdir(path):
             os.unlink(os.path.join(path, name))
         os.rmdir(path)
