@@ -51,9 +51,16 @@ _TMP_SUFFIX: Final = ".tmp"
 FOREIGN_TEMP_AGE: Final = 3600.0
 
 
+_host_tags: dict[tuple[str, str | None], str] = {}
+
+
 def _host_tag() -> str:
     me = identity()
-    return hashlib.sha256(f"{me.host}\0{me.boot_id}".encode()).hexdigest()[:8]
+    key = (me.host, me.boot_id)
+    tag = _host_tags.get(key)
+    if tag is None:  # one hash per host and boot, not one per save
+        tag = _host_tags[key] = hashlib.sha256(f"{me.host}\0{me.boot_id}".encode()).hexdigest()[:8]
+    return tag
 
 
 def temp_pattern(target: str) -> tuple[str, str]:
@@ -86,8 +93,17 @@ def resolve_target(path: str) -> str:
 def read_bytes(path: str) -> bytes | None:
     """The whole file, or None when it does not exist."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        # os.open and reads sized by fstat: a buffered file object makes five more
+        # system calls, and this runs on every load.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            chunks = [os.read(fd, size + 1)]  # one byte more: see the end in one read
+            while chunks[-1]:
+                chunks.append(os.read(fd, max(size, 65536)))
+        finally:
+            os.close(fd)
+        return b"".join(chunks) if len(chunks) > 2 else chunks[0]
     except FileNotFoundError:
         return None
     except IsADirectoryError as e:
