@@ -66,7 +66,7 @@ CONTENTION_DEFAULT = [
     "tinydb",
 ]
 READERS_DEFAULT = ALL
-SCENARIOS = ["latency", "memory", "contention", "readers"]
+SCENARIOS = ["latency", "memory", "contention", "readers", "breakdown"]
 
 FULL_SETTINGS = {
     "latency_updates": [2000, 600, 150],
@@ -913,6 +913,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             scenario_contention(args, workdir, report, pool)
         if "readers" in args.scenarios:
             scenario_readers(args, workdir, report, pool)
+        if "breakdown" in args.scenarios:
+            from breakdown import scenario_breakdown
+
+            per_size = {1024: 2000, 100 * 1024: 400, 1024 * 1024: 100}
+            counts = [per_size.get(s, 100) // (20 if args.quick else 1) for s in args.sizes]
+            scenario_breakdown(args.sizes, counts, args.rounds, workdir, report)
     finally:
         pool.close()
         if args.keep:
