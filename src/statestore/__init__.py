@@ -9,6 +9,7 @@
 Counter(count=1)
 """
 
+from ._async import AsyncStateStore
 from ._errors import (
     CrossDeviceError,
     DurabilityError,
@@ -32,6 +33,7 @@ from ._store import StateStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncStateStore",
     "CrossDeviceError",
     "DirectoryLock",
     "DurabilityError",
