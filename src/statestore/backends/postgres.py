@@ -1,0 +1,602 @@
+"""The PostgreSQL backend: one row per document, a server-side lock per key.
+
+State shared by processes on several machines lives in one table::
+
+    from statestore import StateStore
+    from statestore.backends.postgres import PostgresStorage
+
+    store = StateStore(Jobs, PostgresStorage("postgresql://app@db/app", key="jobs"), default=Jobs)
+
+A session is one transaction that holds ``pg_advisory_xact_lock`` on a 64-bit
+hash of (table, key): exclusive across every machine, released by the server
+at commit, at rollback, and when the connection drops (so a killed holder never
+blocks the next one). ``docs/postgres.md`` has the set-up and the semantics.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Final
+
+try:
+    import psycopg
+    from psycopg import errors as pgerrors
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.pq import TransactionStatus
+    from psycopg.rows import TupleRow
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "statestore.backends.postgres needs psycopg 3: pip install 'statestore[postgres]'"
+    ) from e
+
+from .._errors import (
+    LockCompromisedError,
+    LockError,
+    LockTimeout,
+    StateReadError,
+    StateStoreError,
+    StateWriteError,
+)
+
+__all__ = ["PostgresSession", "PostgresStorage"]
+
+_Conn = psycopg.Connection[TupleRow]
+
+DEFAULT_TABLE: Final = "statestore_documents"
+#: Seconds to wait for a server to answer a connection attempt, unless the conninfo says.
+DEFAULT_CONNECT_TIMEOUT: Final = 10
+#: How long to wait for the server to finish ending a dropped session's transaction.
+_STATUS_WAIT: Final = 5.0
+#: PostgreSQL silently truncates longer identifiers, which would merge two names.
+_MAX_IDENTIFIER: Final = 63
+
+# Connections that a forked child inherited from its parent. They share the parent's
+# sockets: closing one would end the parent's session on the server (libpq sends a
+# Terminate message), and letting one be collected warns. Kept, unused, for good.
+_inherited: list[_Conn] = []
+_pools: weakref.WeakSet[_Pool] = weakref.WeakSet()
+
+
+def _forget_parent_connections() -> None:
+    for pool in list(_pools):
+        pool.after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_parent_connections)
+
+
+class _Pool:
+    """Idle connections of one storage, shared by the threads of one process."""
+
+    def __init__(self, connect: Callable[[], _Conn], max_idle: int) -> None:
+        self._connect = connect
+        self._max_idle = max_idle
+        self._lock = threading.Lock()
+        self._idle: list[_Conn] = []
+        _pools.add(self)
+
+    def after_fork(self) -> None:
+        # Runs in the child, single-threaded, right after fork.
+        _inherited.extend(self._idle)
+        self._idle = []
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[_Conn, bool]:
+        """A connection, and whether it was reused (it may have gone stale while idle)."""
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn, True
+        return self._connect(), False
+
+    def give(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        if conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
+            conn.close()
+            return
+        with self._lock:
+            if len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _reason(e: psycopg.Error) -> str:
+    text = str(e).strip().replace("\n\t", " ").replace("\n", " ") or type(e).__name__
+    return text.removeprefix("connection failed: ")
+
+
+def _hint(e: psycopg.Error) -> str:
+    code = e.sqlstate or ""
+    if isinstance(e, pgerrors.InsufficientPrivilege):
+        return (
+            "the role lacks a privilege: grant it SELECT, INSERT and UPDATE on the tables "
+            "(and CREATE on the schema, or create the tables as docs/postgres.md shows)"
+        )
+    if isinstance(e, pgerrors.ReadOnlySqlTransaction):
+        return "the server accepts no writes (a standby?); connect to the primary"
+    if code.startswith("53"):
+        return "the server is out of resources (disk, memory or connections)"
+    if code.startswith("57P"):
+        return "the server ended the connection (it shut down, or the session was terminated)"
+    if "password" in str(e) or code.startswith("28"):
+        return "check the user name and password"
+    if code == "3D000":
+        return "the database does not exist"
+    if isinstance(e, psycopg.OperationalError):
+        return "check that the server is running and reachable and that the conninfo is right"
+    return "see the server's log for details"
+
+
+def _describe(e: psycopg.Error, what: str) -> str:
+    return f"{what} failed ({_reason(e)}); {_hint(e)}"
+
+
+def _lock_id(table: str, key: str) -> int:
+    """The advisory lock key of a document: a signed 64-bit hash of (table, key)."""
+    digest = hashlib.blake2b(f"statestore\0{table}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _check_name(what: str, name: str) -> None:
+    if not name or "\0" in name or len(name.encode()) > _MAX_IDENTIFIER:
+        raise ValueError(
+            f"{what} must be a non-empty name of at most {_MAX_IDENTIFIER} bytes "
+            f"without NUL, not {name!r}"
+        )
+
+
+class PostgresSession:
+    """One transaction holding the document's lock: the locked half of :class:`PostgresStorage`."""
+
+    def __init__(self, storage: PostgresStorage, conn: _Conn) -> None:
+        self._storage = storage
+        self._conn = conn
+        self._pid = os.getpid()
+        self._xid: str | None = None  # set by the first change: its transaction id
+
+    @property
+    def backend_pid(self) -> int:
+        """The server process that runs this session (``pg_stat_activity.pid``)."""
+        return self._conn.info.backend_pid
+
+    def _usable(self) -> _Conn:
+        if os.getpid() != self._pid:
+            raise LockCompromisedError(
+                self._storage.location,
+                "this process was forked inside a session: the lock belongs to the "
+                "parent's connection, so the child cannot read or write under it",
+            )
+        return self._conn
+
+    def read(self) -> bytes | None:
+        s = self._storage
+        try:
+            row = self._usable().execute(s._select, (s.key,)).fetchone()
+        except psycopg.Error as e:
+            raise StateReadError(s.location, _describe(e, "reading under the lock")) from e
+        return None if row is None else bytes(row[0])
+
+    def write(self, data: bytes) -> None:
+        s = self._storage
+        self._change(s._upsert, (s.key, data), "saving")
+
+    def backup_location(self, label: str) -> str:
+        return self._storage.backup_location(label)
+
+    def backup(self, label: str, data: bytes) -> str:
+        s = self._storage
+        # Inserted only if absent: a backup keeps the first original of that version.
+        self._change(s._insert_backup, (s.key, label, data), "keeping a backup")
+        return self.backup_location(label)
+
+    def _change(self, query: sql.Composed, params: tuple[Any, ...], what: str) -> None:
+        s = self._storage
+        try:
+            row = self._usable().execute(query, params).fetchone()
+        except psycopg.Error as e:
+            lost = " The server released the lock with the connection." if self._conn.broken else ""
+            raise StateWriteError(
+                s.location,
+                f"{_describe(e, what)}. Nothing was saved; the stored document is unchanged.{lost}",
+            ) from e
+        if self._xid is None and row is not None:
+            self._xid = str(row[0])
+
+    def _end(self, commit: bool) -> None:
+        s = self._storage
+        conn = self._conn
+        if os.getpid() != self._pid:
+            _inherited.append(conn)  # the parent's: never touch it
+            if commit:
+                self._usable()  # raises LockCompromisedError
+            return
+        if not commit or self._xid is None:
+            # Nothing to keep: a failed rollback or commit loses nothing.
+            try:
+                conn.execute("ROLLBACK")
+            except psycopg.Error:
+                conn.close()
+            s._pool.give(conn)
+            return
+        if conn.info.transaction_status == TransactionStatus.INERROR:
+            # A statement failed and its error was caught: COMMIT would only roll back.
+            conn.execute("ROLLBACK")
+            s._pool.give(conn)
+            raise StateWriteError(
+                s.location,
+                "a statement of this session failed, so the transaction was rolled back; "
+                "nothing was saved; the stored document is unchanged",
+            )
+        try:
+            conn.execute("COMMIT")
+        except psycopg.Error as e:
+            broken = conn.broken
+            conn.close()
+            # A COMMIT the server answered with an error rolled back. One lost with the
+            # connection may or may not have happened: ask the server about the transaction.
+            status = s._xact_status(self._xid) if broken else "aborted"
+            if status == "committed":
+                return
+            if status == "aborted":
+                raise StateWriteError(
+                    s.location,
+                    f"{_describe(e, 'committing')}. The transaction was rolled back: "
+                    "nothing was saved; the stored document is unchanged. The lock was "
+                    "released with it, so run the update again.",
+                ) from e
+            raise StateWriteError(
+                s.location,
+                f"{_describe(e, 'committing')}, and whether the commit happened could not "
+                "be found out. The stored document is whole: either the old one or the new "
+                "one. load() it to see which before running the update again.",
+            ) from e
+        s._pool.give(conn)
+
+
+class PostgresStorage:
+    """One document, under ``key``, in a PostgreSQL table shared by every machine.
+
+    ``conninfo`` is a libpq connection string or URI (empty: the ``PG*`` environment
+    variables). ``table`` (in ``schema``, else the search path) holds the documents,
+    ``backup_table`` (default ``<table>_backups``) the backups migrations keep; both
+    are created when missing. ``durable=False`` commits with ``synchronous_commit =
+    off`` (a server crash may lose the last saves, never mix them). Up to ``max_idle``
+    connections are kept open between uses, shared by the process's threads.
+
+    >>> storage = PostgresStorage("postgresql://app@db.internal/app", key="jobs")
+    >>> storage.location
+    'postgresql://db.internal:5432/app#statestore_documents/jobs'
+    """
+
+    def __init__(
+        self,
+        conninfo: str = "",
+        *,
+        key: str,
+        table: str = DEFAULT_TABLE,
+        schema: str | None = None,
+        backup_table: str | None = None,
+        durable: bool = True,
+        max_idle: int = 2,
+    ) -> None:
+        if not isinstance(key, str) or not key or "\0" in key:
+            raise ValueError(f"key must be a non-empty string without NUL, not {key!r}")
+        backup_table = f"{table}_backups" if backup_table is None else backup_table
+        for what, name in (("table", table), ("backup_table", backup_table), ("schema", schema)):
+            if name is not None:
+                _check_name(what, name)
+        if max_idle < 0:
+            raise ValueError("max_idle must be at least 0")
+        try:
+            params = conninfo_to_dict(conninfo)
+        except psycopg.Error as e:
+            raise ValueError(f"not a valid PostgreSQL conninfo: {_reason(e)}") from e
+        self.key = key
+        self.table = table
+        self.schema = schema
+        self.backup_table = backup_table
+        self.durable = durable
+        self._conninfo = conninfo
+        self._params = params
+        self._base = _base_location(params)
+        self._table_id = self._ident(table)
+        self._backup_id = self._ident(backup_table)
+        self._qualified = self._table_id.as_string(None)
+        self._lock_id = _lock_id(self._qualified, key)
+        self._ready = False
+        # The pool must not refer back to the storage, or the finalizer (which closes
+        # the idle connections when the storage is collected) would keep it alive.
+        self._connect = functools.partial(_open, conninfo, params)
+        self._pool = _Pool(self._connect, max_idle)
+        weakref.finalize(self, self._pool.close)
+
+        t, b = self._table_id, self._backup_id
+        self._select = sql.SQL("SELECT convert_to(document, 'UTF8') FROM {} WHERE key = %s").format(t)
+        self._exists = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE key = %s)").format(t)
+        self._upsert = sql.SQL(
+            "INSERT INTO {} AS d (key, document, updated_at) "
+            "VALUES (%s, convert_from(%s, 'UTF8'), clock_timestamp()) "
+            "ON CONFLICT (key) DO UPDATE "
+            "SET document = EXCLUDED.document, updated_at = EXCLUDED.updated_at "
+            "RETURNING pg_current_xact_id()::text"
+        ).format(t)
+        self._insert_backup = sql.SQL(
+            "WITH ins AS (INSERT INTO {} (key, label, document) "
+            "VALUES (%s, %s, convert_from(%s, 'UTF8')) ON CONFLICT (key, label) DO NOTHING) "
+            "SELECT pg_current_xact_id()::text"
+        ).format(b)
+        self._create = sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            "key text PRIMARY KEY, document text NOT NULL, "
+            "updated_at timestamptz NOT NULL DEFAULT now()); "
+            "CREATE TABLE IF NOT EXISTS {} ("
+            "key text NOT NULL, label text NOT NULL, document text NOT NULL, "
+            "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (key, label))"
+        ).format(t, b)
+
+    def _ident(self, name: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, name) if self.schema else sql.Identifier(name)
+
+    # ------------------------------------------------------------------ Storage
+
+    @property
+    def location(self) -> str:
+        """``postgresql://host:port/dbname#table/key``: no user name, no password."""
+        return f"{self._base}#{self._qualified.replace(chr(34), '')}/{self.key}"
+
+    @property
+    def lock_id(self) -> int:
+        """The advisory lock key (``pg_locks``: ``classid``/``objid`` are its two halves)."""
+        return self._lock_id
+
+    def backup_location(self, label: str) -> str:
+        backups = self._backup_id.as_string(None).replace(chr(34), "")
+        return f"{self._base}#{backups}/{self.key}@{label}"
+
+    def read(self) -> bytes | None:
+        """The committed document, without the lock (one SELECT: always a whole document)."""
+        row = self._query(self._select, StateReadError, "reading")
+        return None if row is None else bytes(row[0])
+
+    def exists(self) -> bool:
+        row = self._query(self._exists, StateReadError, "looking for the document")
+        return bool(row is not None and row[0])
+
+    @contextmanager
+    def session(self, timeout: float) -> Iterator[PostgresSession]:
+        """A transaction holding the key's lock; committed on normal exit, else rolled back."""
+        session = PostgresSession(self, self._begin(timeout))
+        try:
+            yield session
+        except BaseException:
+            session._end(commit=False)
+            raise
+        session._end(commit=True)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Close the idle connections (the storage connects again if used later)."""
+        self._pool.close()
+
+    def __enter__(self) -> PostgresStorage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({self.location!r})"
+
+    # ---------------------------------------------------------------- internals
+
+    def _with_connection(
+        self, run: Any, error: type[StateStoreError], what: str, *, keep: bool = False
+    ) -> Any:
+        """``run(conn)`` on a pooled connection; once more on a new one if it had gone stale.
+
+        The connection goes back to the pool afterwards, unless ``keep`` (and ``run``
+        succeeded): then the caller owns it.
+        """
+        for _ in range(2):
+            try:
+                conn, reused = self._pool.take()
+            except psycopg.Error as e:
+                raise error(self.location, _describe(e, f"connecting for {what}")) from e
+            try:
+                result = run(conn)
+            except psycopg.Error as e:
+                if conn.broken:
+                    conn.close()
+                    # A connection that died while idle (server restart, idle timeout).
+                    if reused:
+                        continue
+                self._pool.give(conn)
+                raise error(self.location, _describe(e, what)) from e
+            except BaseException:
+                self._pool.give(conn)  # closed unless it is idle and healthy
+                raise
+            if not keep:
+                self._pool.give(conn)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _query(
+        self, query: sql.Composed, error: type[StateStoreError], what: str
+    ) -> tuple[Any, ...] | None:
+        def run(conn: _Conn) -> tuple[Any, ...] | None:
+            try:
+                return conn.execute(query, (self.key,)).fetchone()
+            except pgerrors.UndefinedTable:
+                return None  # nothing was ever saved to this table
+
+        result: tuple[Any, ...] | None = self._with_connection(run, error, what)
+        return result
+
+    def _ensure_tables(self, conn: _Conn) -> None:
+        """Create the tables once per storage, if missing; a lost connection propagates."""
+        if self._ready:
+            return
+        names = (self._qualified, self._backup_id.as_string(None))
+        try:
+            # Checked first, so that a role without CREATE can use tables made for it.
+            row = conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL", names
+            ).fetchone()
+            if not (row and row[0]):
+                conn.execute("BEGIN")
+                # Serialised by a lock of its own: concurrent CREATE TABLE IF NOT EXISTS
+                # of one name can still fail on the catalog's unique index.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_id(names[0], "\0create"),))
+                conn.execute(self._create)
+                conn.execute("COMMIT")
+        except psycopg.Error as e:
+            if conn.broken:
+                raise
+            conn.execute("ROLLBACK")
+            raise StateWriteError(
+                self.location, _describe(e, f"creating the tables {names[0]} and {names[1]}")
+            ) from e
+        self._ready = True
+
+    def _begin(self, timeout: float) -> _Conn:
+        """A connection in a transaction that holds the key's advisory lock."""
+        # READ COMMITTED whatever the server's default: each statement then sees what
+        # was committed before the lock was granted. Under REPEATABLE READ the snapshot
+        # would be taken before the wait, and an update could be lost.
+        setup = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
+        if not self.durable:
+            setup += "; SET LOCAL synchronous_commit = off"
+        if timeout <= 0:
+            lock = f"SELECT pg_try_advisory_xact_lock({self._lock_id})"
+        else:
+            # lock_timeout 0 means "wait forever", so round up to at least 1 ms.
+            ms = 0 if math.isinf(timeout) else max(1, math.ceil(timeout * 1000))
+            setup += f"; SET LOCAL lock_timeout = {ms}"
+            lock = f"SELECT true FROM pg_advisory_xact_lock({self._lock_id})"
+
+        def run(conn: _Conn) -> _Conn:
+            self._ensure_tables(conn)
+            try:
+                cur = conn.execute(f"{setup}; {lock}")
+                while cur.nextset():
+                    pass
+                row = cur.fetchone()
+                got = bool(row and row[0])
+            except pgerrors.LockNotAvailable:
+                got = False
+            if not got:
+                conn.execute("ROLLBACK")
+                raise self._timeout(conn, timeout)
+            return conn
+
+        conn: _Conn = self._with_connection(run, LockError, "taking the lock", keep=True)
+        return conn
+
+    def _timeout(self, conn: _Conn, timeout: float) -> LockTimeout:
+        """A LockTimeout that names the server session holding the lock, when it can be seen."""
+        key = self._lock_id & 0xFFFF_FFFF_FFFF_FFFF
+        try:
+            row = conn.execute(
+                "SELECT a.pid, host(a.client_addr), a.application_name, "
+                "extract(epoch FROM clock_timestamp() - a.xact_start)::float8 "
+                "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "AND l.classid::int8 = %s AND l.objid::int8 = %s",
+                (key >> 32, key & 0xFFFF_FFFF),
+            ).fetchone()
+        except psycopg.Error:
+            row = None
+        text = f"could not acquire the lock within {timeout:g} s"
+        if row is None:
+            return LockTimeout(
+                self.location,
+                text + " (the holder could not be identified)",
+                timeout=timeout,
+            )
+        pid, host, app, age = row
+        holder = {"pid": pid, "host": host or "local", "application": app, "age": age}
+        age_text = f"{age:.1f} s" if isinstance(age, float) else "an unknown time"
+        return LockTimeout(
+            self.location,
+            f"{text}: held by server process {pid} for client {host or 'local'} "
+            f"({app or 'no application name'}) for {age_text}; if that client is stuck, "
+            f"end its session with SELECT pg_terminate_backend({pid})",
+            timeout=timeout,
+            holder=holder,
+            alive=True,
+        )
+
+    def _xact_status(self, xid: str) -> str | None:
+        """'committed', 'aborted', or None when the server cannot be asked."""
+        deadline = time.monotonic() + _STATUS_WAIT
+        try:
+            with self._connect() as conn:
+                while True:
+                    row = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+                    status = row[0] if row else None
+                    # "in progress": the server is still ending the dropped session.
+                    if status != "in progress" or time.monotonic() > deadline:
+                        return status if status in ("committed", "aborted") else None
+                    time.sleep(0.05)
+        except psycopg.Error:
+            return None
+
+
+def _open(conninfo: str, params: dict[str, Any]) -> _Conn:
+    extra: dict[str, Any] = {}
+    if "connect_timeout" not in params and "PGCONNECT_TIMEOUT" not in os.environ:
+        extra["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+    if "application_name" not in params and "PGAPPNAME" not in os.environ:
+        # Shown in pg_stat_activity, and in the LockTimeout of whoever waits on us.
+        extra["application_name"] = f"statestore {socket.gethostname()} {os.getpid()}"[:63]
+    conn = psycopg.connect(conninfo, autocommit=True, **extra)
+    try:
+        # The server drops a silent client's connection (and so its lock) after about
+        # a minute of failed keepalive probes, not the operating system's two hours.
+        conn.execute(
+            "SELECT set_config('tcp_keepalives_idle', '30', false), "
+            "set_config('tcp_keepalives_interval', '10', false), "
+            "set_config('tcp_keepalives_count', '3', false), "
+            "set_config('client_encoding', 'UTF8', false)"
+        )
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _base_location(params: dict[str, Any]) -> str:
+    host = str(params.get("host") or os.environ.get("PGHOST") or "localhost")
+    port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
+    user = params.get("user") or os.environ.get("PGUSER")
+    dbname = params.get("dbname") or os.environ.get("PGDATABASE") or user or ""
+    if host.startswith("/"):  # a Unix socket folder
+        return f"postgresql:///{dbname}?host={host}&port={port}"
+    return f"postgresql://{host}:{port}/{dbname}"
