@@ -526,3 +526,50 @@ def test_connection_problems_are_typed(table: str) -> None:
                 store.load()
             with pytest.raises(LockError, match=hint):
                 store.update(bump)
+
+
+class _CommitThenDrop:
+    """A connection whose COMMIT reaches the server, but whose answer is lost."""
+
+    def __init__(self, conn: psycopg.Connection[Any], admin: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+        self._admin = admin
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query != "COMMIT":
+            return self._conn.execute(query, *args, **kwargs)
+        self._conn.execute(query)
+        terminate(self._admin, self._conn.info.backend_pid)
+        return self._conn.execute("SELECT 1")  # fails: the connection is gone
+
+
+@pytest.mark.parametrize("server_answers", [True, False], ids=["asked", "unreachable"])
+def test_commit_answer_lost(
+    admin: psycopg.Connection[Any],
+    storage: PostgresStorage,
+    table: str,
+    monkeypatch: pytest.MonkeyPatch,
+    server_answers: bool,
+) -> None:
+    store = StateStore(Counter, storage, default=Counter)
+    store.save(Counter(count=1))
+    if not server_answers:
+        def refuse() -> None:
+            raise psycopg.OperationalError("connection refused")
+
+        monkeypatch.setattr(storage, "_connect", refuse)
+
+    def commit_seven() -> None:
+        with storage.session(5) as session:
+            session.write(b'{\n  "schema_version": 1,\n  "count": 7\n}\n')
+            monkeypatch.setattr(session, "_conn", _CommitThenDrop(session._conn, admin))
+
+    if server_answers:
+        commit_seven()  # the server says the transaction committed: no error
+    else:
+        with pytest.raises(StateWriteError, match="either the old one or the new one"):
+            commit_seven()
+    assert store.load().count == 7

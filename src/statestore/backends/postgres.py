@@ -142,7 +142,7 @@ def _hint(e: psycopg.Error) -> str:
         return "check the user name and password"
     if code == "3D000":
         return "the database does not exist"
-    if isinstance(e, psycopg.OperationalError):
+    if not code or code.startswith("08"):  # no answer from the server, or a lost connection
         return "check that the server is running and reachable and that the conninfo is right"
     return "see the server's log for details"
 
