@@ -8,30 +8,34 @@ Protocol (``docs/locking.md`` has the full story, ``spec/`` a checked model):
   directory.
 * **Stale locks**: a holder that is provably dead (same host: pid gone, pid
   reused by a process with another start time, another boot) or whose lease
-  has expired may be broken. Breaking first takes the instance's *claim*
-  (``mkdir(L/claim)``: the claim lives inside the instance, so it guards that
-  instance and no other), re-checks that ``L`` is still the stale instance it
-  inspected, and only then renames ``L`` aside in one atomic step. Two
-  breakers cannot both win, and a fresh lock taken meanwhile is never removed.
-  ``rmdir`` then ``mkdir`` would let both in (proper-lockfile#121).
-* **Release**: by token, through the same claim, never a blind ``rmdir``.
+  has expired may be broken. Breaking first takes the instance's *claim* (a
+  symbolic link ``L/claim`` naming its maker, made through a descriptor of the
+  instance, so it guards that instance and no other), re-checks that ``L`` is
+  still the stale instance it inspected, and only then renames ``L`` aside in
+  one atomic step. Two breakers cannot both win, and a fresh lock taken
+  meanwhile is never removed. ``rmdir`` then ``mkdir`` would let both in
+  (proper-lockfile#121).
+* **Release**: by token, never a blind ``rmdir``. While the lease has time
+  left nobody else may remove the instance, so it is renamed aside at once;
+  near the end of the lease the release goes through the claim, like a break.
 * **Lease**: the holder's heartbeat thread pushes the expiry in its owner
   record forward; a holder that stops (SIGSTOP, a sleeping laptop) loses the
   lock once the lease has run out, and finds out at :meth:`DirectoryLock.verify`,
   which the store calls right before its commit rename.
+
+Claims and moving instances aside live in ``_claim.py``; the per-process state
+of lock paths and the heartbeat thread in ``_lease.py``; the owner record in
+``_owner.py``.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import errno
 import logging
 import os
 import random
-import secrets
-import shutil
 import stat
 import threading
 import time
@@ -39,23 +43,36 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
+from . import _lease
+from ._claim import (
+    CLAIM_GRACE,
+    drop_claim,
+    live_claim,
+    move_aside,
+    remove_tree,
+    sweep_aside,
+    take_claim,
+)
 from ._errors import LockCompromisedError, LockError, LockTimeout
 from ._handoff import WaitQueue
-from ._owner import LockOwner, claim_maker_alive, claim_tag, holder_alive, identity, new_owner
+from ._lease import Held
+from ._owner import (
+    OWNER_FILE,
+    LockOwner,
+    holder_alive,
+    identity,
+    new_owner,
+    read_owner_at,
+    write_owner,
+)
 
 __all__ = ["DEFAULT_LEASE", "DirectoryLock", "LockOwner"]
 
 log = logging.getLogger("statestore")
 
-OWNER_FILE: Final = "owner.json"
-CLAIM: Final = "claim"
 DEFAULT_LEASE: Final = 30.0
 #: A lock directory without a readable owner record is "being created" for this long.
 CREATE_GRACE: Final = 2.0
-#: A claim is held for a few system calls; one older than this was abandoned by a crash.
-CLAIM_GRACE: Final = 2.0
-#: Sightings of an unrecorded lock further apart than this do not add up to its age.
-SIGHTING_GAP: Final = 0.5
 #: Extra time granted to holders on other hosts, whose clocks may disagree with ours.
 CLOCK_SKEW: Final = 5.0
 #: Polling bounds (seconds): full jitter between 0 and min(cap, base * 2**attempt).
@@ -64,24 +81,6 @@ BACKOFF_CAP: Final = 0.1
 #: A waiter that has not reached the head of the local queue after this long polls anyway,
 #: so a stuck waiter ahead of it cannot hold everyone up.
 QUEUE_PATIENCE: Final = 1.0
-
-
-@dataclass
-class _Held:
-    """The directory lock as held by this process."""
-
-    owner: LockOwner
-    dirfd: int
-    ino: tuple[int, int]
-    lost: str | None = None
-    next_refresh: float = 0.0
-    # Serialises the heartbeat's writes through ``dirfd`` with the release that closes it.
-    mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-
-    @property
-    def token_mark(self) -> bytes:
-        """How our token appears in our owner record (no parsing on the hot path)."""
-        return f'"token": "{self.owner.token}"'.encode()
 
 
 @dataclass
@@ -95,144 +94,9 @@ class _Observation:
     reason: str
 
 
-class _PathState:
-    """Per-process state of one lock path, shared by every DirectoryLock on it."""
-
-    def __init__(self, key: str) -> None:
-        self.cond = threading.Condition(threading.Lock())
-        self.thread: int | None = None
-        # Threads waiting for their turn, first come first served: a release hands
-        # the turn to the oldest directly, so a thread that loops on update() cannot
-        # take the lock back before the others wake up.
-        self.waiting: collections.deque[int] = collections.deque()
-        self.count = 0
-        self.held: _Held | None = None
-        self.queue = WaitQueue(key)
-        self.swept = False  # leftovers of dead processes removed (once per process)
-        # When this process first saw a lock instance without a valid owner record.
-        # A directory's mtime cannot tell: every claim made and undone inside it
-        # (by any waiter) moves the mtime forward.
-        # Only continuous sightings count: a gap restarts the clock, so an inode
-        # reused by a new lock directory is not taken for the old one.
-        self.first_seen: dict[tuple[int, int], tuple[float, float]] = {}
-
-    def pass_turn(self) -> None:
-        """Give the turn to the oldest waiting thread, or free it."""
-        with self.cond:
-            self.thread = self.waiting.popleft() if self.waiting else None
-            self.cond.notify_all()
-
-    def unrecorded_for(self, ino: tuple[int, int]) -> float:
-        """Seconds this process has kept seeing ``ino`` without a valid owner record."""
-        now = time.monotonic()
-        first, last = self.first_seen.get(ino, (now, now))
-        if now - last > SIGHTING_GAP:
-            first = now
-        if len(self.first_seen) > 64:
-            self.first_seen.clear()
-        self.first_seen[ino] = (first, now)
-        return now - first
-
-
-_registry: dict[str, _PathState] = {}
-_registry_lock = threading.Lock()
-
-
-def _state(key: str) -> _PathState:
-    with _registry_lock:
-        st = _registry.get(key)
-        if st is None:
-            st = _registry[key] = _PathState(key)
-        return st
-
-
 def _canonical(path: str) -> str:
     path = os.path.abspath(path)
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
-def _read_owner_at(path: str) -> bytes:
-    # os.open and one read, not open(): this runs twice per update (the pre-commit
-    # check and the release), and a buffered file object costs four more system calls.
-    fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 65536)
-    finally:
-        os.close(fd)
-
-
-def _write_owner(dirfd: int, owner: LockOwner) -> None:
-    """Publish an owner record atomically inside the directory behind ``dirfd``."""
-    tmp = f"{OWNER_FILE}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
-    try:
-        try:
-            os.write(fd, owner.to_json())
-        finally:
-            os.close(fd)
-        os.replace(tmp, OWNER_FILE, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dirfd)
-        raise
-
-
-def _remove_tree(path: str) -> None:
-    """Delete a lock directory that has been renamed aside."""
-    try:
-        # Almost always only the owner record: try that before listing the folder.
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(path, OWNER_FILE))
-            os.rmdir(path)
-            return
-        # Otherwise claims (symbolic links), or a heartbeat's temp file.
-        for name in os.listdir(path):
-            os.unlink(os.path.join(path, name))
-        os.rmdir(path)
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _claims(dirfd: int) -> list[str]:
-    """The claims in a lock instance, in the order they were taken."""
-    names = [n for n in os.listdir(dirfd) if n == CLAIM or n.startswith(CLAIM + ".")]
-    return sorted(names, key=lambda n: 1 if n == CLAIM else int(n.rpartition(".")[2] or 0))
-
-
-def _live_claim(dirfd: int) -> bool:
-    """Whether some process that may still be running holds a claim in the instance."""
-    for name in _claims(dirfd):
-        try:
-            tag = os.readlink(name, dir_fd=dirfd)
-        except FileNotFoundError:
-            continue
-        if claim_maker_alive(tag) is not False:
-            return True
-    return False
-
-
-def _sweep_aside(path: str) -> None:
-    """Delete instances of the lock at ``path`` renamed aside by a process that died
-    before deleting them (its kill landed between the rename and the removal).
-
-    Aside names are unique and nobody reads them: deleting one that its renamer is
-    deleting at the same time is harmless (both ignore what is already gone).
-    """
-    folder, name = os.path.split(path)
-    try:
-        names = os.listdir(folder or ".")
-    except OSError:
-        return
-    for entry in names:
-        token, dot, kind = entry[len(name) + 1 :].partition(".")
-        if (
-            entry.startswith(name + ".")
-            and dot
-            and kind in ("broken", "released")
-            and len(token) == 12
-            and all(c in "0123456789abcdef" for c in token)
-        ):
-            _remove_tree(os.path.join(folder, entry))
 
 
 class DirectoryLock:
@@ -269,14 +133,14 @@ class DirectoryLock:
     @property
     def is_held(self) -> bool:
         """Whether the calling thread holds this lock."""
-        st = _state(self._key)
+        st = _lease.state(self._key)
         return st.thread == threading.get_ident() and st.held is not None
 
     def acquire(self, timeout: float | None = None) -> DirectoryLock:
         """Wait until this thread holds the lock, or raise :class:`LockTimeout`."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        st = _state(self._key)
+        st = _lease.state(self._key)
         me = threading.get_ident()
         with st.cond:
             if st.thread == me:
@@ -306,16 +170,16 @@ class DirectoryLock:
             raise
         if not st.swept:
             st.swept = True
-            _sweep_aside(self.path)
+            sweep_aside(self.path)
         with st.cond:
             st.held = held
             st.count = 1
-        _heartbeat.start(held.next_refresh)
+        _lease.heartbeat(_refresh_held).start(held.next_refresh)
         return self
 
     def release(self) -> None:
         """Release one level of the lock; the directory goes when the count reaches 0."""
-        st = _state(self._key)
+        st = _lease.state(self._key)
         with st.cond:
             if st.thread != threading.get_ident() or st.count == 0:
                 raise RuntimeError(f"{self.path}: release() of a lock this thread does not hold")
@@ -350,7 +214,7 @@ class DirectoryLock:
         Called by the store right before it publishes a save: a holder that was
         suspended past its lease must not write over the next holder's work.
         """
-        st = _state(self._key)
+        st = _lease.state(self._key)
         held = st.held
         if held is None or st.thread != threading.get_ident():
             raise LockCompromisedError(self.path, "the lock is not held by this thread")
@@ -366,7 +230,7 @@ class DirectoryLock:
             )
         try:
             try:
-                ours = held.token_mark in _read_owner_at(self.path)
+                ours = held.token_mark in read_owner_at(self.path)
             except FileNotFoundError:
                 ours = False
             # A claim in our lock is a breaker that will back off (our lease is live)
@@ -412,7 +276,7 @@ class DirectoryLock:
 
     # -------------------------------------------------------------- the protocol
 
-    def _acquire_dir(self, deadline: float, timeout: float, queue: WaitQueue) -> _Held:
+    def _acquire_dir(self, deadline: float, timeout: float, queue: WaitQueue) -> Held:
         started = time.monotonic()
         seen: _Observation | None = None
         # Who we are (read from /proc once per process, milliseconds in a fresh one)
@@ -422,7 +286,7 @@ class DirectoryLock:
         # An immediate first try, unless others on this host are already queued.
         if not queue.has_waiters():
             got = self._try_once()
-            if isinstance(got, _Held):
+            if isinstance(got, Held):
                 return got
             seen = got
         ticket = queue.join()
@@ -439,7 +303,7 @@ class DirectoryLock:
                 )
                 if first:
                     got = self._try_once()
-                    if isinstance(got, _Held):
+                    if isinstance(got, Held):
                         return got
                     seen = got or seen
                 remaining = deadline - time.monotonic()
@@ -471,7 +335,7 @@ class DirectoryLock:
             if ticket is not None:
                 ticket.leave()
 
-    def _try_once(self) -> _Held | _Observation | None:
+    def _try_once(self) -> Held | _Observation | None:
         """One attempt: the lock, or what stands in the way (None: try again now)."""
         try:
             os.mkdir(self.path)
@@ -492,7 +356,7 @@ class DirectoryLock:
             raise self._os_error(e, "create") from e
         return self._publish()
 
-    def _publish(self) -> _Held | None:
+    def _publish(self) -> Held | None:
         """Write our owner record into the directory we just created."""
         try:
             dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -524,7 +388,7 @@ class DirectoryLock:
         except OSError as e:
             self._abandon(dirfd, recorded, e)
             raise self._os_error(e, "write the owner record of") from e
-        held = _Held(owner=owner, dirfd=dirfd, ino=ino)
+        held = Held(owner=owner, dirfd=dirfd, ino=ino)
         # Only now, with the record written, is it safe to look: a breaker that judged
         # our record-less directory stale may be between its re-check and its rename.
         # Its claim is in our directory until it decides (spec/: without this check,
@@ -540,7 +404,7 @@ class DirectoryLock:
             with contextlib.suppress(OSError):
                 st = os.stat(self.path)
                 if (st.st_dev, st.st_ino) == ino:
-                    _remove_tree(self._move_aside("released"))
+                    remove_tree(move_aside(self.path, "released"))
         if state != "ours":
             with contextlib.suppress(OSError):
                 os.close(dirfd)
@@ -562,7 +426,7 @@ class DirectoryLock:
                 return "moved"
             if (st.st_dev, st.st_ino) != ino:
                 return "moved"
-            if not _live_claim(dirfd):
+            if not live_claim(dirfd):
                 return "ours"
             if time.monotonic() >= give_up:
                 return "claimed"
@@ -602,9 +466,9 @@ class DirectoryLock:
         ino = (st.st_dev, st.st_ino)
         now = time.time()
         try:
-            owner = LockOwner.from_json(_read_owner_at(self.path))
+            owner = LockOwner.from_json(read_owner_at(self.path))
         except FileNotFoundError:
-            age = max(now - st.st_mtime, _state(self._key).unrecorded_for(ino))
+            age = max(now - st.st_mtime, _lease.state(self._key).unrecorded_for(ino))
             return _Observation(
                 ino, None, None, age > CREATE_GRACE,
                 f"no owner record for {age:.1f} s (being created, or its creator died)",
@@ -616,7 +480,7 @@ class DirectoryLock:
                 age = now - os.stat(os.path.join(self.path, OWNER_FILE)).st_mtime
             except OSError:
                 age = now - st.st_mtime
-            age = max(age, _state(self._key).unrecorded_for(ino))
+            age = max(age, _lease.state(self._key).unrecorded_for(ino))
             return _Observation(
                 ino, None, None, age > CREATE_GRACE, f"unreadable owner record ({e})"
             )
@@ -635,54 +499,10 @@ class DirectoryLock:
         return _Observation(ino, owner, alive, False, f"held by pid {owner.pid} on {owner.host}")
 
     def _claim(self, dirfd: int) -> str | None:
-        """Take the removal claim of the lock instance behind ``dirfd``.
-
-        A claim is a symbolic link whose target names its maker, so it is made
-        with its identity in one atomic step. Returns the claim's name, or None
-        when someone else holds it (or the instance is being deleted). Working
-        through the instance's descriptor keeps claim and undo on that instance,
-        wherever it has moved.
-        """
-        index = 1
-        while True:
-            name = CLAIM if index == 1 else f"{CLAIM}.{index}"
-            try:
-                os.symlink(claim_tag(), name, dir_fd=dirfd)
-                return name
-            except FileExistsError:
-                pass
-            except (FileNotFoundError, NotADirectoryError):
-                return None  # the instance is being deleted
-            except OSError as e:
-                raise self._os_error(e, "claim") from e
-            try:
-                os.stat(f"{CLAIM}.{index + 1}", dir_fd=dirfd, follow_symlinks=False)
-                index += 1  # a later claim took this one over: look at that one
-                continue
-            except FileNotFoundError:
-                pass
-            except OSError:
-                return None
-            try:
-                tag = os.readlink(name, dir_fd=dirfd)
-                made = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mtime
-            except FileNotFoundError:
-                continue  # undone meanwhile: try this one again
-            except OSError:
-                return None
-            alive = claim_maker_alive(tag)
-            # Take over only the claim of a process that is provably dead (spec/: taking
-            # over by age lets a breaker that merely stalled move the next holder's
-            # lock), or, for a maker on another host, one older than a lease.
-            stale = time.time() - made > max(self.lease, CLAIM_GRACE)
-            if alive is False or (alive is None and stale):
-                index += 1  # one further, which again only one process can do
-                continue
-            return None
-
-    def _unclaim(self, dirfd: int, claim: str) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(claim, dir_fd=dirfd)
+        try:
+            return take_claim(dirfd, self.lease)
+        except OSError as e:
+            raise self._os_error(e, "claim") from e
 
     def _break(self, seen: _Observation, *, force: bool = False) -> bool:
         try:
@@ -711,45 +531,35 @@ class DirectoryLock:
                 # that still has no owner record would look freshly made to a process
                 # that saw it only now: it is the same instance we judged stale before.
                 if not same or not (now.stale or force or now.owner is None):
-                    self._unclaim(dirfd, claim)
+                    drop_claim(dirfd, claim)
                     return False
                 # The path still holds the instance we claimed (same inode, and only a
                 # claim holder removes a stale instance): move it aside in one step.
-                aside = self._move_aside("broken")
+                aside = move_aside(self.path, "broken")
             except OSError as e:
-                self._unclaim(dirfd, claim)
+                drop_claim(dirfd, claim)
                 raise self._os_error(e, "break") from e
         finally:
             with contextlib.suppress(OSError):  # the descriptor is gone either way
                 os.close(dirfd)
         log.warning("broke stale lock %s: %s", self.path, seen.reason)
-        _remove_tree(aside)
+        remove_tree(aside)
         return True
 
-    def _move_aside(self, kind: str) -> str:
-        """Rename the instance at ``path`` to a unique name beside it, in one step.
-
-        The name is ``<path>.<12 hex>.<kind>``, which ``_sweep_aside`` recognises
-        when the process that moved it dies before deleting it.
-        """
-        aside = f"{self.path}.{secrets.token_hex(6)}.{kind}"
-        os.rename(self.path, aside)
-        return aside
-
-    def _lost(self, held: _Held) -> bool:
+    def _lost(self, held: Held) -> bool:
         """For release: whether the instance at ``path`` is no longer ours.
 
         A read error proves nothing: while our lease runs nobody may break the lock,
         and a release that gives up leaves a live lock that everyone waits for.
         """
         try:
-            return held.token_mark not in _read_owner_at(self.path)
+            return held.token_mark not in read_owner_at(self.path)
         except (FileNotFoundError, NotADirectoryError):
             return True
         except OSError:
             return time.time() >= held.owner.expires_at - CLAIM_GRACE
 
-    def _release_dir(self, held: _Held, queue: WaitQueue) -> None:
+    def _release_dir(self, held: Held, queue: WaitQueue) -> None:
         aside: str | None = None
         try:
             if time.time() < held.owner.expires_at - CLAIM_GRACE:
@@ -763,13 +573,13 @@ class DirectoryLock:
             with contextlib.suppress(OSError):
                 queue.wake_first()
             if aside is not None:
-                _remove_tree(aside)
+                remove_tree(aside)
             with held.mutex:
                 held.lost = "released"
                 with contextlib.suppress(OSError):  # the descriptor is gone either way
                     os.close(held.dirfd)
 
-    def _release_fast(self, held: _Held) -> str | None:
+    def _release_fast(self, held: Held) -> str | None:
         """Release a lock whose lease still has a while to run; returns the moved-aside copy.
 
         While our lease runs, no other process may remove our instance (only a dead
@@ -782,7 +592,7 @@ class DirectoryLock:
             log.warning("lock %s was lost before release (lease expired)", self.path)
             return None
         try:
-            aside = self._move_aside("released")
+            aside = move_aside(self.path, "released")
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -796,7 +606,7 @@ class DirectoryLock:
             return None
         return aside
 
-    def _release_claimed(self, held: _Held) -> None:
+    def _release_claimed(self, held: Held) -> None:
         """Release a lock whose lease is running out, through its claim (see the module doc)."""
         give_up = time.monotonic() + 2 * CLAIM_GRACE
         while True:
@@ -821,7 +631,7 @@ class DirectoryLock:
             time.sleep(0.001)
         if self._lost(held):
             if claim:
-                self._unclaim(held.dirfd, claim)
+                drop_claim(held.dirfd, claim)
             log.warning("lock %s was lost before release (lease expired)", self.path)
             return
         # We hold the claim of our own instance: nobody else can remove it now,
@@ -835,23 +645,23 @@ class DirectoryLock:
             # Something unexpected inside (a heartbeat's temp file, a nested claim):
             # move the whole instance aside in one step, then delete it.
             try:
-                aside = self._move_aside("released")
+                aside = move_aside(self.path, "released")
             except FileNotFoundError:
                 return
             except OSError as e:
                 raise self._os_error(e, "release") from e
-            _remove_tree(aside)
+            remove_tree(aside)
 
-    def _refresh(self, held: _Held) -> None:
+    def _refresh(self, held: Held) -> None:
         """Push our lease forward (heartbeat thread)."""
         with held.mutex:
             if not held.lost:
                 self._refresh_locked(held)
 
-    def _refresh_locked(self, held: _Held) -> None:
+    def _refresh_locked(self, held: Held) -> None:
         owner = dataclasses.replace(held.owner, expires_at=time.time() + self.lease)
         try:
-            _write_owner(held.dirfd, owner)
+            write_owner(held.dirfd, owner)
         except OSError as e:
             log.warning("lock %s: could not refresh the lease (%s)", self.path, e)
             held.next_refresh = time.monotonic() + min(1.0, self.lease / 10)
@@ -885,67 +695,6 @@ class DirectoryLock:
         return LockError(self.path, f"cannot {what} the lock directory: {hint}", errno=e.errno)
 
 
-class _Heartbeat:
-    """One daemon thread per process that refreshes the leases of held locks."""
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
-        self._next_beat = 0.0  # monotonic time of the thread's next look
-
-    def start(self, due: float) -> None:
-        """Make sure a lock whose lease is due for refresh at ``due`` gets it."""
-        if self._thread is None or not self._thread.is_alive():
-            self._next_beat = due
-            self._thread = threading.Thread(
-                target=self._run, name="statestore-heartbeat", daemon=True
-            )
-            self._thread.start()
-        elif due < self._next_beat:
-            # Only when it would otherwise look too late: waking the thread on every
-            # acquire would cost a thread switch per update.
-            self._wake.set()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                delay = self._beat()
-            except Exception:  # the heartbeat must never take the process down
-                log.exception("statestore heartbeat failed")
-                delay = 1.0
-            self._next_beat = time.monotonic() + delay
-            self._wake.wait(delay)
-            self._wake.clear()
-
-    def _beat(self) -> float:
-        now = time.monotonic()
-        delay = 10.0
-        with _registry_lock:
-            items = list(_registry.items())
-        for key, st in items:
-            held = st.held
-            if held is None:
-                continue
-            if now >= held.next_refresh:
-                DirectoryLock(key, lease=held.owner.lease)._refresh(held)
-            delay = min(delay, max(0.01, held.next_refresh - time.monotonic()))
-        return delay
-
-
-_heartbeat = _Heartbeat()
-
-
-def _after_fork_in_child() -> None:
-    """The child of a fork holds none of its parent's locks."""
-    global _registry, _registry_lock, _heartbeat
-    for st in _registry.values():
-        if st.held is not None:
-            with contextlib.suppress(OSError):
-                os.close(st.held.dirfd)
-    _registry = {}
-    _registry_lock = threading.Lock()
-    _heartbeat = _Heartbeat()
-
-
-with contextlib.suppress(AttributeError):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+def _refresh_held(key: str, held: Held) -> None:
+    """The heartbeat's way back in: renew the lease of the lock held at ``key``."""
+    DirectoryLock(key, lease=held.owner.lease)._refresh(held)
