@@ -104,7 +104,8 @@ def terminate(admin: psycopg.Connection[Any], pid: int) -> None:
     """End a server session and wait until it is gone (termination is asynchronous)."""
     admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     for _ in range(500):
-        if admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
+        gone = admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
+        if gone.fetchone() is None:
             return
         time.sleep(0.01)
     raise AssertionError(f"backend {pid} did not end")

@@ -121,7 +121,9 @@ class _Pool:
 
 
 def _reason(e: psycopg.Error) -> str:
-    text = str(e).strip().replace("\n\t", " ").replace("\n", " ") or type(e).__name__
+    # The server's one-line message, without the query excerpt that str(e) appends.
+    text = (e.diag.message_primary or str(e)).strip()
+    text = text.replace("\n\t", " ").replace("\n", " ") or type(e).__name__
     return text.removeprefix("connection failed: ")
 
 
@@ -321,7 +323,7 @@ class PostgresStorage:
         self._base = _base_location(params)
         self._table_id = self._ident(table)
         self._backup_id = self._ident(backup_table)
-        self._qualified = self._table_id.as_string(None)
+        self._qualified = self._quoted(table)
         self._lock_id = _lock_id(self._qualified, key)
         self._ready = False
         # The pool must not refer back to the storage, or the finalizer (which closes
@@ -331,7 +333,9 @@ class PostgresStorage:
         weakref.finalize(self, self._pool.close)
 
         t, b = self._table_id, self._backup_id
-        self._select = sql.SQL("SELECT convert_to(document, 'UTF8') FROM {} WHERE key = %s").format(t)
+        self._select = sql.SQL(
+            "SELECT convert_to(document, 'UTF8') FROM {} WHERE key = %s"
+        ).format(t)
         self._exists = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE key = %s)").format(t)
         self._upsert = sql.SQL(
             "INSERT INTO {} AS d (key, document, updated_at) "
@@ -357,6 +361,11 @@ class PostgresStorage:
     def _ident(self, name: str) -> sql.Identifier:
         return sql.Identifier(self.schema, name) if self.schema else sql.Identifier(name)
 
+    def _quoted(self, name: str) -> str:
+        """``"schema"."name"``, as SQL spells it (built here: psycopg 3.1 needs a connection)."""
+        parts = (self.schema, name) if self.schema else (name,)
+        return ".".join('"' + part.replace('"', '""') + '"' for part in parts)
+
     # ------------------------------------------------------------------ Storage
 
     @property
@@ -370,7 +379,7 @@ class PostgresStorage:
         return self._lock_id
 
     def backup_location(self, label: str) -> str:
-        backups = self._backup_id.as_string(None).replace(chr(34), "")
+        backups = self._quoted(self.backup_table).replace(chr(34), "")
         return f"{self._base}#{backups}/{self.key}@{label}"
 
     def read(self) -> bytes | None:
@@ -379,6 +388,7 @@ class PostgresStorage:
         return None if row is None else bytes(row[0])
 
     def exists(self) -> bool:
+        """Whether a document is stored under the key (the default does not count)."""
         row = self._query(self._exists, StateReadError, "looking for the document")
         return bool(row is not None and row[0])
 
@@ -462,7 +472,7 @@ class PostgresStorage:
         """Create the tables once per storage, if missing; a lost connection propagates."""
         if self._ready:
             return
-        names = (self._qualified, self._backup_id.as_string(None))
+        names = (self._qualified, self._quoted(self.backup_table))
         try:
             # Checked first, so that a role without CREATE can use tables made for it.
             row = conn.execute(
