@@ -138,6 +138,14 @@ def test_location_names_no_password() -> None:
     assert isinstance(s, Storage)
 
 
+def test_store_names_the_document_by_its_location() -> None:
+    storage = PostgresStorage("postgresql://app@db.example/prod", key="jobs")
+    store = StateStore(Counter, storage)
+    assert store.location == storage.location
+    with pytest.raises(TypeError, match=r"not in a file; use store\.location"):
+        _ = store.path
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"key": ""}, {"key": "a\0b"}, {"key": "k", "table": ""}, {"key": "k", "table": "x" * 64}],

@@ -31,6 +31,7 @@ def test_save_then_load_round_trips(state_path: Path) -> None:
     assert store.load() == Counter(count=3, note="héllo")
     assert store.exists()
     assert store.path == state_path
+    assert store.location == str(state_path)
 
 
 def test_file_format_diffs_well(state_path: Path) -> None:

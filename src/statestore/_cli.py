@@ -46,6 +46,7 @@ from ._schema import (
     schema_name,
 )
 from ._store import StateStore
+from .backends import FileStorage
 
 __all__ = ["main"]
 
@@ -169,7 +170,7 @@ def _validation_lines(store: StateStore[Any], e: StateValidationError) -> list[s
         # The longest prefix of the error's path that is in the file: a missing
         # field points at its object; union member names are not in the file.
         at = next(loc[:n] for n in range(len(loc), -1, -1) if loc[:n] in positions or n == 0)
-        where = str(store.path)
+        where = str(store.location)
         if at in positions:
             before = text[: positions[at]]
             where += f":{before.count(chr(10)) + 1}:{len(before) - before.rfind(chr(10))}"
@@ -190,7 +191,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     store = _store(args.ref, args.path)
     if not store.exists():
-        _out(f"{store.path}: no such file")
+        what = "file" if isinstance(store.storage, FileStorage) else "document"
+        _out(f"{store.location}: no such {what}")
         return EXIT_FAILED
     try:
         store.load()
@@ -204,9 +206,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     doc = json.loads((store.storage.read() or b"{}").decode("utf-8-sig"))
     found = doc.get(VERSION_KEY, 1)
     if found == store.version:
-        _out(f"{store.path}: ok")
+        _out(f"{store.location}: ok")
     else:
-        _out(f"{store.path}: ok at version {found}; loads as version {store.version} "
+        _out(f"{store.location}: ok at version {found}; loads as version {store.version} "
              "(run 'statestore migrate' to upgrade the file)")
     return EXIT_OK
 

@@ -229,8 +229,19 @@ class StateStore(Generic[ModelT]):
 
     @property
     def path(self) -> Path:
-        """Where the document lives (for the file backend, the state file)."""
-        return Path(self._storage.location)
+        """The state file. A store over another storage has no file: see :attr:`location`."""
+        if not isinstance(self._storage, FileStorage):
+            raise TypeError(
+                f"{self._storage.location}: this store keeps its document in "
+                f"{type(self._storage).__name__}, not in a file; use store.location"
+            )
+        return Path(self._storage.path)
+
+    @property
+    def location(self) -> str:
+        """Where the document lives, as messages name it: the state file's path, or
+        the storage's own name for it (a URL for PostgreSQL)."""
+        return self._storage.location
 
     @property
     def version(self) -> int:
