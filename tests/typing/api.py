@@ -60,3 +60,36 @@ def rejected(path: str) -> None:
     store.save(Other())  # type: ignore[arg-type]
     store.update(lambda s: Other())  # type: ignore[arg-type, return-value]
     StateStore(Counter, path, default=Other())  # type: ignore[arg-type]
+
+
+async def asyncio_api(path: str) -> None:
+    from statestore import AsyncStateStore
+
+    assert_type(AsyncStateStore(Counter, path), AsyncStateStore[Counter])
+    store = AsyncStateStore(Counter, path, default=Counter, timeout=5.0)
+    assert_type(store, AsyncStateStore[Counter])
+    assert_type(store.sync, StateStore[Counter])
+    assert_type(AsyncStateStore.from_store(StateStore(Other, path)), AsyncStateStore[Other])
+    assert_type(await store.load(), Counter)
+    assert_type(await store.exists(), bool)
+
+    def bump(state: Counter) -> None:
+        state.count += 1
+
+    async def replace(state: Counter) -> Counter:
+        return Counter(count=state.count + 1)
+
+    assert_type(await store.update(bump), Counter)
+    assert_type(await store.update(replace), Counter)
+    assert_type(await store.update(lambda s: s.model_copy(update={"count": 1})), Counter)
+
+    async with store.transaction() as state:
+        assert_type(state, Counter)
+        state.count += 1
+
+    await store.save(Counter())
+    assert_type(await store.migrate(dry_run=True), MigrationReport)
+    assert_type(store.version, int)
+
+    await store.save(Other())  # type: ignore[arg-type]
+    await store.update(lambda s: Other())  # type: ignore[arg-type, return-value]
