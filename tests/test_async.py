@@ -154,7 +154,8 @@ def test_load_save_exists_and_update(state_path: Path) -> None:
         assert await store.load() == Counter(count=172, note="async")
 
     run(main())
-    assert json.loads(state_path.read_text()) == {"schema_version": 1, "count": 172, "note": "async"}
+    saved = json.loads(state_path.read_text())
+    assert saved == {"schema_version": 1, "count": 172, "note": "async"}
     assert statestore_threads() == []
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
 import inspect
 import os
@@ -92,7 +93,9 @@ class _LockedCall(Generic[T]):
 
     # ------------------------------------------------------------ thread side
 
-    def start(self, op: Callable[[_LockedCall[T]], T], lock: DirectoryLock | None, timeout: float) -> None:
+    def start(
+        self, op: Callable[[_LockedCall[T]], T], lock: DirectoryLock | None, timeout: float
+    ) -> None:
         def run() -> None:
             try:
                 if lock is None:
@@ -142,7 +145,9 @@ class _LockedCall(Generic[T]):
                 raise _Abandon
             return verdict.value
 
-    def _post(self, future: asyncio.Future[Any], value: object, error: BaseException | None = None) -> bool:
+    def _post(
+        self, future: asyncio.Future[Any], value: object, error: BaseException | None = None
+    ) -> bool:
         def settle() -> None:
             if future.done():
                 return
@@ -172,7 +177,9 @@ class _LockedCall(Generic[T]):
             self.abandon()
             if self.holding.is_set():
                 try:
-                    await self.finish()
+                    # The cancellation is what the caller gets, not an error of the thread.
+                    with contextlib.suppress(Exception):
+                        await self.finish()
                 finally:
                     if self.handed.done() and inspect.iscoroutine(self.handed.result()):
                         self.handed.result().close()  # handed over, never to be awaited
@@ -388,7 +395,7 @@ class AsyncStateStore(Generic[ModelT]):
         await self._run_in_thread(call)
 
     async def update(
-        self, fn: Callable[[ModelT], ModelT | None | Awaitable[ModelT | None]]
+        self, fn: Callable[[ModelT], ModelT | Awaitable[ModelT | None] | None]
     ) -> ModelT:
         """Load, apply ``fn``, validate and save, all under the lock; return what was saved.
 
