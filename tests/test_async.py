@@ -102,6 +102,42 @@ def async_increment(path: str, tasks: int, times: int, start: str) -> None:
     asyncio.run(main())
 
 
+class MemoryStorage:
+    """A storage that locks itself (as a database backend does), kept in memory."""
+
+    location = "memory://counter"
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.lock = threading.Lock()
+        self.writes = 0
+
+    def read(self) -> bytes | None:
+        return self.data
+
+    def exists(self) -> bool:
+        return self.data is not None
+
+    @contextmanager
+    def session(self, timeout: float) -> Iterator[MemoryStorage]:
+        if not self.lock.acquire(timeout=timeout):
+            raise LockTimeout(self.location, timeout=timeout)
+        try:
+            yield self
+        finally:
+            self.lock.release()
+
+    def write(self, data: bytes) -> None:
+        self.data = data
+        self.writes += 1
+
+    def backup_location(self, label: str) -> str:
+        return f"{self.location}.{label}"
+
+    def backup(self, label: str, data: bytes) -> str:
+        return self.backup_location(label)
+
+
 # ---------------------------------------------------------------- construction
 
 
@@ -128,6 +164,40 @@ def test_wraps_a_store_and_gives_it_back(state_path: Path) -> None:
         AsyncStateStore.from_store(wrapped)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="BaseModel subclass"):
         AsyncStateStore(dict, state_path)  # type: ignore[type-var]
+
+
+def test_a_storage_that_locks_itself() -> None:
+    storage = MemoryStorage()
+
+    async def main() -> None:
+        store = AsyncStateStore(Counter, storage, default=Counter)
+        assert (repr(store), store.location) == (
+            "AsyncStateStore(Counter, 'memory://counter')",
+            "memory://counter",
+        )
+        await asyncio.gather(*(store.update(bump if n % 2 else abump) for n in range(20)))
+        assert (await store.load()).count == 20
+        inside = asyncio.Event()
+
+        async def change(state: Counter) -> None:
+            state.count = 99
+            inside.set()
+            await asyncio.sleep(30)
+
+        task = asyncio.create_task(store.update(change))
+        await inside.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not storage.lock.locked()
+        async with store.transaction() as state:
+            with pytest.raises(NestedTransactionError):
+                await store.save(Counter())
+            state.count += 1
+
+    run(main())
+    assert StateStore(Counter, storage).load().count == 21
+    assert storage.writes == 21
 
 
 # ---------------------------------------------------------- reading and writing

@@ -342,7 +342,7 @@ class AsyncStateStore(Generic[ModelT]):
         return self
 
     def __repr__(self) -> str:
-        return f"AsyncStateStore({self.model.__name__}, {os.fspath(self.path)!r})"
+        return f"AsyncStateStore({self.model.__name__}, {self.location!r})"
 
     # -------------------------------------------------------------- synchronous
 
@@ -357,8 +357,13 @@ class AsyncStateStore(Generic[ModelT]):
 
     @property
     def path(self) -> Path:
-        """Where the document lives (for the file backend, the state file)."""
+        """The state file (file stores only): see :attr:`StateStore.path`."""
         return self._store.path
+
+    @property
+    def location(self) -> str:
+        """Where the document lives, as messages name it (a path, or a URL)."""
+        return self._store.storage.location
 
     @property
     def version(self) -> int:
@@ -472,7 +477,7 @@ class AsyncStateStore(Generic[ModelT]):
     def _not_nested(self, what: str) -> None:
         if self._keys & _inside.get():
             raise NestedTransactionError(
-                self._store.storage.location,
+                self.location,
                 f"{what} called inside a transaction on the same file or lock, in the "
                 "same task: the outer transaction holds the lock this call would wait "
                 "for, and its commit would overwrite the result. Change the state "
@@ -494,13 +499,15 @@ class AsyncStateStore(Generic[ModelT]):
         gate = _gate(lock._key if lock else store._key)
         if not await gate.enter(store.timeout):
             raise LockTimeout(
-                lock.path if lock else store.storage.location,
+                lock.path if lock else self.location,
                 f"could not acquire the lock within {store.timeout:g} s: other tasks of "
                 f"this event loop (pid {os.getpid()}) held it or were ahead in the queue",
                 timeout=store.timeout,
             )
         try:
-            call: _LockedCall[T] = _LockedCall(loop, f"statestore {what} {self.path.name}")
+            call: _LockedCall[T] = _LockedCall(
+                loop, f"statestore {what} {os.path.basename(self.location)}"
+            )
             # The turn passes on once the thread has let go of the lock.
             call.done.add_done_callback(lambda _: gate.leave())
             call.start(op, lock, max(deadline - loop.time(), 0.0))
