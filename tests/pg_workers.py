@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 from conftest import Counter
-from workers import wait_for
+from workers import increment_store
 
 from statestore import StateStore
 from statestore.backends.postgres import PostgresStorage
@@ -17,25 +16,7 @@ def increment(dsn: str, table: str, key: str, times: int, start: str, threads: i
     """Increment the counter ``times`` times per thread, released by the start file."""
     with PostgresStorage(dsn, key=key, table=table) as storage:
         store = StateStore(Counter, storage, default=Counter, timeout=60)
-        wait_for(start)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                for _ in range(times):
-                    def bump(s: Counter) -> None:
-                        s.count += 1
-                    store.update(bump)
-            except BaseException as e:  # re-raised below
-                errors.append(e)
-
-        workers = [threading.Thread(target=run) for _ in range(threads)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
-        if errors:
-            raise errors[0]
+        increment_store(store, times, start, threads)
 
 
 def hold(dsn: str, table: str, key: str, ready: str) -> None:

@@ -22,7 +22,11 @@ def wait_for(path: str, timeout: float = 30.0) -> None:
 
 def increment(path: str, times: int, start: str, threads: int = 1) -> None:
     """Increment the counter ``times`` times per thread, released by the start file."""
-    store = StateStore(Counter, path, default=Counter)
+    increment_store(StateStore(Counter, path, default=Counter), times, start, threads)
+
+
+def increment_store(store: StateStore[Counter], times: int, start: str, threads: int) -> None:
+    """:func:`increment` on a store of any backend."""
     wait_for(start)
     errors: list[BaseException] = []
 
