@@ -524,8 +524,12 @@ def test_cancelled_while_waiting_for_the_lock(state_path: Path) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await queued
             assert time.monotonic() - started < 0.5, "cancelling must not wait for the lock"
+            # The given-up thread stops waiting, though the lock is still held.
+            deadline = time.monotonic() + 2
+            while statestore_threads() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert statestore_threads() == [], "the worker thread still waits for the lock"
             release.set()
-        # The given-up thread takes the lock once it is free and lets it go unused.
         assert await store.update(bump) == Counter(count=2)
 
     run(main())
@@ -534,6 +538,38 @@ def test_cancelled_while_waiting_for_the_lock(state_path: Path) -> None:
     while statestore_threads() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert statestore_threads() == []
+    assert_lock_free(state_path)
+
+
+def test_cancelled_while_another_process_holds_the_lock(state_path: Path) -> None:
+    """The worker thread waits on the lock directory, not on another thread: it must
+    stop there too, long before the holder lets go or the timeout runs out."""
+    StateStore(Counter, state_path).save(Counter(count=1))
+    ready = state_path.parent / "ready"
+    holder = SPAWN.Process(
+        target=workers.hold_lock, args=(str(lock_dir(state_path)), str(ready), 5)
+    )
+    holder.start()
+    try:
+        workers.wait_for(str(ready))
+
+        async def main() -> float:
+            store = AsyncStateStore(Counter, state_path, timeout=30)
+            task = asyncio.create_task(store.update(lambda s: Counter(count=1000)))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            started = time.monotonic()
+            while statestore_threads() and time.monotonic() - started < 3:
+                await asyncio.sleep(0.01)
+            return time.monotonic() - started
+
+        assert run(main()) < 1.0, "the worker thread kept waiting for the lock"
+        assert holder.is_alive(), "the holder let go before the check"
+    finally:
+        holder.join(10)
+    assert StateStore(Counter, state_path).load().count == 1
     assert_lock_free(state_path)
 
 

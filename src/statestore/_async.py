@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any, Final, Generic, TypeVar, cast
 
 from ._errors import LockTimeout, NestedTransactionError
-from ._lock import DirectoryLock
+from ._lock import DirectoryLock, WaitAbandoned
 from ._migrate import MigrationReport, Migrations
 from ._schema import Draft
 from ._store import ModelT, StateStore
@@ -105,15 +105,16 @@ class _LockedCall(Generic[T]):
                     result = op(self)
                 else:
                     # Take the store's (reentrant) lock first, so that a caller who
-                    # gave up while we waited is noticed before anything is read.
-                    lock.acquire(timeout)
+                    # gives up while we wait stops the wait (WaitAbandoned), and one
+                    # who gave up just as we got the lock is noticed before any read.
+                    lock._acquire(timeout, self.gave_up)
                     try:
                         self.holding.set()
                         self.check()
                         result = op(self)
                     finally:
                         lock.release()
-            except _Abandon:
+            except (_Abandon, WaitAbandoned):
                 self._post(self.done, None)
             except BaseException as e:  # delivered to the awaiting task
                 self._post(self.done, None, e)
@@ -122,10 +123,14 @@ class _LockedCall(Generic[T]):
 
         threading.Thread(target=run, name=self._name).start()
 
+    def gave_up(self) -> bool:
+        """Whether the caller abandoned this call (thread side)."""
+        return self._verdict.done() and not self._verdict.result().commit
+
     def check(self) -> None:
         """Raise :class:`_Abandon` if the caller gave up (thread side)."""
         self.holding.set()
-        if self._verdict.done() and not self._verdict.result().commit:
+        if self.gave_up():
             raise _Abandon
 
     def hand_over(self, value: object) -> object:
@@ -168,8 +173,9 @@ class _LockedCall(Generic[T]):
         """Wait for the hand-over, or for the end: ``(True, value)`` or ``(False, result)``.
 
         Cancelled while the thread still waits for the lock, this returns at once
-        (the thread lets the lock go as soon as it gets it, without reading or
-        writing); cancelled later, it first waits for the thread to let go.
+        (the thread stops waiting within ``GIVE_UP_POLL``, or lets the lock go as
+        soon as it gets it, without reading or writing); cancelled later, it
+        first waits for the thread to let go.
         """
         try:
             await asyncio.wait((self.handed, self.done), return_when=asyncio.FIRST_COMPLETED)

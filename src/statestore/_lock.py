@@ -39,6 +39,7 @@ import random
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
@@ -81,6 +82,15 @@ BACKOFF_CAP: Final = 0.1
 #: A waiter that has not reached the head of the local queue after this long polls anyway,
 #: so a stuck waiter ahead of it cannot hold everyone up.
 QUEUE_PATIENCE: Final = 1.0
+#: How often a waiter that may be abandoned (see ``DirectoryLock._acquire``) asks.
+GIVE_UP_POLL: Final = 0.2
+
+
+class WaitAbandoned(Exception):
+    """The waiter gave up before it got the lock (internal: the asyncio API's cancel)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path}: stopped waiting for the lock")
 
 
 @dataclass
@@ -138,6 +148,18 @@ class DirectoryLock:
 
     def acquire(self, timeout: float | None = None) -> DirectoryLock:
         """Wait until this thread holds the lock, or raise :class:`LockTimeout`."""
+        return self._acquire(timeout, None)
+
+    def _acquire(
+        self, timeout: float | None, gave_up: Callable[[], bool] | None
+    ) -> DirectoryLock:
+        """:meth:`acquire`, raising :class:`WaitAbandoned` once ``gave_up()`` is true.
+
+        For the asyncio API: a task cancelled while its worker thread waits here
+        must not leave that thread waiting (and the interpreter, at exit) for
+        the rest of the timeout. ``gave_up`` is asked at least every
+        :data:`GIVE_UP_POLL` seconds.
+        """
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         st = _lease.state(self._key)
@@ -162,9 +184,14 @@ class DirectoryLock:
                             holder=held.owner.describe() if held else None,
                             alive=True,
                         )
+                    if gave_up is not None:
+                        if gave_up():
+                            st.waiting.remove(me)
+                            raise WaitAbandoned(self.path)
+                        remaining = min(remaining, GIVE_UP_POLL)
                     st.cond.wait(remaining)
         try:
-            held = self._acquire_dir(deadline, timeout, st.queue)
+            held = self._acquire_dir(deadline, timeout, st.queue, gave_up)
         except BaseException:
             st.pass_turn()
             raise
@@ -276,7 +303,13 @@ class DirectoryLock:
 
     # -------------------------------------------------------------- the protocol
 
-    def _acquire_dir(self, deadline: float, timeout: float, queue: WaitQueue) -> Held:
+    def _acquire_dir(
+        self,
+        deadline: float,
+        timeout: float,
+        queue: WaitQueue,
+        gave_up: Callable[[], bool] | None = None,
+    ) -> Held:
         started = time.monotonic()
         seen: _Observation | None = None
         # Who we are (read from /proc once per process, milliseconds in a fresh one)
@@ -314,6 +347,8 @@ class DirectoryLock:
                         holder=seen.owner.describe() if seen and seen.owner else None,
                         alive=seen.alive if seen else None,
                     )
+                if gave_up is not None and gave_up():
+                    raise WaitAbandoned(self.path)
                 delay = min(remaining, random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
                 attempt += 1
                 if seen is not None and attempt in (1, 8):
@@ -328,7 +363,10 @@ class DirectoryLock:
                 # The head polls with backoff (the holder may be on another host, or
                 # dead without a release to wake anyone); the rest wait for their turn,
                 # looking now and then in case the waiters ahead of them died.
-                woken = ticket.wait(delay if first else min(remaining, QUEUE_PATIENCE / 2))
+                patience = min(remaining, QUEUE_PATIENCE / 2)
+                if gave_up is not None:
+                    patience = min(patience, GIVE_UP_POLL)
+                woken = ticket.wait(delay if first else patience)
                 if woken:
                     attempt = 0  # woken by a release: try at once
         finally:
