@@ -9,10 +9,11 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Counter, Strict, listing, temp_files
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from statestore import (
     NestedTransactionError,
@@ -223,6 +224,52 @@ def test_bad_files_give_typed_errors_and_stay_untouched(state_path: Path, name: 
             attempt()
     assert state_path.read_bytes() == content
     assert listing(state_path.parent) == ["state.json"]
+
+
+class Ratio(BaseModel):
+    ratio: float = 0.0
+    extra: Any = None
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("field", ["ratio", "extra"])
+def test_nan_and_infinity_are_refused_in_the_stores_own_layout(
+    state_path: Path, field: str, literal: str
+) -> None:
+    # The layout the store writes itself is read by pydantic's parser in one pass,
+    # and that parser accepts these words: the store must refuse them there too.
+    content = f'{{\n  "schema_version": 1,\n  "{field}": {literal}\n}}\n'.encode()
+    state_path.write_bytes(content)
+    store = StateStore(Ratio, state_path, default=Ratio, read_delay=0.001)
+    with pytest.raises(StateCorruptError, match=literal):
+        store.load()
+    with pytest.raises(StateCorruptError):
+        store.update(lambda s: None)
+    assert state_path.read_bytes() == content
+
+
+def test_nan_and_infinity_inside_strings_are_only_text(state_path: Path) -> None:
+    store = StateStore(Counter, state_path)
+    store.save(Counter(note="NaN, Infinity and -Infinity"))
+    assert store.load() == Counter(note="NaN, Infinity and -Infinity")
+    saved = store.update(lambda s: Counter(count=s.count + 1, note=s.note))
+    assert saved == Counter(count=1, note="NaN, Infinity and -Infinity")
+
+
+def test_a_model_that_writes_nan_literals_cannot_save_them(state_path: Path) -> None:
+    class Loose(BaseModel):
+        model_config = ConfigDict(ser_json_inf_nan="constants")
+        ratio: float = 0.0
+
+    store = StateStore(Loose, state_path)
+    store.save(Loose(ratio=0.5))
+    before = state_path.read_bytes()
+    with pytest.raises(StateValidationError, match="holds NaN"):
+        store.save(Loose(ratio=float("nan")))
+    with pytest.raises(StateValidationError, match="holds Infinity"):
+        store.update(lambda s: Loose(ratio=float("inf")))
+    assert state_path.read_bytes() == before
+    assert store.load() == Loose(ratio=0.5)
 
 
 def test_corrupt_error_carries_line_and_column(state_path: Path) -> None:

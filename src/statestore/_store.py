@@ -142,6 +142,35 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _may_hold_constants(data: bytes) -> bool:
+    """Whether ``data`` might hold a ``NaN`` or ``Infinity`` literal (never a false no).
+
+    pydantic's parser accepts both, which JSON does not have; the store refuses
+    them everywhere. Two byte searches (memchr) clear almost every document in
+    microseconds; only one with these words somewhere (in a string, say) needs
+    a closer look.
+    """
+    if b"N" not in data and b"I" not in data:
+        return False
+    return b"NaN" in data or b"Infinity" in data
+
+
+def _constant_in(data: bytes) -> str | None:
+    """The first ``NaN``/``Infinity`` literal outside strings in JSON ``data``, if any."""
+    if not _may_hold_constants(data):
+        return None
+    found: list[str] = []
+
+    def seen(name: str) -> None:
+        found.append(name)
+
+    try:
+        json.loads(data, parse_constant=seen)
+    except (ValueError, RecursionError):
+        return None  # not JSON at all: the validation that follows says so
+    return found[0] if found else None
+
+
 def _errors_of(e: ValidationError) -> list[dict[str, Any]]:
     # Through JSON so that every value is plain data (picklable, printable).
     try:
@@ -477,6 +506,8 @@ class StateStore(Generic[ModelT]):
             body = b"{}"
         else:
             return None
+        if _may_hold_constants(raw):
+            return None  # the general path refuses NaN and Infinity, and says where
         try:
             model = self.model.model_validate_json(body)
         except ValidationError:
@@ -539,6 +570,16 @@ class StateStore(Generic[ModelT]):
         attribute assignment (which pydantic does not validate by default) must
         not reach disk if it would not load again.
         """
+        constant = _constant_in(body)
+        if constant is not None:
+            # Written by a model configured with ser_json_inf_nan="constants": the file
+            # would not load again (JSON has no such numbers).
+            raise StateValidationError(
+                self._storage.location,
+                f"the new state holds {constant}, which JSON cannot represent (the model "
+                "writes it because of ser_json_inf_nan='constants'); nothing was written. "
+                "Use None, or a finite number",
+            )
         try:
             with _collector_paused():
                 return self.model.model_validate_json(body)
