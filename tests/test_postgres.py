@@ -146,6 +146,15 @@ def test_store_names_the_document_by_its_location() -> None:
         _ = store.path
 
 
+def test_durability_is_the_storages_and_durable_is_refused() -> None:
+    fast = PostgresStorage("postgresql://app@db.example/prod", key="jobs", durable=False)
+    assert StateStore(Counter, fast).durable is False
+    assert StateStore(Counter, PostgresStorage("", key="jobs")).durable is True
+    for durable in (True, False):
+        with pytest.raises(TypeError, match=r"set it on the storage.*PostgresStorage"):
+            StateStore(Counter, fast, durable=durable)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"key": ""}, {"key": "a\0b"}, {"key": "k", "table": ""}, {"key": "k", "table": "x" * 64}],

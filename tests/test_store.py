@@ -33,6 +33,7 @@ def test_save_then_load_round_trips(state_path: Path) -> None:
     assert store.exists()
     assert store.path == state_path
     assert store.location == str(state_path)
+    assert store.durable is True
 
 
 def test_file_format_diffs_well(state_path: Path) -> None:

@@ -317,7 +317,7 @@ class AsyncStateStore(Generic[ModelT]):
         default: ModelT | Callable[[], ModelT] | None = None,
         lock: DirectoryLock | str | os.PathLike[str] | None = None,
         timeout: float = 10.0,
-        durable: bool = True,
+        durable: bool | None = None,
         version: int = 1,
         migrations: Migrations | None = None,
         schema_ref: str | None = None,

@@ -207,7 +207,7 @@ class StateStore(Generic[ModelT]):
         default: ModelT | Callable[[], ModelT] | None = None,
         lock: DirectoryLock | str | os.PathLike[str] | None = None,
         timeout: float = 10.0,
-        durable: bool = True,
+        durable: bool | None = None,
         version: int = 1,
         migrations: Migrations | None = None,
         schema_ref: str | None = None,
@@ -226,7 +226,6 @@ class StateStore(Generic[ModelT]):
             raise ValueError("read_attempts must be at least 1")
         self.model = model
         self.timeout = timeout
-        self.durable = durable
         self.schema_ref = schema_ref
         self._default = default
         self._read_attempts = read_attempts
@@ -240,11 +239,21 @@ class StateStore(Generic[ModelT]):
             elif not isinstance(lock, DirectoryLock):
                 lock = DirectoryLock(lock, timeout=timeout)
             self.lock: DirectoryLock | None = lock
-            self._storage: Storage = FileStorage(file, lock, durable=durable)
+            #: Whether saves are fsynced (file stores), or as the storage makes them.
+            self.durable = True if durable is None else durable
+            self._storage: Storage = FileStorage(file, lock, durable=self.durable)
         else:
             if lock is not None:
                 raise TypeError("lock= applies to file stores only; this storage locks itself")
+            if durable is not None:
+                # Silently ignoring it would leave a store less durable than asked, or
+                # slower than asked, with nothing to show for it.
+                raise TypeError(
+                    "durable= applies to file stores only; set it on the storage, for "
+                    f"example {type(path).__name__}(..., durable=False)"
+                )
             self.lock = None
+            self.durable = bool(getattr(path, "durable", True))
             self._storage = path
         self._key = os.path.realpath(self._storage.location) if self.lock else self._storage.location
         self._migrator = Migrator(version, migrations, self._storage.location)
