@@ -60,6 +60,9 @@
  *                        holder whose instance is at L and whose lease is live
  *   PRECOMMIT_WAITS      the pre-commit check waits while a claim is present
  *                        in our live instance, instead of failing at once
+ *   SUSPEND_IN_RELEASE   a release without a claim (taken while the lease
+ *                        runs) may stall past the lease between its token
+ *                        check and its rename
  *   LIVENESS             compile the LTL property (run pan -a -f)
  *   PAUSES=n             at most n stalls in a run (the liveness check needs a
  *                        bound: "unlucky forever" is not a protocol failure)
@@ -106,6 +109,7 @@ bool commit_after_lost;         /* property 2 */
 bool stale_commit;              /* property 5 */
 bool valid_holder_refused;      /* CHECK_REFUSALS */
 bool claim_not_pinned;          /* sanity: a claim pins its instance at L */
+bool release_moved_other;       /* property 6: a release moves only its own instance */
 
 #ifdef PAUSES
 byte npause;
@@ -286,17 +290,20 @@ BREAK:
             fi
         fi
     }
-    /* B2: re-inspect: same inode, same token, still stale? */
+    /* B2: re-inspect: same inode, same token, still stale?  (No PINNED check
+       here: a live holder may have moved its own instance aside, claim and
+       all, by a release without a claim; the claim is undone through the
+       instance's fd, wherever it is now.) */
     atomic {
-        PINNED(c);
         if
         :: L == insp[me] && irec[L] == r && STALE(L) ->
+            PINNED(c);
             if
             :: skip
             OR_CRASH_CLAIMED
             OR_STALL_CLAIMED
             fi
-        :: else -> DROP_CLAIM(L); RETRY                 /* undo: rmdir(L/claim) */
+        :: else -> DROP_CLAIM(c); RETRY                 /* undo: unlink(claim) via the fd */
         fi
     }
     /* B3: rename(L, L.<random>) -- whatever is at L -- then delete it aside */
@@ -373,6 +380,31 @@ HOLD:
 
     /* ---------------- release ---------------- */
 RELEASE:
+    /* While our lease runs, nobody else may remove our instance, so the code
+       releases without a claim (_release_fast): F1 reads the token at L, F2
+       renames L aside.  Near the end of the lease it takes the claimed path
+       (R1-R3).  Either may be chosen while the lease is live. */
+    if
+    :: atomic { holding[me] && mylease[me] ->
+        holding[me] = false; mylease[me] = false;
+        if
+        :: L != own[me] -> SESSION_END                  /* F1: not ours: lost */
+        :: L == own[me] ->
+#ifdef SUSPEND_IN_RELEASE
+            /* the releaser may stall between its token check and its rename */
+            if
+            :: skip
+            :: CANPAUSE -> TICK; ilive[own[me]] = false
+            fi
+#else
+            skip
+#endif
+        fi
+       }
+        /* F2: rename(L, aside) -- whatever is at L -- then delete it aside */
+        atomic { CHECK(release_moved_other, L != own[me]); L = 0; SESSION_END }
+    :: skip
+    fi;
     /* R1: mkdir(L/claim) -- on whatever instance is at L */
     atomic {
         holding[me] = false; mylease[me] = false;
@@ -386,17 +418,19 @@ RELEASE:
             fi
         fi
     }
-    /* R2: is it ours (token, inode)? */
+    /* R2: is it ours (token, inode)?  If not, the claim landed in another
+       process's instance, which that process may since have moved aside by a
+       release without a claim: undo it where it was made. */
     atomic {
-        PINNED(c);
         if
         :: L == own[me] ->
+            PINNED(c);
             if
             :: skip
             OR_CRASH_CLAIMED
             OR_STALL_CLAIMED
             fi
-        :: else -> DROP_CLAIM(L); SESSION_END           /* undo: lost */
+        :: else -> DROP_CLAIM(c); SESSION_END           /* undo: lost */
         fi
     }
     /* R3: rename(L, aside) -- whatever is at L -- then delete it */
