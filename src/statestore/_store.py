@@ -486,7 +486,9 @@ class StateStore(Generic[ModelT]):
         intermediate dict. Anything else (older versions, other layouts, errors)
         returns None and takes the general path, which reports errors precisely.
         """
-        if not raw.startswith(b"{\n"):
+        if not raw.startswith(b"{\n") or _may_hold_constants(raw):
+            # (pydantic's parser accepts NaN and Infinity; the general path refuses
+            # them and says where, so a file that may hold them goes there at once.)
             return None
         pos = 2
         schema: str | None = None
@@ -515,8 +517,6 @@ class StateStore(Generic[ModelT]):
             body = b"{}"
         else:
             return None
-        if _may_hold_constants(raw):
-            return None  # the general path refuses NaN and Infinity, and says where
         try:
             model = self.model.model_validate_json(body)
         except ValidationError:
