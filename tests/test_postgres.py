@@ -1,9 +1,10 @@
 """The PostgreSQL backend, against a real server.
 
-The server is named by ``STATESTORE_PG_DSN`` (default: the local set-up that
-``.ci/run`` makes). When it cannot be reached the tests that need it are
-skipped, except when ``CI=true``: CI starts the server, so there an
-unreachable one is an error. Each test works in tables of its own.
+The server is named by ``STATESTORE_PG_DSN``; without it the session starts a
+throwaway server of its own when PostgreSQL's programs are installed
+(``tests/pg_server.py``). Only when neither works are the tests that need it
+skipped, with the reason, and never when ``CI=true``: CI starts the server, so
+there an unreachable one is an error. Each test works in tables of its own.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def admin() -> Iterator[psycopg.Connection[Any]]:
     try:
         conn = psycopg.connect(DSN, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as e:
-        message = f"PostgreSQL not reachable through STATESTORE_PG_DSN: {e}"
+        message = os.environ.get("STATESTORE_PG_UNAVAILABLE") or (
+            f"PostgreSQL not reachable through STATESTORE_PG_DSN: {e}"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(f"{message}; CI must start it (see .ci/run)", pytrace=False)
         pytest.skip(message)
