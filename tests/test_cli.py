@@ -136,8 +136,8 @@ def test_argparse_usage_errors_exit_2(
 @pytest.mark.parametrize(
     ("ref", "message"),
     [
-        ("nocolon", "'nocolon' is not a store reference; write module:attribute, e.g. "
-         "myapp.state:store"),
+        ("nocolon", "'nocolon' is not a store reference; write module:attribute or "
+         "path/to/file.py:attribute, e.g. myapp.state:store"),
         ("no_such_module_xyz:store", "no_such_module_xyz:store: no module named "
          "'no_such_module_xyz'"),
         ("cli_fixtures:missing", "cli_fixtures:missing: 'cli_fixtures' has no attribute "

@@ -1,6 +1,6 @@
 """The ``statestore`` command line (standard library only: argparse).
 
-A store is named as ``module:attribute``, the attribute being a
+A store is named as ``module:attribute`` or ``path/to/file.py:attribute``, the attribute being a
 :class:`StateStore` or a pydantic model (then ``--path`` gives the file, and
 the version is 1). ``docs/cli.md`` shows every command.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -54,6 +55,11 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
+REF_HELP = (
+    "a StateStore or pydantic model, as module:attribute (e.g. myapp.state:store) "
+    "or path/to/file.py:attribute"
+)
+
 
 class UsageError(Exception):
     """The command line names something that does not exist or does not fit: exit 2."""
@@ -66,20 +72,53 @@ def _out(text: str) -> None:
 # ------------------------------------------------------------------ store refs
 
 
-def _resolve(ref: str) -> StateStore[Any] | type[BaseModel]:
-    module_name, sep, attr = ref.partition(":")
-    if not (sep and module_name and attr):
-        raise UsageError(f"{ref!r} is not a store reference; write module:attribute, "
-                         "e.g. myapp.state:store")
-    # As with `python -m`: modules in the current folder are importable.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+def _import_file(ref: str, filename: str) -> Any:
+    """The module of a ``path/to/file.py:attr`` reference, imported as ``python file.py`` would.
+
+    Its own folder goes first on ``sys.path`` (so its sibling modules import), and
+    it is registered under a name of its own, so that pydantic can resolve the
+    annotations of models defined in it.
+    """
+    path = os.path.abspath(filename)
+    if not os.path.isfile(path):
+        raise UsageError(f"{ref}: no such file {filename!r}")
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = "_statestore_ref_" + re.sub(r"\W", "_", path)
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"{ref}: {filename!r} cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (module_name + ".").startswith(e.name + "."):
-            raise UsageError(f"{ref}: no module named {e.name!r}") from e
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
         raise
+    return module
+
+
+def _resolve(ref: str) -> StateStore[Any] | type[BaseModel]:
+    module_name, sep, attr = ref.rpartition(":")
+    if not (sep and module_name and attr):
+        raise UsageError(f"{ref!r} is not a store reference; write module:attribute or "
+                         "path/to/file.py:attribute, e.g. myapp.state:store")
+    obj: Any
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        obj = _import_file(ref, module_name)
+    else:
+        # As with `python -m`: modules in the current folder are importable.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and (module_name + ".").startswith(e.name + "."):
+                raise UsageError(f"{ref}: no module named {e.name!r}") from e
+            raise
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -370,7 +409,7 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     def ref_and_path(p: argparse.ArgumentParser) -> None:
-        p.add_argument("ref", metavar="REF", help="module:attribute of a StateStore or model")
+        p.add_argument("ref", metavar="REF", help=REF_HELP)
         p.add_argument("--path", metavar="P", help="the state file (overrides the store's)")
 
     p = command(sub, "show", "print the state (migrated in memory, validated) as JSON", _cmd_show)
@@ -389,14 +428,14 @@ def _parser() -> argparse.ArgumentParser:
     drafts = {"choices": DRAFTS, "metavar": "{2020-12,07}"}
     p = command(schema_sub, "export", "write <name>.v<version>.schema.json for each store",
                 _cmd_schema_export)
-    p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("refs", nargs="+", metavar="REF", help=REF_HELP + " (one or more)")
     p.add_argument("--out", default=".", metavar="DIR", help="folder to write to (default: .)")
     p.add_argument("--draft", **drafts, help="JSON Schema dialect (default: 2020-12)")
     p = command(schema_sub, "check", "exit 1 if an exported schema is missing or out of date",
                 _cmd_schema_check, description="For CI: exit 1 if the schema file of a store's "
                 "current version is missing, or differs from what the model gives now (the "
                 "schema of an exported version changed without a version bump).")
-    p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("refs", nargs="+", metavar="REF", help=REF_HELP + " (one or more)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the exported schemas")
     p.add_argument("--draft", **drafts, help="dialect (default: the one the file declares)")
     p = command(schema_sub, "internal", "write the schemas of statestore's own records",
@@ -416,7 +455,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command(sub, "doctor", "find (and --fix) what a crash left in a state folder", _cmd_doctor,
                 description="List state files that do not parse, stale locks, temporary files "
                 "of dead writers, and backups. Exit 1 if problems remain.")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="the state folder to look over (not its subfolders)")
     p.add_argument("--fix", action="store_true", help="break stale locks, remove dead temp "
                    "files, move unparseable files into DIR/.quarantine/")
 
@@ -425,8 +464,10 @@ def _parser() -> argparse.ArgumentParser:
         _cmd_demo, description="Start N real processes that each increment one counter K times "
         "through StateStore.update, then print the tally. Exit 1 if any update was lost.",
     )
-    p.add_argument("--processes", "-n", type=_at_least_1, default=4, metavar="N")
-    p.add_argument("--updates", "-k", type=_at_least_1, default=250, metavar="K")
+    p.add_argument("--processes", "-n", type=_at_least_1, default=4, metavar="N",
+                   help="how many processes to start (default: 4)")
+    p.add_argument("--updates", "-k", type=_at_least_1, default=250, metavar="K",
+                   help="increments per process (default: 250)")
     p.add_argument("--dir", metavar="D", help="folder for the state file (default: a temp folder)")
     return parser
 
@@ -434,6 +475,18 @@ def _parser() -> argparse.ArgumentParser:
 def _one_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "") if lines else ""
+
+
+def _silence_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -453,7 +506,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.setLevel(logging.DEBUG)
     try:
         code: int = args.run(args)
+        sys.stdout.flush()
         return code
+    except BrokenPipeError:
+        # The reader went away (`statestore show REF | head`): end quietly, as other
+        # Unix tools do, and keep the interpreter's last flush from failing too.
+        _silence_stdout()
+        return EXIT_OK
     except UsageError as e:
         print(f"statestore: error: {e}", file=sys.stderr)
         return EXIT_USAGE
