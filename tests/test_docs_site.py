@@ -39,3 +39,4 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     api = (tmp_path / "api" / "index.html").read_text(encoding="utf-8")
     for name in statestore.__all__:
         assert f'id="statestore.{name}"' in api, name
+    assert ":meth:" not in api and ":class:" not in api  # roles shown as plain code
