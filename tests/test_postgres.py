@@ -29,6 +29,7 @@ from psycopg.conninfo import make_conninfo
 from pydantic import BaseModel
 
 from statestore import (
+    DurabilityError,
     LockError,
     LockTimeout,
     StateCorruptError,
@@ -588,6 +589,6 @@ def test_commit_answer_lost(
     if server_answers:
         commit_seven()  # the server says the transaction committed: no error
     else:
-        with pytest.raises(StateWriteError, match="either the old one or the new one"):
+        with pytest.raises(DurabilityError, match="either the old one or the new one"):
             commit_seven()
     assert store.load().count == 7

@@ -14,11 +14,15 @@ survives pickling (so it crosses process pools intact)::
     ├── StateCorruptError           (ValueError)     not JSON / not a JSON object
     ├── StateValidationError        (ValueError)     JSON that the model rejects
     ├── StateWriteError             (OSError)        the save failed, old file intact
-    │   ├── CrossDeviceError                         EXDEV / EBUSY on rename
-    │   └── DurabilityError                          renamed, but the folder fsync failed
+    │   └── CrossDeviceError                         EXDEV / EBUSY on rename
+    ├── DurabilityError             (OSError)        published, durability (or commit) unknown
     ├── SchemaVersionError          (ValueError)     file newer than the code, bad chain
     ├── MigrationError              (ValueError)     a migration step failed
     └── NestedTransactionError      (RuntimeError)   update() inside transaction()
+
+A ``StateWriteError`` means nothing was saved: retrying the same ``update(fn)``
+applies ``fn`` once. An error raised after the new document was published is
+never one: ``DurabilityError`` is its sibling, not its subclass.
 """
 
 from __future__ import annotations
@@ -215,11 +219,18 @@ class CrossDeviceError(StateWriteError):
     """
 
 
-class DurabilityError(StateWriteError):
+class DurabilityError(_OSErrorMixin):
     """The new content is in place, but syncing the folder failed.
 
     The save is visible to other processes; whether it would survive a power
     loss is unknown. The file is consistent either way (old or new, never mixed).
+    A server-side storage raises it when the answer to a commit was lost and the
+    outcome could not be found out: the document is whole, old or new.
+
+    Not a :class:`StateWriteError`, which promises that nothing was saved: the
+    change this save carried has been applied, so running the same ``update(fn)``
+    again would apply ``fn`` a second time. Load the state to see it, and sync
+    or check the disk before relying on it surviving a power loss.
     """
 
 

@@ -41,6 +41,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from .._errors import (
+    DurabilityError,
     LockCompromisedError,
     LockError,
     LockTimeout,
@@ -266,7 +267,9 @@ class PostgresSession:
                     "nothing was saved; the stored document is unchanged. The lock was "
                     "released with it, so run the update again.",
                 ) from e
-            raise StateWriteError(
+            # Not a StateWriteError, which promises nothing was saved: running the
+            # same update again could apply its change twice.
+            raise DurabilityError(
                 s.location,
                 f"{_describe(e, 'committing')}, and whether the commit happened could not "
                 "be found out. The stored document is whole: either the old one or the new "
