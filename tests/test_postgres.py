@@ -135,7 +135,6 @@ def test_location_names_no_password() -> None:
     assert "hunter2" not in repr(s)
     other = PostgresStorage("host=db.example port=6543 dbname=prod", key="jobs", schema="app")
     assert other.location == "postgresql://db.example:6543/prod#app.statestore_documents/jobs"
-    assert other.lock_id != PostgresStorage("", key="jobs").lock_id
     assert isinstance(s, Storage)
 
 
