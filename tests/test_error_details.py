@@ -82,7 +82,7 @@ INVALID_AT = {
 
 
 def _check_invalid(e: StateValidationError, path: Path) -> None:
-    found = {tuple(err["loc"]): at for err, at in zip(e.errors, e.positions)}
+    found = {tuple(err["loc"]): at for err, at in zip(e.errors, e.positions, strict=True)}
     assert found == INVALID_AT
     assert len(e.positions) == len(e.errors)
     first = e.positions[0]
@@ -143,7 +143,7 @@ def test_the_cli_shows_the_positions_the_error_carries(
     out = capsys.readouterr().out.splitlines()
     expected = [
         f"{path}:{at[0]}:{at[1]}: {'.'.join(map(str, err['loc']))}: {err['msg']}"
-        for err, at in zip(info.value.errors, info.value.positions)
+        for err, at in zip(info.value.errors, info.value.positions, strict=True)
         if at is not None
     ]
     assert out == expected

@@ -64,7 +64,7 @@ def test_each_error_sits_where_the_tree_says(cls: type[StateStoreError]) -> None
     assert issubclass(cls, parent)
     assert issubclass(cls, builtin)
     # The nearest StateStoreError ancestor is the drawn parent, not a deeper one.
-    ancestors = [c for c in cls.__mro__[1:] if isinstance(c, type) and issubclass(c, StateStoreError)]
+    ancestors = [c for c in cls.__mro__[1:] if issubclass(c, StateStoreError)]
     public = [c for c in ancestors if c.__name__ in statestore.__all__]
     assert public[0] is parent
 
@@ -132,14 +132,13 @@ def test_a_failed_folder_fsync_is_not_caught_as_a_write_error(
         state.count += 1
 
     # A caller that retries on StateWriteError, as its docstring invites.
-    with pytest.raises(DurabilityError) as info:  # noqa: PT012
-        with fs.active():
-            for _ in range(3):
-                try:
-                    store.update(bump)
-                    break
-                except StateWriteError:
-                    continue
+    with pytest.raises(DurabilityError) as info, fs.active():
+        for _ in range(3):
+            try:
+                store.update(bump)
+                break
+            except StateWriteError:
+                continue
     assert fs.fired == 1, "the folder fsync was not reached"
     assert applied == 1
     assert info.value.errno == errno.EIO
@@ -161,7 +160,10 @@ def test_a_failed_write_is_a_write_error_and_saves_nothing(
         fired = 0
 
         def call(
-            self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
+            self,
+            name: str,
+            real: Callable[..., Any],
+            args: tuple[Any, ...],
             kwargs: dict[str, Any],
         ) -> Any:
             if name == "fsync" and not self.fired and stat.S_ISREG(os.fstat(args[0]).st_mode):

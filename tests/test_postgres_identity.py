@@ -19,16 +19,21 @@ from typing import Any, NamedTuple
 
 import psycopg
 import pytest
+import test_postgres
 from conftest import Counter
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from test_postgres import DSN, admin, bump, row, table  # noqa: F401 - fixtures
+from test_postgres import DSN, bump, row
 from workers import increment_store
 
 from statestore import LockError, LockTimeout, StateStore
 from statestore.backends.postgres import PostgresStorage, _lock_key
 
 pytestmark = pytest.mark.timeout(90)
+
+# The fixtures of tests/test_postgres.py: a connection of the tests' own, a fresh table name.
+admin = test_postgres.admin
+table = test_postgres.table
 
 
 class Spelling(NamedTuple):
@@ -51,7 +56,8 @@ def _with_path(*schemas: str) -> str:
 def increment_as(spelling: Spelling, key: str, times: int, start: str, threads: int) -> None:
     """Run in a child process: increment through this spelling of the table."""
     with spelling.storage(key) as storage:
-        increment_store(StateStore(Counter, storage, default=Counter, timeout=60), times, start, threads)
+        store = StateStore(Counter, storage, default=Counter, timeout=60)
+        increment_store(store, times, start, threads)
 
 
 @pytest.fixture
@@ -67,7 +73,7 @@ def schema(admin: psycopg.Connection[Any]) -> Iterator[str]:
 def spellings(
     request: pytest.FixtureRequest, table: str, schema: str, admin: psycopg.Connection[Any]
 ) -> list[Spelling]:
-    """Several spellings of one table: in public, or in a mixed-case schema with a mixed-case name."""
+    """Spellings of one table: in public, or a mixed-case table in a mixed-case schema."""
     if request.param == "public":
         return [
             Spelling(DSN, None, table),
@@ -224,9 +230,8 @@ def test_a_table_created_again_is_looked_up_again(
         with PostgresStorage(DSN, key="jobs", table=table, schema="public") as new:
             StateStore(Counter, new, default=Counter).save(Counter(count=5))
             assert new.lock_id != before
-            with new.session(5):
-                with pytest.raises(LockTimeout):
-                    StateStore(Counter, old, timeout=0).update(bump)
+            with new.session(5), pytest.raises(LockTimeout):
+                StateStore(Counter, old, timeout=0).update(bump)
         assert StateStore(Counter, old).update(bump).count == 6
 
 
@@ -321,6 +326,8 @@ def test_a_plain_table_made_in_advance_is_accepted(
 
 
 def test_lock_id_of_a_missing_table_is_a_typed_error(table: str) -> None:
-    with PostgresStorage(DSN, key="jobs", table=table) as storage:
-        with pytest.raises(LockError, match="does not exist yet"):
-            _ = storage.lock_id
+    with (
+        PostgresStorage(DSN, key="jobs", table=table) as storage,
+        pytest.raises(LockError, match="does not exist yet"),
+    ):
+        _ = storage.lock_id

@@ -121,7 +121,7 @@ def _validation_lines(store: StateStore[Any], e: StateValidationError) -> list[s
     """One ``location:line:col: field: message`` per error, at the positions the error carries."""
     lines = []
     for i, err in enumerate(e.errors):
-        at = e.positions[i] if i < len(e.positions) else None
+        at = e.positions[i] if i < len(e.positions) else None  # one per error, when located
         where = str(store.location) + (f":{at[0]}:{at[1]}" if at is not None else "")
         name = ".".join(map(str, err.get("loc", ()))) or "(document)"
         lines.append(f"{where}: {name}: {err.get('msg')}")

@@ -37,6 +37,7 @@ class, pickles), the name they are imported by, not this private module's.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import functools
 import json
@@ -359,10 +360,10 @@ def _offsets(text: str) -> dict[tuple[Any, ...], int]:
             while text[i] != close:
                 if close == "}":
                     key, j = _DECODER.raw_decode(text, i)
-                    found[path + (key,)] = i
-                    i = value(ws(j) + 1, path + (key,))  # past the ':'
+                    found[(*path, key)] = i
+                    i = value(ws(j) + 1, (*path, key))  # past the ':'
                 else:
-                    i = value(i, path + (n,))
+                    i = value(i, (*path, n))
                 n += 1
                 i = ws(i)
                 if text[i] == ",":
@@ -371,10 +372,9 @@ def _offsets(text: str) -> dict[tuple[Any, ...], int]:
         end: int = _DECODER.raw_decode(text, i)[1]  # a string, number, true, false or null
         return end
 
-    try:
+    # Positions are a courtesy: report what was found.
+    with contextlib.suppress(ValueError, IndexError, RecursionError):
         value(0, ())
-    except (ValueError, IndexError, RecursionError):
-        pass  # positions are a courtesy: report what was found
     return found
 
 
@@ -403,7 +403,7 @@ def _locate(
 # Shown as ``statestore.<Name>``, the name they are imported by. Pickles name the
 # class by its module too, and ``statestore`` exports each of them (a test holds it).
 for _cls in list(globals().values()):
-    if isinstance(_cls, type) and issubclass(_cls, StateStoreError):
-        if not _cls.__name__.startswith("_"):
-            _cls.__module__ = "statestore"
-del _cls
+    public = not getattr(_cls, "__name__", "_").startswith("_")
+    if public and isinstance(_cls, type) and issubclass(_cls, StateStoreError):
+        _cls.__module__ = "statestore"
+del _cls, public
