@@ -360,8 +360,9 @@ def _offsets(text: str) -> dict[tuple[Any, ...], int]:
             while text[i] != close:
                 if close == "}":
                     key, j = _DECODER.raw_decode(text, i)
-                    found[(*path, key)] = i
-                    i = value(ws(j) + 1, (*path, key))  # past the ':'
+                    member = (*path, key)
+                    found[member] = i
+                    i = value(ws(j) + 1, member)  # past the ':'
                 else:
                     i = value(i, (*path, n))
                 n += 1
