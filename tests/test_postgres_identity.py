@@ -278,6 +278,18 @@ def _make(admin: psycopg.Connection[Any], name: str, kind: str) -> None:
                 "CREATE TABLE {} PARTITION OF {} DEFAULT"
             ).format(parent, t, parent)
         )
+    elif kind in ("inheritance-parent", "inheritance-child"):
+        other = sql.Identifier(name + "_other")
+        columns = sql.SQL(
+            "(key text PRIMARY KEY, document text NOT NULL, "
+            "updated_at timestamptz NOT NULL DEFAULT now())"
+        )
+        parent, child = (t, other) if kind == "inheritance-parent" else (other, t)
+        admin.execute(
+            sql.SQL("CREATE TABLE {} {}; CREATE TABLE {} () INHERITS ({})").format(
+                parent, columns, child, parent
+            )
+        )
     else:
         raise AssertionError(kind)
 
@@ -289,6 +301,8 @@ def _make(admin: psycopg.Connection[Any], name: str, kind: str) -> None:
         ("char-key", "key column of type character"),
         ("case-insensitive-key", "nondeterministic collation"),
         ("partition", "is a partition"),
+        ("inheritance-parent", "table inheritance"),
+        ("inheritance-child", "table inheritance"),
     ],
 )
 def test_tables_a_row_lock_would_not_guard_are_refused(

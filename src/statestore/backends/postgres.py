@@ -20,8 +20,9 @@ quoted name), so every storage that reaches one row takes one lock, and a table
 dropped and created again is looked up afresh. The key is compared as the
 column compares it, which is byte for byte only for ``text``/``varchar`` with a
 deterministic collation: a table whose key column compares otherwise (citext,
-a case-insensitive collation, ``char(n)``), a view, a foreign table or a
-partition (rows that another name also reaches) is refused.
+a case-insensitive collation, ``char(n)``), a view, a foreign table, a
+partition or a table in an inheritance tree (rows that another name also
+reaches) is refused.
 """
 
 from __future__ import annotations
@@ -563,7 +564,8 @@ class PostgresStorage:
         """Refuse a documents table whose rows a lock keyed by (OID, key) would not guard."""
         row = conn.execute(
             "SELECT c.relkind, c.relispartition, format_type(a.atttypid, NULL), "
-            "coalesce(co.collisdeterministic, true) "
+            "coalesce(co.collisdeterministic, true), "
+            "EXISTS (SELECT FROM pg_inherits i WHERE i.inhrelid = c.oid OR i.inhparent = c.oid) "
             "FROM pg_class c LEFT JOIN pg_attribute a ON a.attrelid = c.oid "
             "AND a.attname = 'key' AND NOT a.attisdropped "
             "LEFT JOIN pg_collation co ON co.oid = a.attcollation "
@@ -572,13 +574,15 @@ class PostgresStorage:
         ).fetchone()
         if row is None:
             return  # dropped since: the session's own statements say so
-        kind, partition, key_type, deterministic = row
+        kind, partition, key_type, deterministic, inherits = row
         problem = None
         if kind not in ("r", "p"):
             what = {"v": "a view", "m": "a materialized view", "f": "a foreign table"}
             problem = f"is {what.get(kind, f'of relkind {kind!r}')}, not a table"
         elif partition:
             problem = "is a partition, whose rows its parent's name reaches too"
+        elif kind == "r" and inherits:
+            problem = "takes part in table inheritance, so another table's name reaches its rows"
         elif key_type not in _KEY_TYPES or not deterministic:
             how = key_type if deterministic else f"{key_type} with a nondeterministic collation"
             problem = (
