@@ -278,6 +278,13 @@ def _make(admin: psycopg.Connection[Any], name: str, kind: str) -> None:
                 "CREATE TABLE {} PARTITION OF {} DEFAULT"
             ).format(parent, t, parent)
         )
+    elif kind == "no-key":
+        admin.execute(
+            sql.SQL(
+                "CREATE TABLE {} (name text PRIMARY KEY, document text NOT NULL, "
+                "updated_at timestamptz NOT NULL DEFAULT now())"
+            ).format(t)
+        )
     elif kind in ("inheritance-parent", "inheritance-child"):
         other = sql.Identifier(name + "_other")
         columns = sql.SQL(
@@ -303,6 +310,7 @@ def _make(admin: psycopg.Connection[Any], name: str, kind: str) -> None:
         ("partition", "is a partition"),
         ("inheritance-parent", "table inheritance"),
         ("inheritance-child", "table inheritance"),
+        ("no-key", "no column named key"),
     ],
 )
 def test_tables_a_row_lock_would_not_guard_are_refused(

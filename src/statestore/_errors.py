@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 __all__ = [
+    "CORRUPT_HINT",
     "CrossDeviceError",
     "DurabilityError",
     "LockCompromisedError",

@@ -583,6 +583,8 @@ class PostgresStorage:
             problem = "is a partition, whose rows its parent's name reaches too"
         elif kind == "r" and inherits:
             problem = "takes part in table inheritance, so another table's name reaches its rows"
+        elif key_type is None:
+            problem = "has no column named key"
         elif key_type not in _KEY_TYPES or not deterministic:
             how = key_type if deterministic else f"{key_type} with a nondeterministic collation"
             problem = (
