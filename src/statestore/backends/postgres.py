@@ -587,10 +587,7 @@ class PostgresStorage:
             problem = "has no column named key"
         elif key_type not in _KEY_TYPES or not deterministic:
             how = key_type if deterministic else f"{key_type} with a nondeterministic collation"
-            problem = (
-                f"has a key column of type {how}, which may count two spellings of a key "
-                "as one row"
-            )
+            problem = f"has a key column of type {how}, which may equate two spellings of a key"
         if problem is not None:
             raise LockError(
                 self.location,
