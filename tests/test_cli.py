@@ -210,8 +210,11 @@ def test_show_errors_are_one_line_on_stderr(
     )
     bad = write(tmp_path / "bad.json", '{"name": 1, "size": 0}')
     assert run(capsys, "show", "cli_fixtures:settings_v1", "--path", str(bad)) == (
-        1, "", f"statestore: error: {bad}: 2 validation error(s) against the model: name: Input "
-        "should be a valid string; size: Input should be greater than or equal to 1\n",
+        1, "", f"statestore: error: {bad}: 2 validation error(s) against the model: name (line 1, "
+        "column 2): Input should be a valid string; size (line 1, column 13): Input should be "
+        "greater than or equal to 1; fix those fields in the document, or, if the model changed "
+        "on purpose, give the store a new version and a migration; the document was left "
+        "untouched\n",
     )
 
 
@@ -228,7 +231,8 @@ def test_debug_adds_the_traceback(
     assert "StateCorruptError" in err
     assert err.endswith(
         f"statestore: error: {bad}:1:1: the document is a JSON array, but a state file holds "
-        "a JSON object; the file was left untouched\n"
+        "a JSON object; the file was left untouched; edit it to fix this, or put back a copy, "
+        "then load it again\n"
     )
 
 
@@ -286,8 +290,10 @@ def test_validate_lists_errors_with_positions(
     ("text", "message"),
     [
         ('{\n  "name": "a",,\n}', ":2:15: not valid JSON (Expecting property name enclosed in "
-         "double quotes at line 2, column 15); the file was left untouched"),
-        ("", ":1:1: the file is empty; the file was left untouched"),
+         "double quotes at line 2, column 15); the file was left untouched; edit it to fix this, "
+         "or put back a copy, then load it again"),
+        ("", ":1:1: the file is empty; the file was left untouched; edit it to fix this, or put "
+         "back a copy, then load it again"),
         ('{"schema_version": 7, "name": "a"}', ": the file is at schema version 7, newer than "
          "this program's version 2: it was written by a newer release. Upgrade this program; "
          "the file was not changed"),

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 import time
 import traceback
@@ -157,63 +156,13 @@ def _schema_of(ref: str) -> tuple[str, int, Callable[[Draft], dict[str, Any]]]:
     return schema_filename(schema_name(model), 1), 1, lambda d: document_schema(model, 1, draft=d)
 
 
-# ----------------------------------------------------------------- positions
-
-_WS = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
-
-
-def _positions(text: str) -> dict[tuple[Any, ...], int]:
-    """Offset of every value in a JSON text, by path (members: the offset of their key)."""
-    found: dict[tuple[Any, ...], int] = {}
-
-    def ws(i: int) -> int:
-        m = _WS.match(text, i)
-        return m.end() if m else i
-
-    def value(i: int, path: tuple[Any, ...]) -> int:
-        i = ws(i)
-        found.setdefault(path, i)
-        if text[i] in "{[":
-            close, n = ("}" if text[i] == "{" else "]"), 0
-            i = ws(i + 1)
-            while text[i] != close:
-                if close == "}":
-                    key, j = _DECODER.raw_decode(text, i)
-                    found[path + (key,)] = i
-                    i = value(ws(j) + 1, path + (key,))  # past the ':'
-                else:
-                    i = value(i, path + (n,))
-                n += 1
-                i = ws(i)
-                if text[i] == ",":
-                    i = ws(i + 1)
-            return i + 1
-        end: int = _DECODER.raw_decode(text, i)[1]  # a string, number, true, false or null
-        return end
-
-    try:
-        value(0, ())
-    except (ValueError, IndexError, RecursionError):
-        pass  # positions are a courtesy: report what was found
-    return found
-
-
 def _validation_lines(store: StateStore[Any], e: StateValidationError) -> list[str]:
-    raw = store.storage.read() or b""
-    text = raw.decode("utf-8", "replace").removeprefix("\ufeff")
-    positions = _positions(text)
+    """One ``location:line:col: field: message`` per error, at the positions the error carries."""
     lines = []
-    for err in e.errors:
-        loc = tuple(err.get("loc", ()))
-        # The longest prefix of the error's path that is in the file: a missing
-        # field points at its object; union member names are not in the file.
-        at = next(loc[:n] for n in range(len(loc), -1, -1) if loc[:n] in positions or n == 0)
-        where = str(store.location)
-        if at in positions:
-            before = text[: positions[at]]
-            where += f":{before.count(chr(10)) + 1}:{len(before) - before.rfind(chr(10))}"
-        name = ".".join(map(str, loc)) or "(document)"
+    for i, err in enumerate(e.errors):
+        at = e.positions[i] if i < len(e.positions) else None  # one per error, when located
+        where = str(store.location) + (f":{at[0]}:{at[1]}" if at is not None else "")
+        name = ".".join(map(str, err.get("loc", ()))) or "(document)"
         lines.append(f"{where}: {name}: {err.get('msg')}")
     return lines
 

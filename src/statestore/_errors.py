@@ -14,22 +14,40 @@ survives pickling (so it crosses process pools intact)::
     ├── StateCorruptError           (ValueError)     not JSON / not a JSON object
     ├── StateValidationError        (ValueError)     JSON that the model rejects
     ├── StateWriteError             (OSError)        the save failed, old file intact
-    │   ├── CrossDeviceError                         EXDEV / EBUSY on rename
-    │   └── DurabilityError                          renamed, but the folder fsync failed
+    │   └── CrossDeviceError                         EXDEV / EBUSY on rename
+    ├── DurabilityError             (OSError)        published, durability (or commit) unknown
     ├── SchemaVersionError          (ValueError)     file newer than the code, bad chain
     ├── MigrationError              (ValueError)     a migration step failed
     └── NestedTransactionError      (RuntimeError)   update() inside transaction()
+
+A ``StateWriteError`` means nothing was saved: retrying the same ``update(fn)``
+applies ``fn`` once. An error raised after the new document was published is
+never one: ``DurabilityError`` is its sibling, not its subclass.
+
+An error about a document a person can edit says where and what next:
+``StateCorruptError`` and ``StateValidationError`` carry ``line`` and ``column``
+(1-based, in characters; for a validation error, of the first error's field,
+and ``positions`` has one per error), print them as ``path:line:column`` and
+per field, and end with a next step (``hint``). These are the positions the
+command line shows: it reads them from the error, never recomputes them.
+
+The public classes show as ``statestore.<Name>`` (tracebacks, ``repr`` of the
+class, pickles), the name they are imported by, not this private module's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import functools
+import json
 import os
+import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
+    "CORRUPT_HINT",
     "CrossDeviceError",
     "DurabilityError",
     "LockCompromisedError",
@@ -153,7 +171,11 @@ class StateReadError(_OSErrorMixin):
 
 
 class StateCorruptError(StateStoreError, ValueError):
-    """The file is not a JSON object. It is left untouched."""
+    """The file is not a JSON object. It is left untouched.
+
+    ``line`` and ``column`` (1-based) say where, when known; ``hint`` is the next
+    step, shown at the end of ``str(error)``.
+    """
 
     def __init__(
         self,
@@ -162,23 +184,47 @@ class StateCorruptError(StateStoreError, ValueError):
         *,
         line: int | None = None,
         column: int | None = None,
+        hint: str | None = None,
     ) -> None:
         self.line = line
         self.column = column
+        self.hint = hint
         super().__init__(path, message)
 
     def __str__(self) -> str:
         where = self.path
         if self.line is not None:
             where += f":{self.line}:{self.column}"
-        return f"{where}: {self.message}"
+        text = f"{where}: {self.message}"
+        return f"{text}; {self.hint}" if self.hint else text
 
     def _pickle_kwargs(self) -> dict[str, Any]:
-        return {**super()._pickle_kwargs(), "line": self.line, "column": self.column}
+        return {
+            **super()._pickle_kwargs(),
+            "line": self.line,
+            "column": self.column,
+            "hint": self.hint,
+        }
+
+
+#: The next step after a stored document could not be parsed.
+CORRUPT_HINT: Final = "edit it to fix this, or put back a copy, then load it again"
+#: The next step after a stored document failed validation.
+VALIDATION_HINT: Final = (
+    "fix those fields in the document, or, if the model changed on purpose, give the "
+    "store a new version and a migration; the document was left untouched"
+)
 
 
 class StateValidationError(StateStoreError, ValueError):
-    """The document does not fit the model. ``errors`` is pydantic's error list."""
+    """The document does not fit the model. ``errors`` is pydantic's error list.
+
+    Given the document's text (``source``), each error is located in it:
+    ``positions[i]`` is the 1-based (line, column) of ``errors[i]``'s field (for a
+    missing field, of the object that lacks it), or None; ``line`` and ``column``
+    are the first error's. ``hint``, the next step, ends ``str(error)``; for a
+    stored document it defaults to :data:`VALIDATION_HINT`.
+    """
 
     def __init__(
         self,
@@ -186,21 +232,44 @@ class StateValidationError(StateStoreError, ValueError):
         message: str = "",
         *,
         errors: Sequence[Mapping[str, Any]] = (),
+        source: bytes | str | None = None,
+        positions: Sequence[tuple[int, int] | None] | None = None,
+        hint: str | None = None,
     ) -> None:
         self.errors = [dict(e) for e in errors]
+        if positions is None:
+            positions = _locate(source, self.errors) if source is not None else ()
+        self.positions: list[tuple[int, int] | None] = [
+            None if p is None else (int(p[0]), int(p[1])) for p in positions
+        ]
+        first = next((p for p in self.positions if p is not None), None)
+        self.line = None if first is None else first[0]
+        self.column = None if first is None else first[1]
+        self.hint = VALIDATION_HINT if hint is None and source is not None else hint
         super().__init__(path, message or self._describe())
+
+    def __str__(self) -> str:
+        text = StateStoreError.__str__(self)
+        return f"{text}\n{self.hint}" if self.hint else text
 
     def _describe(self) -> str:
         lines = [f"{len(self.errors)} validation error(s) against the model:"]
-        for e in self.errors[:10]:
+        for i, e in enumerate(self.errors[:10]):
             loc = ".".join(str(p) for p in e.get("loc", ())) or "(document)"
-            lines.append(f"  {loc}: {e.get('msg')}")
+            at = self.positions[i] if i < len(self.positions) else None
+            where = f" (line {at[0]}, column {at[1]})" if at is not None else ""
+            lines.append(f"  {loc}{where}: {e.get('msg')}")
         if len(self.errors) > 10:
             lines.append(f"  ... and {len(self.errors) - 10} more")
         return "\n".join(lines)
 
     def _pickle_kwargs(self) -> dict[str, Any]:
-        return {**super()._pickle_kwargs(), "errors": self.errors}
+        return {
+            **super()._pickle_kwargs(),
+            "errors": self.errors,
+            "positions": self.positions,
+            "hint": self.hint,
+        }
 
 
 class StateWriteError(_OSErrorMixin):
@@ -215,11 +284,18 @@ class CrossDeviceError(StateWriteError):
     """
 
 
-class DurabilityError(StateWriteError):
+class DurabilityError(_OSErrorMixin):
     """The new content is in place, but syncing the folder failed.
 
     The save is visible to other processes; whether it would survive a power
     loss is unknown. The file is consistent either way (old or new, never mixed).
+    A server-side storage raises it when the answer to a commit was lost and the
+    outcome could not be found out: the document is whole, old or new.
+
+    Not a :class:`StateWriteError`, which promises that nothing was saved: the
+    change this save carried has been applied, so running the same ``update(fn)``
+    again would apply ``fn`` a second time. Load the state to see it, and sync
+    or check the disk before relying on it surviving a power loss.
     """
 
 
@@ -260,3 +336,76 @@ def write_error(path: str | os.PathLike[str], exc: OSError, what: str) -> StateW
     return StateWriteError(
         path, f"could not save ({what}: {reason}); {hint}. The old file is unchanged.", errno=code
     )
+
+
+# ------------------------------------------------------------------ positions
+
+_WS: Final = re.compile(r"[ \t\n\r]*")
+_DECODER: Final = json.JSONDecoder()
+
+
+def _offsets(text: str) -> dict[tuple[Any, ...], int]:
+    """Offset of every value in a JSON text, by path (members: the offset of their key)."""
+    found: dict[tuple[Any, ...], int] = {}
+
+    def ws(i: int) -> int:
+        m = _WS.match(text, i)
+        return m.end() if m else i
+
+    def value(i: int, path: tuple[Any, ...]) -> int:
+        i = ws(i)
+        found.setdefault(path, i)
+        if text[i] in "{[":
+            close, n = ("}" if text[i] == "{" else "]"), 0
+            i = ws(i + 1)
+            while text[i] != close:
+                if close == "}":
+                    key, j = _DECODER.raw_decode(text, i)
+                    member = (*path, key)
+                    found[member] = i
+                    i = value(ws(j) + 1, member)  # past the ':'
+                else:
+                    i = value(i, (*path, n))
+                n += 1
+                i = ws(i)
+                if text[i] == ",":
+                    i = ws(i + 1)
+            return i + 1
+        end: int = _DECODER.raw_decode(text, i)[1]  # a string, number, true, false or null
+        return end
+
+    # Positions are a courtesy: report what was found.
+    with contextlib.suppress(ValueError, IndexError, RecursionError):
+        value(0, ())
+    return found
+
+
+def _locate(
+    source: bytes | str, errors: Sequence[Mapping[str, Any]]
+) -> list[tuple[int, int] | None]:
+    """The (line, column) in ``source`` of each error's field: its longest path in the text."""
+    if isinstance(source, bytes):
+        source = source.decode("utf-8", "replace")
+    text = source.removeprefix("\ufeff")
+    offsets = _offsets(text)
+    located: list[tuple[int, int] | None] = []
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        # The longest prefix of the error's path that is in the text: a missing field
+        # points at its object; union member names are not in the text.
+        at = next((loc[:n] for n in range(len(loc), -1, -1) if loc[:n] in offsets), None)
+        if at is None:
+            located.append(None)
+            continue
+        before = text[: offsets[at]]
+        located.append((before.count("\n") + 1, len(before) - before.rfind("\n")))
+    return located
+
+
+# Shown as ``statestore.<Name>``, the name they are imported by. Pickles name the
+# class by its module too, and ``statestore`` exports each of them (a test holds it).
+for _cls in list(globals().values()):
+    public = not getattr(_cls, "__name__", "_").startswith("_")
+    if public and isinstance(_cls, type) and issubclass(_cls, StateStoreError):
+        _cls.__module__ = "statestore"
+del _cls, public

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from ._errors import (
+    CORRUPT_HINT,
     MigrationError,
     NestedTransactionError,
     StateCorruptError,
@@ -427,12 +428,17 @@ class StateStore(Generic[ModelT]):
                 "the file was left untouched",
                 line=line,
                 column=col,
+                hint=CORRUPT_HINT,
             ) from e
         if text.startswith("\ufeff"):  # a byte-order mark some editors add
             text = text[1:]
         if not text.strip():
             raise StateCorruptError(
-                location, "the file is empty; the file was left untouched", line=1, column=1
+                location,
+                "the file is empty; the file was left untouched",
+                line=1,
+                column=1,
+                hint=CORRUPT_HINT,
             )
         try:
             doc = json.loads(text, parse_constant=_reject_constant)
@@ -443,10 +449,11 @@ class StateStore(Generic[ModelT]):
                 "the file was left untouched",
                 line=e.lineno,
                 column=e.colno,
+                hint=CORRUPT_HINT,
             ) from e
         except (ValueError, RecursionError) as e:
             raise StateCorruptError(
-                location, f"not usable JSON: {e}; the file was left untouched"
+                location, f"not usable JSON: {e}; the file was left untouched", hint=CORRUPT_HINT
             ) from e
         if not isinstance(doc, dict):
             kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
@@ -458,6 +465,7 @@ class StateStore(Generic[ModelT]):
                 "the file was left untouched",
                 line=1,
                 column=1,
+                hint=CORRUPT_HINT,
             )
         return doc
 
@@ -543,7 +551,7 @@ class StateStore(Generic[ModelT]):
                     f"{e.errors()[0]['msg']} at {'.'.join(map(str, e.errors()[0]['loc']))}; "
                     "the file was not changed",
                 ) from e
-            raise StateValidationError(location, errors=_errors_of(e)) from e
+            raise StateValidationError(location, errors=_errors_of(e), source=raw) from e
         return _Loaded(model, raw, found, schema if isinstance(schema, str) else None)
 
     def _make_default(self) -> ModelT:

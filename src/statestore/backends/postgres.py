@@ -11,6 +11,18 @@ A session is one transaction that holds ``pg_advisory_xact_lock`` on a 64-bit
 hash of (table, key): exclusive across every machine, released by the server
 at commit, at rollback, and when the connection drops (so a killed holder never
 blocks the next one). ``docs/postgres.md`` has the set-up and the semantics.
+
+One row, one lock: the lock is keyed by the row's identity as the server
+resolves it, never by a name as spelled. The table is its OID, looked up by the
+server in the locking statement itself with the rules its queries use
+(``schema=None`` through the search path, ``schema="public"``, any case of a
+quoted name), so every storage that reaches one row takes one lock, and a table
+dropped and created again is looked up afresh. The key is compared as the
+column compares it, which is byte for byte only for ``text``/``varchar`` with a
+deterministic collation: a table whose key column compares otherwise (citext,
+a case-insensitive collation, ``char(n)``), a view, a foreign table, a
+partition or a table in an inheritance tree (rows that another name also
+reaches) is refused.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from .._errors import (
+    DurabilityError,
     LockCompromisedError,
     LockError,
     LockTimeout,
@@ -153,9 +166,28 @@ def _describe(e: psycopg.Error, what: str) -> str:
     return f"{what} failed ({_reason(e)}); {_hint(e)}"
 
 
-def _lock_id(table: str, key: str) -> int:
-    """The advisory lock key of a document: a signed 64-bit hash of (table, key)."""
-    digest = hashlib.blake2b(f"statestore\0{table}\0{key}".encode(), digest_size=8).digest()
+#: The advisory lock key of a row, computed by the server: the first 8 bytes of
+#: SHA-256("statestore:<table OID>:<key>") as a signed 64-bit integer. ``{table}``
+#: is resolved to the table's OID by the server, as its queries resolve it.
+_LOCK_KEY: Final = (
+    "('x' || encode(substring(sha256(convert_to("
+    "'statestore:' || {table}::regclass::oid::text || ':' || {key}, 'UTF8')) "
+    "FROM 1 FOR 8), 'hex'))::bit(64)::bigint"
+)
+#: The key of the lock that serialises creating a table: the schema the server
+#: would create it in (``current_schema()`` for an unqualified name), and the name.
+_CREATE_KEY: Final = (
+    "('x' || encode(substring(sha256(convert_to("
+    "'statestore:create:' || quote_ident(coalesce({schema}, current_schema())) || '.' "
+    "|| quote_ident({table}), 'UTF8')) FROM 1 FOR 8), 'hex'))::bit(64)::bigint"
+)
+#: Key column types whose equality is byte equality (with a deterministic collation).
+_KEY_TYPES: Final = ("text", "character varying")
+
+
+def _lock_key(table_oid: int, key: str) -> int:
+    """The advisory lock key of a row, as :data:`_LOCK_KEY` computes it on the server."""
+    digest = hashlib.sha256(f"statestore:{table_oid}:{key}".encode()).digest()[:8]
     return int.from_bytes(digest, "big", signed=True)
 
 
@@ -266,7 +298,9 @@ class PostgresSession:
                     "nothing was saved; the stored document is unchanged. The lock was "
                     "released with it, so run the update again.",
                 ) from e
-            raise StateWriteError(
+            # Not a StateWriteError, which promises nothing was saved: running the
+            # same update again could apply its change twice.
+            raise DurabilityError(
                 s.location,
                 f"{_describe(e, 'committing')}, and whether the commit happened could not "
                 "be found out. The stored document is whole: either the old one or the new "
@@ -324,7 +358,13 @@ class PostgresStorage:
         self._table_id = self._ident(table)
         self._backup_id = self._ident(backup_table)
         self._qualified = self._quoted(table)
-        self._lock_id = _lock_id(self._qualified, key)
+        # Resolved by the server at each lock, never hashed from the name as spelled.
+        self._lock_key = sql.SQL(_LOCK_KEY).format(
+            table=sql.Literal(self._qualified), key=sql.Literal(key)
+        )
+        self._create_key = sql.SQL(_CREATE_KEY).format(
+            schema=sql.Literal(schema), table=sql.Literal(table)
+        )
         self._ready = False
         # The pool must not refer back to the storage, or the finalizer (which closes
         # the idle connections when the storage is collected) would keep it alive.
@@ -375,8 +415,32 @@ class PostgresStorage:
 
     @property
     def lock_id(self) -> int:
-        """The advisory lock key (``pg_locks``: ``classid``/``objid`` are its two halves)."""
-        return self._lock_id
+        """The advisory lock key (``pg_locks``: ``classid``/``objid`` are its two halves).
+
+        Asked of the server, which resolves the table as a session would: every
+        spelling of one table gives one key. :class:`LockError` when the server
+        cannot be reached or the table does not exist yet.
+        """
+
+        def run(conn: _Conn) -> int:
+            found = conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL", (self._qualified,)
+            ).fetchone()
+            if not (found and found[0]):
+                raise LockError(
+                    self.location,
+                    f"the table {self._qualified} does not exist yet, so it has no lock "
+                    "key; the first save creates it",
+                )
+            return self._resolve_lock_key(conn)
+
+        key: int = self._with_connection(run, LockError, "resolving the lock key")
+        return key
+
+    def _resolve_lock_key(self, conn: _Conn) -> int:
+        row = conn.execute(sql.SQL("SELECT {}").format(self._lock_key)).fetchone()
+        assert row is not None
+        return int(row[0])
 
     def backup_location(self, label: str) -> str:
         backups = self._quoted(self.backup_table).replace(chr(34), "")
@@ -482,9 +546,11 @@ class PostgresStorage:
                 conn.execute("BEGIN")
                 # Serialised by a lock of its own: concurrent CREATE TABLE IF NOT EXISTS
                 # of one name can still fail on the catalog's unique index.
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_id(names[0], "\0create"),))
+                # Keyed by where the server would create it, as the lock on a row is.
+                conn.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(self._create_key))
                 conn.execute(self._create)
                 conn.execute("COMMIT")
+            self._check_table(conn)
         except psycopg.Error as e:
             if conn.broken:
                 raise
@@ -494,6 +560,42 @@ class PostgresStorage:
             ) from e
         self._ready = True
 
+    def _check_table(self, conn: _Conn) -> None:
+        """Refuse a documents table whose rows a lock keyed by (OID, key) would not guard."""
+        row = conn.execute(
+            "SELECT c.relkind, c.relispartition, format_type(a.atttypid, NULL), "
+            "coalesce(co.collisdeterministic, true), "
+            "EXISTS (SELECT FROM pg_inherits i WHERE i.inhrelid = c.oid OR i.inhparent = c.oid) "
+            "FROM pg_class c LEFT JOIN pg_attribute a ON a.attrelid = c.oid "
+            "AND a.attname = 'key' AND NOT a.attisdropped "
+            "LEFT JOIN pg_collation co ON co.oid = a.attcollation "
+            "WHERE c.oid = to_regclass(%s)",
+            (self._qualified,),
+        ).fetchone()
+        if row is None:
+            return  # dropped since: the session's own statements say so
+        kind, partition, key_type, deterministic, inherits = row
+        problem = None
+        if kind not in ("r", "p"):
+            what = {"v": "a view", "m": "a materialized view", "f": "a foreign table"}
+            problem = f"is {what.get(kind, f'of relkind {kind!r}')}, not a table"
+        elif partition:
+            problem = "is a partition, whose rows its parent's name reaches too"
+        elif kind == "r" and inherits:
+            problem = "takes part in table inheritance, so another table's name reaches its rows"
+        elif key_type is None:
+            problem = "has no column named key"
+        elif key_type not in _KEY_TYPES or not deterministic:
+            how = key_type if deterministic else f"{key_type} with a nondeterministic collation"
+            problem = f"has a key column of type {how}, which may equate two spellings of a key"
+        if problem is not None:
+            raise LockError(
+                self.location,
+                f"the table {self._qualified} {problem}: the lock, keyed by the table "
+                "and the key's bytes, would not guard its rows. Point the storage at a "
+                "plain table whose key column is text (see docs/postgres.md)",
+            )
+
     def _begin(self, timeout: float) -> _Conn:
         """A connection in a transaction that holds the key's advisory lock."""
         # READ COMMITTED whatever the server's default: each statement then sees what
@@ -502,18 +604,21 @@ class PostgresStorage:
         setup = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
         if not self.durable:
             setup += "; SET LOCAL synchronous_commit = off"
+        # The key is computed in the locking statement itself, from the table's OID as
+        # the server resolves the name now (see the module's docstring).
         if timeout <= 0:
-            lock = f"SELECT pg_try_advisory_xact_lock({self._lock_id})"
+            lock = "SELECT pg_try_advisory_xact_lock(l.id) FROM (SELECT {} AS id) AS l"
         else:
             # lock_timeout 0 means "wait forever", so round up to at least 1 ms.
             ms = 0 if math.isinf(timeout) else max(1, math.ceil(timeout * 1000))
             setup += f"; SET LOCAL lock_timeout = {ms}"
-            lock = f"SELECT true FROM pg_advisory_xact_lock({self._lock_id})"
+            lock = "SELECT true FROM (SELECT {} AS id) AS l, pg_advisory_xact_lock(l.id)"
+        statement = sql.SQL(f"{setup}; {lock}").format(self._lock_key)
 
         def run(conn: _Conn) -> _Conn:
             self._ensure_tables(conn)
             try:
-                cur = conn.execute(f"{setup}; {lock}")
+                cur = conn.execute(statement)
                 while cur.nextset():
                     pass
                 row = cur.fetchone()
@@ -530,8 +635,8 @@ class PostgresStorage:
 
     def _timeout(self, conn: _Conn, timeout: float) -> LockTimeout:
         """A LockTimeout that names the server session holding the lock, when it can be seen."""
-        key = self._lock_id & 0xFFFF_FFFF_FFFF_FFFF
         try:
+            key = self._resolve_lock_key(conn) & 0xFFFF_FFFF_FFFF_FFFF
             row = conn.execute(
                 "SELECT a.pid, host(a.client_addr), a.application_name, "
                 "extract(epoch FROM clock_timestamp() - a.xact_start)::float8 "
