@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, get_args
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, AliasPath, BaseModel, RootModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from ._errors import (
@@ -185,6 +185,136 @@ def _errors_of(e: ValidationError) -> list[dict[str, Any]]:
     return errors
 
 
+# ------------------------------------------------------------ model shapes
+
+
+def _check_model(model: object) -> None:
+    """Refuse, when the store is built, a model whose documents could not be read back.
+
+    Each of these would make a save write bytes that load to something else than
+    what was saved (or that no load accepts), whatever the values:
+
+    - not a ``BaseModel`` subclass, or a ``RootModel`` (its document is the root
+      value, not an object the store can add its keys to);
+    - a key the store writes itself (``"schema_version"``, ``"$schema"``) at the
+      top level, as a field's name or alias, as a key a field is read from, or
+      as a computed field;
+    - a field written under one key (``serialization_alias``) but read from
+      another: its value would be dropped on every save;
+    - a field left out of the document (``exclude=True``) that has no default;
+    - computed fields (written, but not inputs) in a model that forbids extra
+      keys (every load would fail) or keeps them (each load would add a copy).
+
+    Nested models are checked too, except for the store's keys (which are only
+    the top level's). What remains (validators that change values, custom
+    serialisers) is settled save by save: see :meth:`StateStore._check`.
+    """
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise TypeError(f"StateStore needs a pydantic BaseModel subclass, not {model!r}")
+    if issubclass(model, RootModel):
+        raise TypeError(
+            f"{model.__name__} is a RootModel: a state file is a JSON object that also "
+            f"holds the store's own keys ({', '.join(map(repr, _RESERVED))}), so its root "
+            "cannot be a bare value. Wrap it in a BaseModel with one field, for example "
+            "class State(BaseModel): items: list[int] = []"
+        )
+    for name, info in model.model_fields.items():
+        keys = {_written_key(name, info), *_read_keys(name, info, model, paths=True)}
+        clash = sorted(keys.intersection(_RESERVED))
+        if clash:
+            raise TypeError(
+                f"{model.__name__}.{name}: the key {clash[0]!r} is written by the store "
+                "itself; rename the field (or its alias)"
+            )
+    for name, computed in model.model_computed_fields.items():
+        key = computed.alias or name
+        if key in _RESERVED:
+            raise TypeError(
+                f"{model.__name__}.{name}: the computed field is written under {key!r}, a "
+                "key the store writes itself; rename it"
+            )
+    for each in _models_in(model):
+        _check_round_trip(each)
+
+
+def _check_round_trip(model: type[BaseModel]) -> None:
+    where = model.__name__
+    for name, info in model.model_fields.items():
+        written = _written_key(name, info)
+        read = _read_keys(name, info, model, paths=False)
+        if info.exclude is True:
+            if info.is_required():
+                raise TypeError(
+                    f"{where}.{name} is excluded from the document (exclude=True) and has "
+                    "no default: a saved state could never be loaded again. Give it a "
+                    "default, or do not exclude it"
+                )
+        elif written not in read:
+            raise TypeError(
+                f"{where}.{name} is written under the key {written!r} but read from "
+                f"{' or '.join(map(repr, sorted(read))) or 'no key'}: its value would be "
+                "lost on every save. Give it the same validation alias (for example "
+                f"Field(alias={written!r})), or set validate_by_name=True"
+            )
+    extra = model.model_config.get("extra")
+    if model.model_computed_fields and extra in ("forbid", "allow"):
+        names = ", ".join(model.model_computed_fields)
+        effect = (
+            "refuses them as extra keys, so no saved state would load"
+            if extra == "forbid"
+            else "keeps them as extra keys, so each load would add a copy"
+        )
+        raise TypeError(
+            f"{where} has computed fields ({names}), which are written to the document "
+            f"but are not inputs, and extra={extra!r} {effect}. Use extra='ignore', or "
+            "make them properties without @computed_field"
+        )
+
+
+def _written_key(name: str, info: Any) -> str:
+    """The key a field is serialised under (the store dumps by alias)."""
+    key = info.serialization_alias or info.alias or name
+    return str(key)
+
+
+def _read_keys(name: str, info: Any, model: type[BaseModel], *, paths: bool) -> set[str]:
+    """The top-level keys a field is validated from (``paths``: also the first key
+    of every multi-step ``AliasPath``, which reads inside that key)."""
+    config = model.model_config
+    keys: set[str] = set()
+    if config.get("validate_by_alias", True):
+        alias = info.validation_alias
+        if alias is None:
+            keys.add(info.alias or name)
+        else:
+            for choice in alias.choices if isinstance(alias, AliasChoices) else [alias]:
+                if isinstance(choice, str):
+                    keys.add(choice)
+                elif isinstance(choice, AliasPath) and choice.path:
+                    first = choice.path[0]
+                    if isinstance(first, str) and (paths or len(choice.path) == 1):
+                        keys.add(first)
+    if config.get("validate_by_name") or config.get("populate_by_name"):
+        keys.add(name)
+    return keys
+
+
+def _models_in(model: type[BaseModel]) -> list[type[BaseModel]]:
+    """``model`` and every model class its field types mention, each once."""
+    found: list[type[BaseModel]] = []
+    todo: list[object] = [model]
+    while todo:
+        tp = todo.pop()
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp in found:
+                continue
+            found.append(tp)
+            todo.extend(info.annotation for info in tp.model_fields.values())
+        else:
+            todo.extend(get_args(tp))
+    return found
+
+
 class StateStore(Generic[ModelT]):
     """A JSON state file validated by a pydantic model, safe to update from many processes.
 
@@ -214,14 +344,7 @@ class StateStore(Generic[ModelT]):
         read_attempts: int = 3,
         read_delay: float = 0.05,
     ) -> None:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            raise TypeError(f"StateStore needs a pydantic BaseModel subclass, not {model!r}")
-        for name, info in model.model_fields.items():
-            if name in _RESERVED or info.alias in _RESERVED:
-                raise TypeError(
-                    f"{model.__name__}.{name}: the key {info.alias or name!r} is written by "
-                    "the store itself; rename the field"
-                )
+        _check_model(model)
         if read_attempts < 1:
             raise ValueError("read_attempts must be at least 1")
         self.model = model
@@ -547,61 +670,137 @@ class StateStore(Generic[ModelT]):
         return _Loaded(model, raw, found, schema if isinstance(schema, str) else None)
 
     def _make_default(self) -> ModelT:
+        """The default as :meth:`load` hands it out: validated like a saved state.
+
+        A default instance (copied) or what the factory returns is serialised
+        and read back through the load path, exactly as if it had just been
+        saved; one that does not fit the model is a :class:`StateValidationError`
+        that says it is the default, not a state found on disk.
+        """
         default = self._default
         if default is None:
             raise StateNotFoundError(
                 self._storage.location,
                 "no state file; save() one first, or give the store a default",
             )
-        if isinstance(default, BaseModel):
-            made: object = default.model_copy(deep=True)
-        else:
-            made = default()
+        made: object = default if isinstance(default, BaseModel) else default()
         self._check_type(made, "the default gave")
-        return made  # type: ignore[return-value]
+        what = (
+            f"the default {type(made).__name__} instance given as default="
+            if isinstance(default, BaseModel)
+            else f"the default made by {getattr(default, '__qualname__', repr(default))}()"
+        )
+        data = self._frame(self._dump(made, what), None, what)  # type: ignore[arg-type]
+        return self._check(data, what, "fix the store's default")
 
-    def _dump(self, state: ModelT) -> bytes:
-        """The model's JSON document, in field order, indented by 2, as UTF-8."""
+    def _dump(self, state: ModelT, what: str = "the new state") -> bytes:
+        """The JSON body (without the store's keys) of the model that passes validation.
+
+        In field order, indented by 2, as UTF-8. Usually ``state``'s own dump: the
+        serialiser runs with its type checks as errors, and a model whose every
+        value has its field's type dumps without one. A value of another type
+        (``state.count = "3"`` on an ``int`` field, which pydantic does not check
+        on assignment) makes the dump stop; then ``state`` is validated first and
+        the validated model (``count == 3``) is dumped instead, so the file never
+        holds the uncoerced value, and pydantic's serialiser warning never
+        reaches the caller. Only this path validates once more.
+        """
+        serializer = state.__pydantic_serializer__
         try:
             with _collector_paused():
                 # As model_dump_json(), but bytes: no str copy of a large document.
-                return state.__pydantic_serializer__.to_json(state, indent=2, by_alias=True)
+                return serializer.to_json(state, indent=2, by_alias=True, warnings="error")
+        except PydanticSerializationError:
+            pass  # a value of the wrong type (or one that has no JSON): see below
+        try:
+            with _collector_paused():
+                loose = serializer.to_json(state, indent=2, by_alias=True, warnings=False)
         except PydanticSerializationError as e:
             raise StateValidationError(
                 self._storage.location,
-                f"the new state cannot be written as JSON ({e}); nothing was written",
+                f"{what} cannot be written as JSON ({e}); nothing was written",
+            ) from e
+        valid = self._check(self._frame(loose, None, what), what)
+        del loose
+        try:
+            with _collector_paused():
+                return valid.__pydantic_serializer__.to_json(
+                    valid, indent=2, by_alias=True, warnings="error"
+                )
+        except PydanticSerializationError as e:
+            raise StateValidationError(
+                self._storage.location,
+                f"{what} still holds a value its serialiser does not expect after "
+                f"validation, so the model cannot be saved as it would load ({e}); "
+                "nothing was written. Check the model's validators and serialisers",
             ) from e
 
-    def _check(self, body: bytes) -> ModelT:
-        """The model ``body`` loads back as: what would be read after the save.
+    def _check(
+        self,
+        data: bytes,
+        what: str = "the new state",
+        then: str = "nothing was written",
+    ) -> ModelT:
+        """The model the file's bytes ``data`` load as, by the very path :meth:`load` takes.
 
+        Run on the exact bytes about to be published: whatever the model's shape,
+        validators or serialisers, a save whose file would not load again (or
+        would load only by a path ``load()`` does not take) is refused here.
         Validation is of the serialised document itself: a model changed by
         attribute assignment (which pydantic does not validate by default) must
         not reach disk if it would not load again.
         """
-        constant = _constant_in(body)
+        location = self._storage.location
+        constant = _constant_in(data)
         if constant is not None:
             # Written by a model configured with ser_json_inf_nan="constants": the file
             # would not load again (JSON has no such numbers).
             raise StateValidationError(
-                self._storage.location,
-                f"the new state holds {constant}, which JSON cannot represent (the model "
-                "writes it because of ser_json_inf_nan='constants'); nothing was written. "
+                location,
+                f"{what} holds {constant}, which JSON cannot represent (the model "
+                f"writes it because of ser_json_inf_nan='constants'); {then}. "
                 "Use None, or a finite number",
             )
         try:
             with _collector_paused():
-                return self.model.model_validate_json(body)
-        except ValidationError as e:
+                found = self._fast_load(data) or self._from_doc(self._decode(data), data)
+        except StateValidationError as e:
+            raise StateValidationError(
+                location, f"{what} does not fit the model; {then}:\n{e.message}", errors=e.errors
+            ) from e
+        except StateCorruptError as e:
+            raise StateValidationError(
+                location,
+                f"{what} would be written as a document the store cannot read back "
+                f"({e.message}); {then}. Check the model's serialisers",
+            ) from e
+        return found.model
+
+    def _frame(self, body: bytes, schema: str | None, what: str = "the new state") -> bytes:
+        """The file's bytes: the store's own keys first, then the model's fields.
+
+        ``body`` must be a JSON object (the model's dump) without the store's keys
+        at its top level: a model serialiser that returns something else, or an
+        extra key named like the store's own, is refused rather than framed into
+        a document that would read back differently.
+        """
+        if not (body == b"{}" or body.startswith(b"{\n")):
             raise StateValidationError(
                 self._storage.location,
-                "the new state does not fit the model, so nothing was written:\n"
-                + StateValidationError(self._storage.location, errors=_errors_of(e)).message,
-                errors=_errors_of(e),
-            ) from e
-
-    def _frame(self, body: bytes, schema: str | None) -> bytes:
-        """The file's bytes: the store's own keys first, then the model's fields."""
+                f"{what} serialises to {body[:40]!r}..., not a JSON object (a model "
+                "serialiser changes its shape); a state file is a JSON object the "
+                "store adds its own keys to, so nothing was written",
+            )
+        for key in _RESERVED:
+            # With indent=2, a line starting with exactly two spaces and a quote is a
+            # top-level key (JSON strings hold no raw newline): one byte search each.
+            if b'\n  "' + key.encode() + b'": ' in body:
+                raise StateValidationError(
+                    self._storage.location,
+                    f"{what} has a top-level key {key!r} (an extra key of a model with "
+                    "extra='allow', or from a serialiser), which the store writes itself; "
+                    "nothing was written. Remove that key",
+                )
         head = ""
         ref = self.schema_ref if self.schema_ref is not None else schema
         if ref is not None:
@@ -615,9 +814,10 @@ class StateStore(Generic[ModelT]):
         return self._publish(session, self._dump(state), loaded)
 
     def _publish(self, session: Session, body: bytes, loaded: _Loaded[ModelT]) -> ModelT:
-        checked = self._check(body)
+        """Write the framed ``body`` unless it would not load back; return what it loads as."""
         data = self._frame(body, loaded.schema)
-        del body
+        del body  # a large document is not held twice while it is checked
+        checked = self._check(data)
         if loaded.raw is not None:
             if loaded.unchanged(data):
                 return checked  # nothing changed: no need to rewrite the file
