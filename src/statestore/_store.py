@@ -381,7 +381,13 @@ class StateStore(Generic[ModelT]):
         self._key = os.path.realpath(self._storage.location) if self.lock else self._storage.location
         self._migrator = Migrator(version, migrations, self._storage.location)
         self._version_line = f'  "{VERSION_KEY}": {self.version}'.encode()
-        self._ignores_extra = model.model_config.get("extra") in (None, "ignore")
+        # Whether the file's bytes can be validated as they are, the store's keys left
+        # in as extra keys the model ignores: not when a model validator sees the raw
+        # input (the store's keys are never the model's input, on any path).
+        self._ignores_extra = model.model_config.get("extra") in (None, "ignore") and not any(
+            d.info.mode in ("before", "wrap")
+            for d in model.__pydantic_decorators__.model_validators.values()
+        )
 
     def __repr__(self) -> str:
         return f"StateStore({self.model.__name__}, {self._storage.location!r})"
