@@ -460,11 +460,11 @@ class StateStore(Generic[ModelT]):
                 loaded.model = result
             del result
             self._check_type(loaded.model, f"update(): {getattr(fn, '__qualname__', 'fn')} returned")
-            body = self._dump(loaded.model)
+            data = self._frame(self._dump(loaded.model), loaded.schema)
             # Let a large model go before the copy that checks it is built: a parsed
             # model takes several times its JSON size.
             loaded.model = None  # type: ignore[assignment]
-            return self._publish(session, body, loaded)
+            return self._publish(session, data, loaded)
 
     @contextmanager
     def transaction(self) -> Iterator[ModelT]:
@@ -817,12 +817,13 @@ class StateStore(Generic[ModelT]):
         return b"".join((("{\n" + head + ",\n").encode(), memoryview(body)[2:], b"\n"))
 
     def _commit(self, session: Session, state: ModelT, loaded: _Loaded[ModelT]) -> ModelT:
-        return self._publish(session, self._dump(state), loaded)
+        # The body is framed at once and let go: a large document is not held twice
+        # while it is checked.
+        return self._publish(session, self._frame(self._dump(state), loaded.schema), loaded)
 
-    def _publish(self, session: Session, body: bytes, loaded: _Loaded[ModelT]) -> ModelT:
-        """Write the framed ``body`` unless it would not load back; return what it loads as."""
-        data = self._frame(body, loaded.schema)
-        del body  # a large document is not held twice while it is checked
+    def _publish(self, session: Session, data: bytes, loaded: _Loaded[ModelT]) -> ModelT:
+        """Write the file's bytes ``data`` unless they would not load back; return
+        the model they load as (what :meth:`load` gives after this save)."""
         checked = self._check(data)
         if loaded.raw is not None:
             if loaded.unchanged(data):
