@@ -1,4 +1,37 @@
-"""StateStore: a typed JSON document that many processes update without losing a write."""
+"""StateStore: a typed JSON document that many processes update without losing a write.
+
+What a save writes (the rule of the serialise, check and publish path):
+
+- The bytes published are the dump of the model that passed validation. The
+  model is serialised with pydantic's type checks as errors; a value of another
+  type than its field's (``state.count = "3"``: pydantic does not validate
+  assignments by default) sends the state through validation first, and the
+  validated model is what is dumped, so the file holds ``3`` and matches the
+  store's JSON Schema. A value that does not validate is a
+  :class:`StateValidationError` whose errors name the field. No pydantic
+  serialiser warning leaves the library. (:meth:`StateStore._dump`)
+- Before the rename, those exact bytes, framed with the store's keys, are read
+  back through the decode and validation that :meth:`StateStore.load` uses
+  (``_fast_load``, else ``_decode`` and ``_from_doc``); a save whose file
+  ``load()`` would reject is refused, and ``save``/``update`` return the model
+  the file loads as. The body must be a JSON object without the store's keys
+  at its top level. (:meth:`StateStore._check`, :meth:`StateStore._frame`)
+- The store's own keys are never a model's input: a model validator that sees
+  the raw input gets the document without them on every path.
+- A default (instance or factory) goes through the same dump and check each
+  time it is used: ``load()`` hands out what it would load as once saved, and
+  a default that breaks the model is a :class:`StateValidationError` naming
+  the default. (:meth:`StateStore._make_default`)
+- Model shapes whose documents could never load back as saved are refused when
+  the store is built, with a ``TypeError`` saying what to use instead
+  (:func:`_check_model`): root models, the store's keys as a field's key,
+  fields written under one key and read from another, excluded fields without
+  a default, computed fields where extra keys are forbidden or kept.
+
+Cost: a save whose values all have their fields' types is serialised once and
+validated once (plus the validation of the file as read); only a save that
+holds a value of another type is validated once more.
+"""
 
 from __future__ import annotations
 
