@@ -30,7 +30,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     RootModel,
+    SecretBytes,
+    SecretStr,
     ValidationError,
     computed_field,
     field_serializer,
@@ -445,6 +448,39 @@ def test_excluded_fields(tmp_path: Path) -> None:
 
     with pytest.raises(TypeError, match="exclude=True.*no default"):
         StateStore(Required, tmp_path / "bad.json")
+
+
+def test_secrets_are_refused_unless_the_model_writes_them(tmp_path: Path) -> None:
+    class Masked(BaseModel):
+        token: SecretStr = SecretStr("")
+
+    class Inner(BaseModel):
+        keys: list[SecretBytes] = []
+
+    class Nested(BaseModel):
+        inner: Inner | None = None
+
+    for model in (Masked, Nested):
+        with pytest.raises(TypeError, match=r"secret.*'\*{10}'"):
+            StateStore(model, tmp_path / "state.json")
+
+    class Revealed(BaseModel):
+        token: SecretStr = SecretStr("")
+
+        @field_serializer("token", when_used="json")
+        def _reveal(self, v: SecretStr) -> str:
+            return v.get_secret_value()
+
+    class Annotated_(BaseModel):
+        token: Annotated[SecretStr, PlainSerializer(lambda v: v.get_secret_value())] = (
+            SecretStr("")
+        )
+
+    for model in (Revealed, Annotated_):
+        store = StateStore(model, tmp_path / f"{model.__name__}.json", default=model)
+        with no_warnings():
+            store.save(model(token=SecretStr("s3cret")))
+        assert store.load().token.get_secret_value() == "s3cret"  # type: ignore[attr-defined]
 
 
 def test_extra_keys_round_trip_but_not_under_the_store_keys(state_path: Path) -> None:

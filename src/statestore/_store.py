@@ -45,9 +45,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar, get_args
+from typing import Any, Final, Generic, TypeVar, get_args, get_origin
 
-from pydantic import AliasChoices, AliasPath, BaseModel, RootModel, ValidationError
+from pydantic import (
+    AliasChoices,
+    AliasPath,
+    BaseModel,
+    PlainSerializer,
+    RootModel,
+    Secret,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    WrapSerializer,
+)
 from pydantic_core import PydanticSerializationError
 
 from ._errors import (
@@ -282,6 +293,13 @@ def _check_round_trip(model: type[BaseModel]) -> None:
                     "no default: a saved state could never be loaded again. Give it a "
                     "default, or do not exclude it"
                 )
+        elif _holds_secret(info.annotation) and not _serialised_by_user(model, name, info):
+            raise TypeError(
+                f"{where}.{name} holds a secret type, which pydantic writes as "
+                "'**********': its value would be lost on every save. Add a "
+                "field_serializer that writes the value (the file then holds it in "
+                "clear), or keep the secret out of the state"
+            )
         elif written not in read:
             raise TypeError(
                 f"{where}.{name} is written under the key {written!r} but read from "
@@ -330,6 +348,36 @@ def _read_keys(name: str, info: Any, model: type[BaseModel], *, paths: bool) -> 
     if config.get("validate_by_name") or config.get("populate_by_name"):
         keys.add(name)
     return keys
+
+
+def _holds_secret(annotation: object) -> bool:
+    todo = [annotation]
+    while todo:
+        tp = todo.pop()
+        origin = get_origin(tp) or tp
+        if isinstance(origin, type) and issubclass(origin, (SecretStr, SecretBytes, Secret)):
+            return True
+        if not (isinstance(tp, type) and issubclass(tp, BaseModel)):  # checked on its own
+            todo.extend(get_args(tp))
+    return False
+
+
+def _serialised_by_user(model: type[BaseModel], name: str, info: Any) -> bool:
+    """Whether the field's JSON comes from the user's own serialiser."""
+    decorators = model.__pydantic_decorators__
+    if decorators.model_serializers:
+        return True
+    if any(name in d.info.fields or "*" in d.info.fields
+           for d in decorators.field_serializers.values()):
+        return True
+    found = list(info.metadata)
+    todo = [info.annotation]
+    while todo:
+        tp = todo.pop()
+        args = get_args(tp)
+        found.extend(args)
+        todo.extend(args)
+    return any(isinstance(m, (PlainSerializer, WrapSerializer)) for m in found)
 
 
 def _models_in(model: type[BaseModel]) -> list[type[BaseModel]]:
