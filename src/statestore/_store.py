@@ -26,7 +26,8 @@ What a save writes (the rule of the serialise, check and publish path):
   the store is built, with a ``TypeError`` saying what to use instead
   (:func:`_check_model`): root models, the store's keys as a field's key,
   fields written under one key and read from another, excluded fields without
-  a default, computed fields where extra keys are forbidden or kept.
+  a default, computed fields where extra keys are forbidden or kept, secrets
+  that pydantic writes masked.
 
 Cost: a save whose values all have their fields' types is serialised once and
 validated once (plus the validation of the file as read); only a save that
@@ -248,6 +249,8 @@ def _check_model(model: object) -> None:
     - a field left out of the document (``exclude=True``) that has no default;
     - computed fields (written, but not inputs) in a model that forbids extra
       keys (every load would fail) or keeps them (each load would add a copy).
+    - a secret field (``SecretStr``...) without a serialiser of the user's:
+      pydantic writes ``"**********"``, and the value would be lost.
 
     Nested models are checked too, except for the store's keys (which are only
     the top level's). What remains (validators that change values, custom
