@@ -795,7 +795,9 @@ class StateStore(Generic[ModelT]):
         holds the uncoerced value, and pydantic's serialiser warning never
         reaches the caller. Only this path validates once more.
         """
-        serializer = state.__pydantic_serializer__
+        # The store's model's serialiser: a subclass instance is saved as the document
+        # of the model it loads as, without the subclass's own fields.
+        serializer = self.model.__pydantic_serializer__
         try:
             with _collector_paused():
                 # As model_dump_json(), but bytes: no str copy of a large document.
@@ -814,7 +816,7 @@ class StateStore(Generic[ModelT]):
         del loose
         try:
             with _collector_paused():
-                return valid.__pydantic_serializer__.to_json(
+                return serializer.to_json(
                     valid, indent=2, by_alias=True, warnings="error"
                 )
         except PydanticSerializationError as e:
