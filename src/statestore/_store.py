@@ -248,7 +248,7 @@ def _check_model(model: object) -> None:
       another: its value would be dropped on every save;
     - a field left out of the document (``exclude=True``) that has no default;
     - computed fields (written, but not inputs) in a model that forbids extra
-      keys (every load would fail) or keeps them (each load would add a copy).
+      keys (every load would fail) or keeps them (each load would add a copy);
     - a secret field (``SecretStr``...) without a serialiser of the user's:
       pydantic writes ``"**********"``, and the value would be lost.
 
@@ -259,11 +259,13 @@ def _check_model(model: object) -> None:
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise TypeError(f"StateStore needs a pydantic BaseModel subclass, not {model!r}")
     if issubclass(model, RootModel):
+        root = model.model_fields["root"].annotation
+        shown = root.__name__ if isinstance(root, type) and not get_args(root) else repr(root)
         raise TypeError(
             f"{model.__name__} is a RootModel: a state file is a JSON object that also "
             f"holds the store's own keys ({', '.join(map(repr, _RESERVED))}), so its root "
-            "cannot be a bare value. Wrap it in a BaseModel with one field, for example "
-            "class State(BaseModel): items: list[int] = []"
+            "cannot be the document. Wrap the value in a BaseModel with one field, for "
+            f"example class State(BaseModel): value: {shown.replace('typing.', '')}"
         )
     for name, info in model.model_fields.items():
         keys = {_written_key(name, info), *_read_keys(name, info, model, paths=True)}
@@ -370,9 +372,9 @@ def _serialised_by_user(model: type[BaseModel], name: str, info: Any) -> bool:
     decorators = model.__pydantic_decorators__
     if decorators.model_serializers:
         return True
-    if any(name in d.info.fields or "*" in d.info.fields
-           for d in decorators.field_serializers.values()):
-        return True
+    for serializer in decorators.field_serializers.values():
+        if name in serializer.info.fields or "*" in serializer.info.fields:
+            return True
     found = list(info.metadata)
     todo = [info.annotation]
     while todo:
@@ -762,10 +764,11 @@ class StateStore(Generic[ModelT]):
     def _make_default(self) -> ModelT:
         """The default as :meth:`load` hands it out: validated like a saved state.
 
-        A default instance (copied) or what the factory returns is serialised
-        and read back through the load path, exactly as if it had just been
-        saved; one that does not fit the model is a :class:`StateValidationError`
-        that says it is the default, not a state found on disk.
+        A default instance or what the factory returns is serialised and read
+        back through the load path, exactly as if it had just been saved (so each
+        call gives a fresh model, and the instance given is never handed out);
+        one that does not fit the model is a :class:`StateValidationError` that
+        says it is the default, not a state found on disk.
         """
         default = self._default
         if default is None:
@@ -816,9 +819,7 @@ class StateStore(Generic[ModelT]):
         del loose
         try:
             with _collector_paused():
-                return serializer.to_json(
-                    valid, indent=2, by_alias=True, warnings="error"
-                )
+                return serializer.to_json(valid, indent=2, by_alias=True, warnings="error")
         except PydanticSerializationError as e:
             raise StateValidationError(
                 self._storage.location,
