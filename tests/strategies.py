@@ -222,10 +222,16 @@ def field_kinds() -> st.SearchStrategy[FieldKind]:
 
 def models(max_fields: int = 5) -> st.SearchStrategy[tuple[type[BaseModel], list[FieldKind]]]:
     """A model made with ``create_model`` (fields ``f0``, ``f1``, ...; every field has
-    a default; ``extra`` ignore or forbid), and the kind of each of its fields."""
+    a default, some an alias ``F0``, ...; ``extra`` ignore or forbid), and the kind of
+    each of its fields."""
 
-    def build(kinds: list[FieldKind], extra: str) -> tuple[type[BaseModel], list[FieldKind]]:
-        fields: dict[str, Any] = {f"f{i}": (k.annotation, k.default) for i, k in enumerate(kinds)}
+    def build(
+        kinds: list[FieldKind], aliased: list[bool], extra: str
+    ) -> tuple[type[BaseModel], list[FieldKind]]:
+        fields: dict[str, Any] = {
+            f"f{i}": (k.annotation, Field(k.default, alias=f"F{i}" if a else None))
+            for i, (k, a) in enumerate(zip(kinds, aliased))
+        }
         model = create_model(  # type: ignore[call-overload]
             "Generated", __config__=ConfigDict(extra=extra), **fields
         )
@@ -234,5 +240,6 @@ def models(max_fields: int = 5) -> st.SearchStrategy[tuple[type[BaseModel], list
     return st.builds(
         build,
         st.lists(field_kinds(), min_size=1, max_size=max_fields),
+        st.lists(st.booleans(), min_size=max_fields, max_size=max_fields),
         st.sampled_from(["ignore", "forbid"]),
     )
