@@ -4,7 +4,10 @@
 trip unchanged (no NaN or infinity, no lone surrogates) and never uses the keys
 the store writes itself. ``migration_chains()`` draws a :class:`Chain` of
 steps that rename, set, drop and append keys; ``Chain.apply`` is the
-reference result: the step functions applied in order.
+reference result: the step functions applied in order. ``field_kinds()`` and
+``models()`` draw pydantic models made with ``create_model`` from a catalogue
+of field types (:class:`FieldKind`), each with values of its own type, values
+pydantic coerces to it, and values it refuses.
 """
 
 from __future__ import annotations
@@ -12,20 +15,25 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
 from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 __all__ = [
     "RESERVED_KEYS",
     "STEP_KEYS",
     "Chain",
+    "FieldKind",
     "Step",
+    "Sub",
+    "field_kinds",
     "json_documents",
     "json_keys",
     "json_scalars",
     "json_values",
     "migration_chains",
+    "models",
     "step_documents",
 ]
 
@@ -132,4 +140,106 @@ def migration_chains(min_steps: int = 1, max_steps: int = 6) -> st.SearchStrateg
         Chain,
         st.integers(1, 3),
         st.lists(_steps(), min_size=min_steps, max_size=max_steps).map(tuple),
+    )
+
+
+# ------------------------------------------------------------ generated models
+
+
+class Sub(BaseModel):
+    """The nested model of the catalogue."""
+
+    a: int = 0
+    b: str = ""
+
+
+@dataclass(frozen=True)
+class FieldKind:
+    """A field type, its default, and what may be assigned to it.
+
+    ``valid``: values of the field's own type. ``coercible``: values of another
+    type that pydantic's lax mode turns into a valid one (``"3"`` for an ``int``).
+    ``invalid``: values the field refuses. Python-mode and JSON-mode validation
+    agree on all of them, so ``Model.model_validate`` is the reference.
+    """
+
+    name: str
+    annotation: Any
+    default: Any
+    valid: st.SearchStrategy[Any]
+    coercible: st.SearchStrategy[Any]
+    invalid: st.SearchStrategy[Any]
+
+
+_SMALL = st.integers(-(2**40), 2**40)
+_FLOATS = st.floats(-1e300, 1e300, allow_nan=False, allow_infinity=False)
+_WORDS = st.text(_TEXT, max_size=8)
+_NOT_NUMBERS = st.sampled_from(["", "x", "3x", "one", "[]"])
+
+
+def _catalogue() -> list[FieldKind]:
+    numeric_text = _SMALL.map(str)
+    return [
+        FieldKind("int", int, 0, _SMALL, numeric_text | _SMALL.map(float) | st.booleans(),
+                  _NOT_NUMBERS | st.just(1.5) | st.none() | st.just([1])),
+        FieldKind("int>=0", Annotated[int, Field(ge=0)], 0, st.integers(0, 2**40),
+                  st.integers(0, 2**40).map(str),
+                  st.integers(-(2**40), -1) | st.integers(-(2**40), -1).map(str)),
+        FieldKind("float", float, 0.0, _FLOATS, _SMALL | numeric_text | _FLOATS.map(repr),
+                  _NOT_NUMBERS | st.none() | st.just({})),
+        FieldKind("str", str, "", _WORDS, st.nothing(),
+                  _SMALL | st.none() | st.just(["x"]) | st.booleans()),
+        FieldKind("str<=5", Annotated[str, Field(max_length=5)], "", st.text(_TEXT, max_size=5),
+                  st.nothing(), st.text(_TEXT, min_size=6, max_size=12)),
+        FieldKind("bool", bool, False, st.booleans(),
+                  st.sampled_from([0, 1, "true", "false", "yes", "no", "on", "off", "1", "0"]),
+                  st.sampled_from(["maybe", 2, -1, 0.5, None, "2"])),
+        FieldKind("list[int]", list[int], [], st.lists(_SMALL, max_size=4),
+                  st.lists(_SMALL, max_size=4).map(tuple)
+                  | st.lists(numeric_text, min_size=1, max_size=4),
+                  st.just("not a list") | st.lists(_NOT_NUMBERS, min_size=1, max_size=3)),
+        FieldKind("dict[str,int]", dict[str, int], {},
+                  st.dictionaries(_WORDS, _SMALL, max_size=3),
+                  st.dictionaries(_WORDS, numeric_text, min_size=1, max_size=3),
+                  st.dictionaries(_WORDS, _NOT_NUMBERS, min_size=1, max_size=3) | st.just([1])),
+        FieldKind("Optional[int]", Optional[int], None, st.none() | _SMALL,  # noqa: UP045
+                  numeric_text, _NOT_NUMBERS | st.just([])),
+        FieldKind("Literal", Literal["a", "b"], "a", st.sampled_from(["a", "b"]), st.nothing(),
+                  st.sampled_from(["c", "", "A"]) | _SMALL),
+        FieldKind("Sub", Sub, Sub(), st.builds(Sub, a=_SMALL, b=_WORDS),
+                  st.fixed_dictionaries({"a": numeric_text}, optional={"b": _WORDS}),
+                  st.just(3) | st.fixed_dictionaries({"a": _NOT_NUMBERS})),
+        FieldKind("list[Sub]", list[Sub], [], st.lists(st.builds(Sub, a=_SMALL), max_size=3),
+                  st.lists(st.fixed_dictionaries({"a": _SMALL}), min_size=1, max_size=3),
+                  st.just([{"a": "x"}]) | st.just({"a": 1})),
+    ]
+
+
+def field_kinds() -> st.SearchStrategy[FieldKind]:
+    """One field type of the catalogue."""
+    return st.sampled_from(_catalogue())
+
+
+def models(max_fields: int = 5) -> st.SearchStrategy[tuple[type[BaseModel], list[FieldKind]]]:
+    """A model made with ``create_model`` (fields ``f0``, ``f1``, ...; every field has
+    a default, some an alias ``F0``, ...; ``extra`` ignore or forbid), and the kind of
+    each of its fields."""
+
+    def build(
+        kinds: list[FieldKind], aliased: list[bool], extra: str
+    ) -> tuple[type[BaseModel], list[FieldKind]]:
+        fields: dict[str, Any] = {
+            f"f{i}": (k.annotation, Field(k.default, alias=f"F{i}" if a else None))
+            for i, (k, a) in enumerate(zip(kinds, aliased))
+        }
+        model = create_model(  # type: ignore[call-overload]
+            "Generated", __config__=ConfigDict(extra=extra), **fields
+        )
+        return model, kinds
+
+    return st.builds(
+        build,
+        st.lists(field_kinds(), min_size=1, max_size=max_fields),
+        st.lists(st.booleans(), min_size=max_fields, max_size=max_fields),
+        st.sampled_from(["ignore", "forbid"]),
     )

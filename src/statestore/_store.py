@@ -1,4 +1,38 @@
-"""StateStore: a typed JSON document that many processes update without losing a write."""
+"""StateStore: a typed JSON document that many processes update without losing a write.
+
+What a save writes (the rule of the serialise, check and publish path):
+
+- The bytes published are the dump of the model that passed validation. The
+  model is serialised with pydantic's type checks as errors; a value of another
+  type than its field's (``state.count = "3"``: pydantic does not validate
+  assignments by default) sends the state through validation first, and the
+  validated model is what is dumped, so the file holds ``3`` and matches the
+  store's JSON Schema. A value that does not validate is a
+  :class:`StateValidationError` whose errors name the field. No pydantic
+  serialiser warning leaves the library. (:meth:`StateStore._dump`)
+- Before the rename, those exact bytes, framed with the store's keys, are read
+  back through the decode and validation that :meth:`StateStore.load` uses
+  (``_fast_load``, else ``_decode`` and ``_from_doc``); a save whose file
+  ``load()`` would reject is refused, and ``save``/``update`` return the model
+  the file loads as. The body must be a JSON object without the store's keys
+  at its top level. (:meth:`StateStore._check`, :meth:`StateStore._frame`)
+- The store's own keys are never a model's input: a model validator that sees
+  the raw input gets the document without them on every path.
+- A default (instance or factory) goes through the same dump and check each
+  time it is used: ``load()`` hands out what it would load as once saved, and
+  a default that breaks the model is a :class:`StateValidationError` naming
+  the default. (:meth:`StateStore._make_default`)
+- Model shapes whose documents could never load back as saved are refused when
+  the store is built, with a ``TypeError`` saying what to use instead
+  (:func:`_check_model`): root models, the store's keys as a field's key,
+  fields written under one key and read from another, excluded fields without
+  a default, computed fields where extra keys are forbidden or kept, secrets
+  that pydantic writes masked.
+
+Cost: a save whose values all have their fields' types is serialised once and
+validated once (plus the validation of the file as read); only a save that
+holds a value of another type is validated once more.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +46,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import (
+    AliasChoices,
+    AliasPath,
+    BaseModel,
+    PlainSerializer,
+    RootModel,
+    Secret,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    WrapSerializer,
+)
 from pydantic_core import PydanticSerializationError
 
 from ._errors import (
@@ -186,6 +231,177 @@ def _errors_of(e: ValidationError) -> list[dict[str, Any]]:
     return errors
 
 
+# ------------------------------------------------------------ model shapes
+
+
+def _check_model(model: object) -> None:
+    """Refuse, when the store is built, a model whose documents could not be read back.
+
+    Each of these would make a save write bytes that load to something else than
+    what was saved (or that no load accepts), whatever the values:
+
+    - not a ``BaseModel`` subclass, or a ``RootModel`` (its document is the root
+      value, not an object the store can add its keys to);
+    - a key the store writes itself (``"schema_version"``, ``"$schema"``) at the
+      top level, as a field's name or alias, as a key a field is read from, or
+      as a computed field;
+    - a field written under one key (``serialization_alias``) but read from
+      another: its value would be dropped on every save;
+    - a field left out of the document (``exclude=True``) that has no default;
+    - computed fields (written, but not inputs) in a model that forbids extra
+      keys (every load would fail) or keeps them (each load would add a copy);
+    - a secret field (``SecretStr``...) without a serialiser of the user's:
+      pydantic writes ``"**********"``, and the value would be lost.
+
+    Nested models are checked too, except for the store's keys (which are only
+    the top level's). What remains (validators that change values, custom
+    serialisers) is settled save by save: see :meth:`StateStore._check`.
+    """
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise TypeError(f"StateStore needs a pydantic BaseModel subclass, not {model!r}")
+    if issubclass(model, RootModel):
+        root = model.model_fields["root"].annotation
+        shown = root.__name__ if isinstance(root, type) and not get_args(root) else repr(root)
+        raise TypeError(
+            f"{model.__name__} is a RootModel: a state file is a JSON object that also "
+            f"holds the store's own keys ({', '.join(map(repr, _RESERVED))}), so its root "
+            "cannot be the document. Wrap the value in a BaseModel with one field, for "
+            f"example class State(BaseModel): value: {shown.replace('typing.', '')}"
+        )
+    for name, info in model.model_fields.items():
+        keys = {_written_key(name, info), *_read_keys(name, info, model, paths=True)}
+        clash = sorted(keys.intersection(_RESERVED))
+        if clash:
+            raise TypeError(
+                f"{model.__name__}.{name}: the key {clash[0]!r} is written by the store "
+                "itself; rename the field (or its alias)"
+            )
+    for name, computed in model.model_computed_fields.items():
+        key = computed.alias or name
+        if key in _RESERVED:
+            raise TypeError(
+                f"{model.__name__}.{name}: the computed field is written under {key!r}, a "
+                "key the store writes itself; rename it"
+            )
+    for each in _models_in(model):
+        _check_round_trip(each)
+
+
+def _check_round_trip(model: type[BaseModel]) -> None:
+    where = model.__name__
+    for name, info in model.model_fields.items():
+        written = _written_key(name, info)
+        read = _read_keys(name, info, model, paths=False)
+        if info.exclude is True:
+            if info.is_required():
+                raise TypeError(
+                    f"{where}.{name} is excluded from the document (exclude=True) and has "
+                    "no default: a saved state could never be loaded again. Give it a "
+                    "default, or do not exclude it"
+                )
+        elif _holds_secret(info.annotation) and not _serialised_by_user(model, name, info):
+            raise TypeError(
+                f"{where}.{name} holds a secret type, which pydantic writes as "
+                "'**********': its value would be lost on every save. Add a "
+                "field_serializer that writes the value (the file then holds it in "
+                "clear), or keep the secret out of the state"
+            )
+        elif written not in read:
+            raise TypeError(
+                f"{where}.{name} is written under the key {written!r} but read from "
+                f"{' or '.join(map(repr, sorted(read))) or 'no key'}: its value would be "
+                "lost on every save. Give it the same validation alias (for example "
+                f"Field(alias={written!r})), or set validate_by_name=True"
+            )
+    extra = model.model_config.get("extra")
+    if model.model_computed_fields and extra in ("forbid", "allow"):
+        names = ", ".join(model.model_computed_fields)
+        effect = (
+            "refuses them as extra keys, so no saved state would load"
+            if extra == "forbid"
+            else "keeps them as extra keys, so each load would add a copy"
+        )
+        raise TypeError(
+            f"{where} has computed fields ({names}), which are written to the document "
+            f"but are not inputs, and extra={extra!r} {effect}. Use extra='ignore', or "
+            "make them properties without @computed_field"
+        )
+
+
+def _written_key(name: str, info: Any) -> str:
+    """The key a field is serialised under (the store dumps by alias)."""
+    key = info.serialization_alias or info.alias or name
+    return str(key)
+
+
+def _read_keys(name: str, info: Any, model: type[BaseModel], *, paths: bool) -> set[str]:
+    """The top-level keys a field is validated from (``paths``: also the first key
+    of every multi-step ``AliasPath``, which reads inside that key)."""
+    config = model.model_config
+    keys: set[str] = set()
+    if config.get("validate_by_alias", True):
+        alias = info.validation_alias
+        if alias is None:
+            keys.add(info.alias or name)
+        else:
+            for choice in alias.choices if isinstance(alias, AliasChoices) else [alias]:
+                if isinstance(choice, str):
+                    keys.add(choice)
+                elif isinstance(choice, AliasPath) and choice.path:
+                    first = choice.path[0]
+                    if isinstance(first, str) and (paths or len(choice.path) == 1):
+                        keys.add(first)
+    if config.get("validate_by_name") or config.get("populate_by_name"):
+        keys.add(name)
+    return keys
+
+
+def _holds_secret(annotation: object) -> bool:
+    todo = [annotation]
+    while todo:
+        tp = todo.pop()
+        origin = get_origin(tp) or tp
+        if isinstance(origin, type) and issubclass(origin, (SecretStr, SecretBytes, Secret)):
+            return True
+        if not (isinstance(tp, type) and issubclass(tp, BaseModel)):  # checked on its own
+            todo.extend(get_args(tp))
+    return False
+
+
+def _serialised_by_user(model: type[BaseModel], name: str, info: Any) -> bool:
+    """Whether the field's JSON comes from the user's own serialiser."""
+    decorators = model.__pydantic_decorators__
+    if decorators.model_serializers:
+        return True
+    for serializer in decorators.field_serializers.values():
+        if name in serializer.info.fields or "*" in serializer.info.fields:
+            return True
+    found = list(info.metadata)
+    todo = [info.annotation]
+    while todo:
+        tp = todo.pop()
+        args = get_args(tp)
+        found.extend(args)
+        todo.extend(args)
+    return any(isinstance(m, (PlainSerializer, WrapSerializer)) for m in found)
+
+
+def _models_in(model: type[BaseModel]) -> list[type[BaseModel]]:
+    """``model`` and every model class its field types mention, each once."""
+    found: list[type[BaseModel]] = []
+    todo: list[object] = [model]
+    while todo:
+        tp = todo.pop()
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp in found:
+                continue
+            found.append(tp)
+            todo.extend(info.annotation for info in tp.model_fields.values())
+        else:
+            todo.extend(get_args(tp))
+    return found
+
+
 class StateStore(Generic[ModelT]):
     """A JSON state file validated by a pydantic model, safe to update from many processes.
 
@@ -215,14 +431,7 @@ class StateStore(Generic[ModelT]):
         read_attempts: int = 3,
         read_delay: float = 0.05,
     ) -> None:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            raise TypeError(f"StateStore needs a pydantic BaseModel subclass, not {model!r}")
-        for name, info in model.model_fields.items():
-            if name in _RESERVED or info.alias in _RESERVED:
-                raise TypeError(
-                    f"{model.__name__}.{name}: the key {info.alias or name!r} is written by "
-                    "the store itself; rename the field"
-                )
+        _check_model(model)
         if read_attempts < 1:
             raise ValueError("read_attempts must be at least 1")
         self.model = model
@@ -259,7 +468,13 @@ class StateStore(Generic[ModelT]):
         self._key = os.path.realpath(self._storage.location) if self.lock else self._storage.location
         self._migrator = Migrator(version, migrations, self._storage.location)
         self._version_line = f'  "{VERSION_KEY}": {self.version}'.encode()
-        self._ignores_extra = model.model_config.get("extra") in (None, "ignore")
+        # Whether the file's bytes can be validated as they are, the store's keys left
+        # in as extra keys the model ignores: not when a model validator sees the raw
+        # input (the store's keys are never the model's input, on any path).
+        self._ignores_extra = model.model_config.get("extra") in (None, "ignore") and not any(
+            d.info.mode in ("before", "wrap")
+            for d in model.__pydantic_decorators__.model_validators.values()
+        )
 
     def __repr__(self) -> str:
         return f"StateStore({self.model.__name__}, {self._storage.location!r})"
@@ -332,11 +547,11 @@ class StateStore(Generic[ModelT]):
                 loaded.model = result
             del result
             self._check_type(loaded.model, f"update(): {getattr(fn, '__qualname__', 'fn')} returned")
-            body = self._dump(loaded.model)
+            data = self._frame(self._dump(loaded.model), loaded.schema)
             # Let a large model go before the copy that checks it is built: a parsed
             # model takes several times its JSON size.
             loaded.model = None  # type: ignore[assignment]
-            return self._publish(session, body, loaded)
+            return self._publish(session, data, loaded)
 
     @contextmanager
     def transaction(self) -> Iterator[ModelT]:
@@ -555,61 +770,138 @@ class StateStore(Generic[ModelT]):
         return _Loaded(model, raw, found, schema if isinstance(schema, str) else None)
 
     def _make_default(self) -> ModelT:
+        """The default as :meth:`load` hands it out: validated like a saved state.
+
+        A default instance or what the factory returns is serialised and read
+        back through the load path, exactly as if it had just been saved (so each
+        call gives a fresh model, and the instance given is never handed out);
+        one that does not fit the model is a :class:`StateValidationError` that
+        says it is the default, not a state found on disk.
+        """
         default = self._default
         if default is None:
             raise StateNotFoundError(
                 self._storage.location,
                 "no state file; save() one first, or give the store a default",
             )
-        if isinstance(default, BaseModel):
-            made: object = default.model_copy(deep=True)
-        else:
-            made = default()
+        made: object = default if isinstance(default, BaseModel) else default()
         self._check_type(made, "the default gave")
-        return made  # type: ignore[return-value]
+        what = (
+            f"the default {type(made).__name__} instance given as default="
+            if isinstance(default, BaseModel)
+            else f"the default made by {getattr(default, '__qualname__', repr(default))}()"
+        )
+        data = self._frame(self._dump(made, what), None, what)  # type: ignore[arg-type]
+        return self._check(data, what, "fix the store's default")
 
-    def _dump(self, state: ModelT) -> bytes:
-        """The model's JSON document, in field order, indented by 2, as UTF-8."""
+    def _dump(self, state: ModelT, what: str = "the new state") -> bytes:
+        """The JSON body (without the store's keys) of the model that passes validation.
+
+        In field order, indented by 2, as UTF-8. Usually ``state``'s own dump: the
+        serialiser runs with its type checks as errors, and a model whose every
+        value has its field's type dumps without one. A value of another type
+        (``state.count = "3"`` on an ``int`` field, which pydantic does not check
+        on assignment) makes the dump stop; then ``state`` is validated first and
+        the validated model (``count == 3``) is dumped instead, so the file never
+        holds the uncoerced value, and pydantic's serialiser warning never
+        reaches the caller. Only this path validates once more.
+        """
+        # The store's model's serialiser: a subclass instance is saved as the document
+        # of the model it loads as, without the subclass's own fields.
+        serializer = self.model.__pydantic_serializer__
         try:
             with _collector_paused():
                 # As model_dump_json(), but bytes: no str copy of a large document.
-                return state.__pydantic_serializer__.to_json(state, indent=2, by_alias=True)
+                return serializer.to_json(state, indent=2, by_alias=True, warnings="error")
+        except PydanticSerializationError:
+            pass  # a value of the wrong type (or one that has no JSON): see below
+        try:
+            with _collector_paused():
+                loose = serializer.to_json(state, indent=2, by_alias=True, warnings=False)
         except PydanticSerializationError as e:
             raise StateValidationError(
                 self._storage.location,
-                f"the new state cannot be written as JSON ({e}); nothing was written",
+                f"{what} cannot be written as JSON ({e}); nothing was written",
+            ) from e
+        valid = self._check(self._frame(loose, None, what), what)
+        del loose
+        try:
+            with _collector_paused():
+                return serializer.to_json(valid, indent=2, by_alias=True, warnings="error")
+        except PydanticSerializationError as e:
+            raise StateValidationError(
+                self._storage.location,
+                f"{what} still holds a value its serialiser does not expect after "
+                f"validation, so the model cannot be saved as it would load ({e}); "
+                "nothing was written. Check the model's validators and serialisers",
             ) from e
 
-    def _check(self, body: bytes) -> ModelT:
-        """The model ``body`` loads back as: what would be read after the save.
+    def _check(
+        self,
+        data: bytes,
+        what: str = "the new state",
+        then: str = "nothing was written",
+    ) -> ModelT:
+        """The model the file's bytes ``data`` load as, by the very path :meth:`load` takes.
 
+        Run on the exact bytes about to be published: whatever the model's shape,
+        validators or serialisers, a save whose file would not load again (or
+        would load only by a path ``load()`` does not take) is refused here.
         Validation is of the serialised document itself: a model changed by
         attribute assignment (which pydantic does not validate by default) must
         not reach disk if it would not load again.
         """
-        constant = _constant_in(body)
+        location = self._storage.location
+        constant = _constant_in(data)
         if constant is not None:
             # Written by a model configured with ser_json_inf_nan="constants": the file
             # would not load again (JSON has no such numbers).
             raise StateValidationError(
-                self._storage.location,
-                f"the new state holds {constant}, which JSON cannot represent (the model "
-                "writes it because of ser_json_inf_nan='constants'); nothing was written. "
+                location,
+                f"{what} holds {constant}, which JSON cannot represent (the model "
+                f"writes it because of ser_json_inf_nan='constants'); {then}. "
                 "Use None, or a finite number",
             )
         try:
             with _collector_paused():
-                return self.model.model_validate_json(body)
-        except ValidationError as e:
+                found = self._fast_load(data) or self._from_doc(self._decode(data), data)
+        except StateValidationError as e:
+            raise StateValidationError(
+                location, f"{what} does not fit the model; {then}:\n{e.message}", errors=e.errors
+            ) from e
+        except StateCorruptError as e:
+            raise StateValidationError(
+                location,
+                f"{what} would be written as a document the store cannot read back "
+                f"({e.message}); {then}. Check the model's serialisers",
+            ) from e
+        return found.model
+
+    def _frame(self, body: bytes, schema: str | None, what: str = "the new state") -> bytes:
+        """The file's bytes: the store's own keys first, then the model's fields.
+
+        ``body`` must be a JSON object (the model's dump) without the store's keys
+        at its top level: a model serialiser that returns something else, or an
+        extra key named like the store's own, is refused rather than framed into
+        a document that would read back differently.
+        """
+        if not (body == b"{}" or body.startswith(b"{\n")):
             raise StateValidationError(
                 self._storage.location,
-                "the new state does not fit the model, so nothing was written:\n"
-                + StateValidationError(self._storage.location, errors=_errors_of(e)).message,
-                errors=_errors_of(e),
-            ) from e
-
-    def _frame(self, body: bytes, schema: str | None) -> bytes:
-        """The file's bytes: the store's own keys first, then the model's fields."""
+                f"{what} serialises to {body[:40]!r}..., not a JSON object (a model "
+                "serialiser changes its shape); a state file is a JSON object the "
+                "store adds its own keys to, so nothing was written",
+            )
+        for key in _RESERVED:
+            # With indent=2, a line starting with exactly two spaces and a quote is a
+            # top-level key (JSON strings hold no raw newline): one byte search each.
+            if b'\n  "' + key.encode() + b'": ' in body:
+                raise StateValidationError(
+                    self._storage.location,
+                    f"{what} has a top-level key {key!r} (an extra key of a model with "
+                    "extra='allow', or from a serialiser), which the store writes itself; "
+                    "nothing was written. Remove that key",
+                )
         head = ""
         ref = self.schema_ref if self.schema_ref is not None else schema
         if ref is not None:
@@ -620,12 +912,14 @@ class StateStore(Generic[ModelT]):
         return b"".join((("{\n" + head + ",\n").encode(), memoryview(body)[2:], b"\n"))
 
     def _commit(self, session: Session, state: ModelT, loaded: _Loaded[ModelT]) -> ModelT:
-        return self._publish(session, self._dump(state), loaded)
+        # The body is framed at once and let go: a large document is not held twice
+        # while it is checked.
+        return self._publish(session, self._frame(self._dump(state), loaded.schema), loaded)
 
-    def _publish(self, session: Session, body: bytes, loaded: _Loaded[ModelT]) -> ModelT:
-        checked = self._check(body)
-        data = self._frame(body, loaded.schema)
-        del body
+    def _publish(self, session: Session, data: bytes, loaded: _Loaded[ModelT]) -> ModelT:
+        """Write the file's bytes ``data`` unless they would not load back; return
+        the model they load as (what :meth:`load` gives after this save)."""
+        checked = self._check(data)
         if loaded.raw is not None:
             if loaded.unchanged(data):
                 return checked  # nothing changed: no need to rewrite the file
