@@ -138,10 +138,10 @@ def _not_regular(path: str, mode: int) -> StateReadError:
 
 
 def _too_large(path: str, size: int | None, max_size: int) -> StateReadError:
-    found = f"is {size} bytes" if size is not None else "holds more"
+    found = f"is {size} bytes, more" if size is not None else "holds more"
     return StateReadError(
         path,
-        f"{found}, more than the store's limit of {max_size} bytes (max_size); nothing "
+        f"{found} than the store's limit of {max_size} bytes (max_size); nothing "
         "more was read. If the file is really this large, give the store a larger "
         "max_size; otherwise it is not the state file it should be",
         errno=errno.EFBIG,

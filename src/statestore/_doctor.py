@@ -58,11 +58,11 @@ _BACKUP_RE: Final = re.compile(r"(?P<target>.+)\.v(?P<version>[0-9]+)\.bak", re.
 _ASIDE_RE: Final = re.compile(r".+\.lock\.[0-9a-f]+\.(?:broken|released)", re.DOTALL)
 _ORDER: Final = (
     "unparseable", "unreadable", "quarantined", "stale lock", "leftover", "temp file", "lock",
-    "backup",
+    "backup", "kept",
 )
 _FIX_ORDER: Final = (
     "stale lock", "leftover", "temp file", "unparseable", "unreadable", "quarantined", "lock",
-    "backup",
+    "backup", "kept",
 )
 #: Problems that --fix cannot repair: a person decides.
 _FOR_A_PERSON: Final = ("unreadable", "quarantined")
@@ -187,7 +187,7 @@ def _quarantine_findings(folder: str, names: list[str]) -> list[Finding]:
         more = f" (and {len(copies) - 1} older)" if len(copies) > 1 else ""
         if os.path.lexists(os.path.join(folder, name)):
             found.append(
-                Finding("quarantined", newest, f"an old copy of {name}{more}; {name} is back",
+                Finding("kept", newest, f"a quarantined copy of {name}{more}, which is back",
                         False)
             )
         else:

@@ -150,7 +150,13 @@ class FileStorage:
         return data if data is not None else self._missing()
 
     def exists(self) -> bool:
-        return os.path.exists(self.path)
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:  # nothing there, or a link to nothing yet
+            return False
+        except OSError:  # something is there, if only a link loop: not "no file"
+            return True
+        return True
 
     def _editor_backup(self) -> str | None:
         for name in _names(self.path):
