@@ -17,7 +17,11 @@ default only when nothing says the file existed. Two things say so:
   soon as it is there; if it does not come back, :class:`StateMissingError`
   names the backup. A store never starts from its default in that moment.
 
-A file with neither is new, and the default is used at once. The rule holds for
+A file with neither is new, and the default is used at once: no wait. Whether
+the file or its ``<name>~`` is there is judged from one listing of the folder
+(one ``getdents`` call is not interleaved with a rename in that folder on a
+local file system, and an editor's save always leaves one of the two names),
+so a save in progress is not mistaken for "no file". The rule holds for
 every read: :meth:`~statestore.StateStore.load` and the reads under the lock
 (``update()``, ``transaction()``, ``save()``). Statestore's own backups of
 older versions (``<name>.v<N>.bak``) are not such a trace: they stay after a
@@ -158,11 +162,28 @@ class FileStorage:
             return True
         return True
 
-    def _editor_backup(self) -> str | None:
-        for name in _names(self.path):
-            if os.path.lexists(name + EDITOR_BACKUP_SUFFIX):
-                return name + EDITOR_BACKUP_SUFFIX
-        return None
+    def _traces(self) -> tuple[bool, str | None]:
+        """(whether the file is there, the editor's backup that is there or None).
+
+        Both from one listing of the folder where the folder can be listed: a
+        rename in that folder is not seen half-done by one ``getdents`` call, and
+        an editor's save always leaves the file or its backup, so "neither" is
+        not a moment in the middle of a save.
+        """
+        target = _names(self.path)[-1]
+        folder, name = os.path.split(target)
+        backup = target + EDITOR_BACKUP_SUFFIX
+        try:
+            names = set(os.listdir(folder or "."))
+        except OSError:
+            there = os.path.lexists(target)
+            return there, backup if os.path.lexists(backup) else None
+        if name + EDITOR_BACKUP_SUFFIX in names:
+            return name in names, backup
+        link_backup = self.path + EDITOR_BACKUP_SUFFIX
+        if target != self.path and os.path.lexists(link_backup):
+            return name in names, link_backup
+        return name in names, None
 
     def _missing(self) -> bytes | None:
         """The file was not there: None if it is new; its bytes if it came back."""
@@ -173,24 +194,18 @@ class FileStorage:
                 copies = quarantined_copies(name)
                 if copies:
                     raise self._quarantined(copies[-1])
-            backup = self._editor_backup()
-            if backup is None:
-                # Nothing says it existed, but an editor may have written the new file
-                # and removed its backup since the first look: look once more, and once
-                # more for a backup, so that a save in between is not taken for "new".
-                data = read_bytes(self.path, self.max_size)
-                if data is not None:
-                    return data
-                if self._editor_backup() is None:
-                    return None
-                continue
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + self.missing_wait
-            if now >= deadline:
-                raise self._editor_left(backup)
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, 0.02)
+            there, backup = self._traces()
+            if not there and backup is None:
+                return None  # nothing says it existed: a new file
+            if backup is not None:
+                # An editor is saving: give it time to write the new file.
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.missing_wait
+                if now >= deadline:
+                    raise self._editor_left(backup)
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 0.02)
             data = read_bytes(self.path, self.max_size)
             if data is not None:
                 return data
