@@ -421,9 +421,11 @@ def test_a_set_id_bit_survives_the_chown(shared: Path) -> None:
     path = shared / "state.json"
     _write_state(path, 1)
     os.chown(path, uid, gid)
-    path.chmod(0o2640)  # chown clears set-group-ID: the mode is set after it
+    # chown clears set-user-ID and set-group-ID (of a group-executable file): the mode
+    # is set after it.
+    path.chmod(0o6750)
     StateStore(Counter, path).update(_bump)
-    assert _owner(path) == (uid, gid, 0o2640)
+    assert _owner(path) == (uid, gid, 0o6750)
 
 
 @needs_root
