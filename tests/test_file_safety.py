@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import json
@@ -582,6 +583,123 @@ def test_an_editor_through_a_symlink(tmp_path: Path) -> None:
     real.rename(tmp_path / "real.json~")
     with pytest.raises(StateMissingError, match=r"real\.json~"):
         StateStore(Counter, link, default=Counter, missing_wait=0.1).load()
+
+
+class EditorBetweenCalls(Interposer):
+    """An editor that takes one step of its save between system calls of the store.
+
+    Its save is vim's: rename the file to ``<name>~``, write the new file, remove
+    the backup; ``burst`` steps every ``every`` calls (an editor faster than the
+    store, as when the store is descheduled), from the ``start``-th call on, for
+    ``saves`` saves. Every moment of a save falls between two calls of the
+    store for some of these: none may look like "no file".
+    """
+
+    def __init__(self, path: Path, every: int, start: int, burst: int, saves: int) -> None:
+        super().__init__()
+        self.path, self.aside = path, path.with_name(path.name + "~")
+        self.every, self.start, self.burst, self.saves = every, start, burst, saves
+        self.calls = self.step = 0
+
+    def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
+        self.calls += 1
+        due = self.calls >= self.start and (self.calls - self.start) % self.every == 0
+        for _ in range(self.burst if due else 0):
+            if not self.saves:
+                break
+            if self.step == 0:
+                os.rename(self.path, self.aside)
+            elif self.step == 1:
+                # Keeping a newer file that a save of the store put there meanwhile
+                # (O_EXCL), so that an increment lost would be the store's doing.
+                with contextlib.suppress(FileExistsError), open(self.path, "xb") as f:
+                    f.write(self.aside.read_bytes())
+            else:
+                os.unlink(self.aside)
+                self.saves -= 1
+            self.step = (self.step + 1) % 3
+        return real(*args, **kwargs)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("start", range(1, 7))
+@pytest.mark.parametrize("burst", [1, 2])
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_an_editor_step_between_any_two_calls_is_not_a_reset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int, start: int, burst: int
+) -> None:
+    path = tmp_path / "state.json"
+    _write_state(path, 7, "mine")
+    store = StateStore(Counter, path, default=Counter, missing_wait=10)
+    editor = EditorBetweenCalls(path, every, start, burst, saves=20)
+    editor.install(monkeypatch)
+    with editor.active():
+        assert store.load() == Counter(count=7, note="mine")
+        assert store.update(_bump) == Counter(count=8, note="mine")
+        assert store.load().count == 8
+    assert editor.calls > 0
+
+
+class ScheduledEditor(Interposer):
+    """vim's save, taken ``schedule[i]`` steps at a time before the store's i-th call.
+
+    Once the schedule is over, the editor finishes the save it is in. Trying every
+    schedule of a few calls puts every pair of the editor's states around every
+    pair of the store's calls, including an editor that finishes a save and
+    starts the next between two calls of the store.
+    """
+
+    def __init__(self, path: Path, schedule: tuple[int, ...]) -> None:
+        super().__init__()
+        self.path, self.aside = path, path.with_name(path.name + "~")
+        self.schedule = schedule
+        self.calls = self.step = 0
+
+    def _advance(self) -> None:
+        if self.step == 0:
+            os.rename(self.path, self.aside)
+        elif self.step == 1:
+            self.path.write_bytes(self.aside.read_bytes())
+        else:
+            os.unlink(self.aside)
+        self.step = (self.step + 1) % 3
+
+    def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
+        if self.calls < len(self.schedule):
+            for _ in range(self.schedule[self.calls]):
+                self._advance()
+        else:
+            while self.step:
+                self._advance()
+        self.calls += 1
+        return real(*args, **kwargs)
+
+
+@pytest.mark.timeout(60)
+def test_no_schedule_of_an_editor_makes_a_missing_file_look_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import itertools
+
+    path = tmp_path / "state.json"
+    _write_state(path, 7, "mine")
+    store = StateStore(Counter, path, default=Counter, missing_wait=10)
+    tried = 0
+    for schedule in itertools.product((0, 1, 2), repeat=7):
+        if schedule[0] == 0:
+            continue  # the file must be missing at the first look for this to matter
+        editor = ScheduledEditor(path, schedule)
+        with monkeypatch.context() as m:
+            editor.install(m)
+            with editor.active():
+                assert store.load() == Counter(count=7, note="mine"), schedule
+        while editor.step:  # finish the save the store's last call left it in
+            editor._advance()
+        assert path.exists() and not editor.aside.exists()
+        tried += 1
+    assert tried == 2 * 3**6
 
 
 EDITOR = textwrap.dedent("""

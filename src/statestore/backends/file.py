@@ -21,7 +21,9 @@ A file with neither is new, and the default is used at once: no wait. Whether
 the file or its ``<name>~`` is there is judged from one listing of the folder
 (one ``getdents`` call is not interleaved with a rename in that folder on a
 local file system, and an editor's save always leaves one of the two names),
-so a save in progress is not mistaken for "no file". The rule holds for
+so a save in progress is not mistaken for "no file" (where the folder cannot
+be listed, the names are checked one after the other: best effort). The rule
+holds for
 every read: :meth:`~statestore.StateStore.load` and the reads under the lock
 (``update()``, ``transaction()``, ``save()``). Statestore's own backups of
 older versions (``<name>.v<N>.bak``) are not such a trace: they stay after a
