@@ -23,8 +23,7 @@ the file or its ``<name>~`` is there is judged from one listing of the folder
 local file system, and an editor's save always leaves one of the two names),
 so a save in progress is not mistaken for "no file" (where the folder cannot
 be listed, the names are checked one after the other: best effort). The rule
-holds for
-every read: :meth:`~statestore.StateStore.load` and the reads under the lock
+holds for every read: :meth:`~statestore.StateStore.load` and the reads under the lock
 (``update()``, ``transaction()``, ``save()``). Statestore's own backups of
 older versions (``<name>.v<N>.bak``) are not such a trace: they stay after a
 migration for good, and deleting the state file remains a way to start over.
