@@ -148,7 +148,7 @@ def scan(folder: str) -> list[Finding]:
             # Whatever it is (a FIFO, a link to a device): read by the store's rules,
             # which refuse anything but a regular file without opening it.
             found += filter(None, [_parse_problem(full)])
-    found += _quarantine_findings(folder, names)
+    found += _quarantine_findings(folder)
     for t in temps:
         why = (
             f"left by pid {t.pid}, which is no longer running"
@@ -169,7 +169,7 @@ def _next_step(folder: str, name: str, copy: str) -> str:
     )
 
 
-def _quarantine_findings(folder: str, names: list[str]) -> list[Finding]:
+def _quarantine_findings(folder: str) -> list[Finding]:
     """Quarantined copies; a problem when their state file is missing."""
     try:
         kept = os.listdir(os.path.join(folder, QUARANTINE))
