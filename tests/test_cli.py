@@ -603,7 +603,8 @@ def test_doctor_fix(capsys: pytest.CaptureFixture[str], stale_lock: tuple[Path, 
     folder = lock.parent
     crash_site(folder, pid)
     code, out, err = run(capsys, "doctor", str(folder), "--fix")
-    assert (code, err) == (0, "")
+    # The quarantined file is not a fresh start: its store refuses to start, and says so.
+    assert (code, err) == (1, "")
     lines = out.splitlines()
     assert lines[:4] == [
         "problem   broken.json: unparseable: line 1, column 11: not valid JSON (Expecting value "
@@ -622,14 +623,28 @@ def test_doctor_fix(capsys: pytest.CaptureFixture[str], stale_lock: tuple[Path, 
     ]
     assert re.fullmatch(rf"fixed     broken.json: moved to \.quarantine/broken\.json\.{STAMP}",
                         lines[8])
-    assert lines[9:] == ["fixed 4 of 4 problem(s); none remain"]
-    # Quarantined, never deleted; healthy files, backups and live temp files untouched.
     (kept,) = (folder / ".quarantine").iterdir()
+    next_step = (
+        "a store of broken.json now refuses to start (StateMissingError) rather than start "
+        f"over from its default; repair the copy, then move it back: mv {kept} "
+        f"{folder / 'broken.json'}; or, to start from the default, delete the copy"
+    )
+    assert lines[9:] == ["fixed 4 of 4 problem(s); 1 remain", f"next      broken.json: {next_step}"]
+    # Quarantined, never deleted; healthy files, backups and live temp files untouched.
     assert kept.read_text() == '{"count": '
     assert sorted(p.name for p in folder.iterdir()) == sorted([
         ".quarantine", "good.json", "good.json.v1.bak", "notes.txt",
         f".good.json.{_host_tag()}-{os.getpid()}-0123456789ab.tmp",
     ])
+    assert run(capsys, "doctor", str(folder)) == (
+        1,
+        f"problem   .quarantine/{kept.name}: quarantined: broken.json is missing: {next_step}\n"
+        "backup    good.json.v1.bak: backup of good.json at schema version 1\n"
+        "1 problem(s), which need a person (see above)\n",
+        "",
+    )
+    # Deleting the copy is the deliberate fresh start.
+    kept.unlink()
     assert run(capsys, "doctor", str(folder)) == (
         0,
         "backup    good.json.v1.bak: backup of good.json at schema version 1\n"

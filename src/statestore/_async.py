@@ -323,6 +323,8 @@ class AsyncStateStore(Generic[ModelT]):
         schema_ref: str | None = None,
         read_attempts: int = 3,
         read_delay: float = 0.05,
+        max_size: int | None = None,
+        missing_wait: float | None = None,
     ) -> None:
         self._store: StateStore[ModelT] = StateStore(
             model,
@@ -336,6 +338,8 @@ class AsyncStateStore(Generic[ModelT]):
             schema_ref=schema_ref,
             read_attempts=read_attempts,
             read_delay=read_delay,
+            max_size=max_size,
+            missing_wait=missing_wait,
         )
 
     @classmethod

@@ -17,6 +17,21 @@ The write path (``../shared/DESIGN.md`` has the reasons and the bug reports):
 
 On any failure before the rename the temporary file is removed and the target
 is untouched.
+
+Who may see the temporary file: it is created with the target's mode in the
+``open`` call itself (the umask can only narrow that; a wider mode is restored
+by ``fchmod`` afterwards, which only ever widens), so private content is never
+in a file more open than the target, not even for a moment. A process that may
+(root) gives it the target's owner and group before the rename (``fchown``),
+so a root cron job or ``sudo statestore migrate`` leaves the app's file the
+app's. A backup takes the mode, owner and group of its state file.
+
+The read path (:func:`read_bytes`) reads only regular files: the path is
+``stat``-ed and anything else (a folder, a named pipe, a socket, a device) is
+refused with :class:`StateReadError` before it is opened, and the file is then
+opened with ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block) and
+``O_NOCTTY`` and checked again with ``fstat``. At most ``max_size`` bytes are
+read: a longer file (or one that keeps growing) is refused, not read to the end.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from ._errors import DurabilityError, StateReadError, StateStoreError, write_err
 from ._owner import identity, process_alive
 
 __all__ = [
+    "DEFAULT_MAX_SIZE",
     "TempFile",
     "abandoned_temp_files",
     "read_bytes",
@@ -47,6 +63,10 @@ __all__ = [
 ]
 
 _TMP_SUFFIX: Final = ".tmp"
+#: The largest state file read by default (bytes): far above any state a model
+#: holds comfortably, far below what exhausts memory (``StateStore(max_size=)``).
+DEFAULT_MAX_SIZE: Final = 256 * 1024 * 1024
+_READ_FLAGS: Final = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
 #: Temporary files of processes on other hosts are swept only when this old (seconds).
 FOREIGN_TEMP_AGE: Final = 3600.0
 
@@ -90,33 +110,95 @@ def resolve_target(path: str) -> str:
     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
 
 
-def read_bytes(path: str) -> bytes | None:
-    """The whole file, or None when it does not exist."""
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((text for test, text in kinds if test(mode)), "not a regular file")
+
+
+def _not_regular(path: str, mode: int) -> StateReadError:
+    kind = _file_kind(mode)
+    if stat.S_ISDIR(mode):
+        return StateReadError(
+            path, "is a folder, not a state file; move it away or choose another path",
+            errno=errno.EISDIR,
+        )
+    return StateReadError(
+        path,
+        f"is {kind}, not a regular file; a state file must be a regular file (if it is "
+        "a symbolic link, it must point to one): move it away or choose another path. "
+        "Nothing was read",
+        errno=errno.EINVAL,
+    )
+
+
+def _too_large(path: str, size: int | None, max_size: int) -> StateReadError:
+    found = f"is {size} bytes, more" if size is not None else "holds more"
+    return StateReadError(
+        path,
+        f"{found} than the store's limit of {max_size} bytes (max_size); nothing "
+        "more was read. If the file is really this large, give the store a larger "
+        "max_size; otherwise it is not the state file it should be",
+        errno=errno.EFBIG,
+    )
+
+
+def read_bytes(path: str, max_size: int = DEFAULT_MAX_SIZE) -> bytes | None:
+    """The whole file, or None when it does not exist.
+
+    Only a regular file (or a symbolic link to one) is read, and at most
+    ``max_size`` bytes of it: anything else is a :class:`StateReadError`.
+    """
     try:
+        # Never open what is not a regular file (opening a device can act on it).
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
         # os.open and reads sized by fstat: a buffered file object makes five more
-        # system calls, and this runs on every load.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # system calls, and this runs on every load. O_NONBLOCK: if a FIFO was put
+        # there since the stat, the open returns at once (and fstat refuses it).
+        fd = os.open(path, _READ_FLAGS)
         try:
-            size = os.fstat(fd).st_size
-            chunks = [os.read(fd, size + 1)]  # one byte more: see the end in one read
-            while chunks[-1]:
-                chunks.append(os.read(fd, max(size, 65536)))
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _not_regular(path, st.st_mode)
+            size = st.st_size
+            if size > max_size:
+                raise _too_large(path, size, max_size)
+            # One byte more than the size: see the end in one read. Never more than
+            # max_size + 1 in all, whatever the file does meanwhile.
+            left = max_size + 1
+            chunks: list[bytes] = []
+            chunk = os.read(fd, min(size + 1, left))
+            while chunk:
+                chunks.append(chunk)
+                left -= len(chunk)
+                if left <= 0:
+                    raise _too_large(path, None, max_size)
+                chunk = os.read(fd, min(max(size, 65536), left))
         finally:
             os.close(fd)
-        return b"".join(chunks) if len(chunks) > 2 else chunks[0]
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     except FileNotFoundError:
         return None
-    except IsADirectoryError as e:
-        raise StateReadError(
-            path, "is a folder, not a state file; move it away or choose another path",
-            errno=e.errno,
-        ) from e
+    except StateReadError:
+        raise
     except PermissionError as e:
         raise StateReadError(
             path, "permission denied while reading; check the file's owner and mode",
             errno=e.errno,
         ) from e
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StateReadError(
+                path, "is a loop of symbolic links, not a state file; remove or repair the link",
+                errno=e.errno,
+            ) from e
         raise StateReadError(path, f"cannot read: {e.strerror or e}", errno=e.errno) from e
 
 
@@ -138,6 +220,27 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _keep_owner_and_mode(fd: int, old: os.stat_result) -> None:
+    """Give the new file ``old``'s owner and group (as far as allowed), then its mode."""
+    now = os.fstat(fd)
+    changed = False
+    if (now.st_uid, now.st_gid) != (old.st_uid, old.st_gid):
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)  # root: the file stays the app's
+            changed = True
+        except PermissionError:
+            # Not root: the owner stays ours; the group can still be kept if we are
+            # one of its members.
+            if now.st_gid != old.st_gid:
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fd, -1, old.st_gid)
+                    changed = True
+    # Only ever widening here (the umask narrowed the mode given to open), and
+    # after chown, which clears the set-user-ID and set-group-ID bits.
+    if changed or stat.S_IMODE(now.st_mode) != stat.S_IMODE(old.st_mode):
+        os.fchmod(fd, stat.S_IMODE(old.st_mode))
+
+
 def write_atomic(
     path: str,
     data: bytes,
@@ -148,8 +251,9 @@ def write_atomic(
 ) -> None:
     """Replace the file at ``path`` with ``data``, atomically (and durably if asked).
 
-    The file keeps the mode it had (``mode_of``: take the mode of that file
-    instead, as a backup does of its state file).
+    The file keeps the mode, owner and group it had (``mode_of``: take them from
+    that file instead, as a backup does from its state file); owner and group
+    only as far as the process may set them.
 
     ``path`` may be a symlink: the link's target is replaced and the link kept.
     ``before_replace`` runs right before the rename; if it raises, nothing is
@@ -161,23 +265,28 @@ def write_atomic(
         raise write_error(path, e, "read the symbolic link") from e
     folder = os.path.dirname(target) or "."
     try:
-        mode: int | None = stat.S_IMODE(os.stat(mode_of or target).st_mode)
+        old: os.stat_result | None = os.stat(mode_of or target)
     except FileNotFoundError:
-        mode = None  # new file: 0o666 & ~umask, applied by the kernel
+        old = None  # new file: 0o666 & ~umask, applied by the kernel
     except OSError as e:
         raise write_error(path, e, "stat") from e
+    # Created with its final mode: the umask may narrow it, never widen it, so the
+    # content is never more exposed than in the target (narrowing afterwards would
+    # leave a window in which another user can open the file).
+    mode = 0o666 if old is None else stat.S_IMODE(old.st_mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     tmp = _temp_name(target)
     what = "create a temporary file"
     try:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            fd = os.open(tmp, flags, mode)
         except FileNotFoundError:
             os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            fd = os.open(tmp, flags, mode)
         try:
-            if mode is not None:
-                what = "set the mode of the temporary file"
-                os.fchmod(fd, mode)
+            if old is not None:
+                what = "set the owner and mode of the temporary file"
+                _keep_owner_and_mode(fd, old)
             what = "write"
             view = memoryview(data)
             while view:

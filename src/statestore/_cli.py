@@ -140,6 +140,8 @@ def _store(ref: str, path: str | None) -> StateStore[Any]:
         return StateStore(
             obj.model, path, default=obj._default, timeout=obj.timeout, durable=obj.durable,
             version=obj.version, migrations=obj._migrator.steps, schema_ref=obj.schema_ref,
+            max_size=getattr(obj.storage, "max_size", None),
+            missing_wait=getattr(obj.storage, "missing_wait", None),
         )
     if path is None:
         raise UsageError(f"{ref} is a model, not a store: name the file with --path")

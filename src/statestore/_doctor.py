@@ -11,7 +11,18 @@ What it finds in one folder (not its subfolders):
   aside by a release or a break that crashed half-way. ``--fix`` breaks or
   removes them;
 * temporary files of writers that died. ``--fix`` removes them;
-* backups (``<file>.v<N>.bak``): listed, not problems.
+* backups (``<file>.v<N>.bak``): listed, not problems;
+* quarantined copies (``.quarantine/<file>.<UTC time>``) whose state file is
+  missing: a problem that needs a person. A store does not start over from its
+  default while such a copy is kept (``backends/file.py``): it refuses to start
+  and names the copy. So quarantining never turns into a silent reset: after
+  ``--fix`` moves a file into quarantine, the doctor says what the program will
+  do next (refuse to start) and how to repair the copy and move it back, or
+  how to start from the default deliberately (remove the copy).
+
+A state file that is not a regular file (a named pipe, a socket, a device, a
+link to one) or is larger than the default ``max_size`` is reported as
+unreadable, without being opened or read to the end.
 
 Every change to a state file or its temporary files is made under that file's
 lock (``<file>.lock``), so a doctor never races a live writer; a file whose
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -35,21 +47,25 @@ from ._atomic import abandoned_temp_files, read_bytes, sweep_temp_files
 from ._errors import LockError, LockTimeout, StateCorruptError, StateReadError
 from ._lock import DirectoryLock
 from ._store import StateStore
+from .backends.file import QUARANTINE, quarantined_copies
 
 __all__ = ["QUARANTINE", "Finding", "doctor", "fix", "scan"]
 
-QUARANTINE: Final = ".quarantine"
 #: How long --fix waits for a state file's lock before leaving the file alone.
 LOCK_WAIT: Final = 2.0
 _BACKUP_RE: Final = re.compile(r"(?P<target>.+)\.v(?P<version>[0-9]+)\.bak", re.DOTALL)
 # A lock directory renamed aside ("<lock>.<hex>.broken" / ".released") whose removal crashed.
 _ASIDE_RE: Final = re.compile(r".+\.lock\.[0-9a-f]+\.(?:broken|released)", re.DOTALL)
 _ORDER: Final = (
-    "unparseable", "unreadable", "stale lock", "leftover", "temp file", "lock", "backup",
+    "unparseable", "unreadable", "quarantined", "stale lock", "leftover", "temp file", "lock",
+    "backup", "kept",
 )
 _FIX_ORDER: Final = (
-    "stale lock", "leftover", "temp file", "unparseable", "unreadable", "lock", "backup",
+    "stale lock", "leftover", "temp file", "unparseable", "unreadable", "quarantined", "lock",
+    "backup", "kept",
 )
+#: Problems that --fix cannot repair: a person decides.
+_FOR_A_PERSON: Final = ("unreadable", "quarantined")
 
 
 class _AnyDocument(BaseModel):
@@ -128,8 +144,11 @@ def scan(folder: str) -> list[Finding]:
             found.append(Finding("backup", name, detail, False))
             continue
         state_like = name.endswith(".json") or f"{name}.lock" in names or name in backed_up
-        if state_like and os.path.isfile(full):
+        if state_like:
+            # Whatever it is (a FIFO, a link to a device): read by the store's rules,
+            # which refuse anything but a regular file without opening it.
             found += filter(None, [_parse_problem(full)])
+    found += _quarantine_findings(folder)
     for t in temps:
         why = (
             f"left by pid {t.pid}, which is no longer running"
@@ -138,6 +157,46 @@ def scan(folder: str) -> list[Finding]:
         )
         found.append(Finding("temp file", os.path.basename(t.path), why, True, t.target))
     return sorted(found, key=lambda f: (_ORDER.index(f.kind), f.name))
+
+
+def _next_step(folder: str, name: str, copy: str) -> str:
+    """What a store of ``name`` does while ``copy`` is quarantined, and what to do about it."""
+    here = os.path.join(folder, name)
+    return (
+        f"a store of {name} now refuses to start (StateMissingError) rather than start over "
+        f"from its default; repair the copy, then move it back: mv {shlex.quote(copy)} "
+        f"{shlex.quote(here)}; or, to start from the default, delete the copy"
+    )
+
+
+def _quarantine_findings(folder: str) -> list[Finding]:
+    """Quarantined copies; a problem when their state file is missing."""
+    try:
+        kept = os.listdir(os.path.join(folder, QUARANTINE))
+    except OSError:
+        return []
+    found: list[Finding] = []
+    originals = sorted(
+        {m["target"] for m in map(_QUARANTINED_RE.fullmatch, kept) if m is not None}
+    )
+    for name in originals:
+        copies = quarantined_copies(os.path.join(folder, name))
+        if not copies:
+            continue
+        newest = os.path.join(QUARANTINE, os.path.basename(copies[-1]))
+        more = f" (and {len(copies) - 1} older)" if len(copies) > 1 else ""
+        if os.path.lexists(os.path.join(folder, name)):
+            found.append(
+                Finding("kept", newest, f"a quarantined copy of {name}{more}, which is back",
+                        False)
+            )
+        else:
+            detail = f"{name} is missing{more}: " + _next_step(folder, name, copies[-1])
+            found.append(Finding("quarantined", newest, detail, True, name))
+    return found
+
+
+_QUARANTINED_RE: Final = re.compile(r"(?P<target>.+)\.[0-9]{8}T[0-9]{6}Z(?:-[0-9]+)?", re.DOTALL)
 
 
 @contextmanager
@@ -179,6 +238,8 @@ def _fix_one(folder: str, f: Finding, now: float) -> str:
             if _parse_problem(full) is None:
                 return "parses now (rewritten meanwhile): left in place"
             return f"moved to {_quarantine(folder, f.name, now)}"
+    if f.kind == "quarantined":
+        raise OSError("needs a person: repair the copy and move it back, or delete it")
     raise OSError("cannot be fixed automatically")
 
 
@@ -218,9 +279,20 @@ def doctor(folder: str, *, repair: bool, out: Callable[[str], None]) -> int:
         out("no problems found")
         return 0
     if not repair:
-        out(f"{problems} problem(s); run 'statestore doctor {folder} --fix' to repair them")
+        fixable = sum(f.problem and f.kind not in _FOR_A_PERSON for f in findings)
+        if fixable:
+            out(f"{problems} problem(s); run 'statestore doctor {folder} --fix' to repair "
+                + ("them" if fixable == problems else f"{fixable} of them"))
+        else:
+            out(f"{problems} problem(s), which need a person (see above)")
         return 1
     fixed = fix(folder, findings, out)
-    remaining = sum(f.problem for f in scan(folder))
+    after = scan(folder)
+    remaining = sum(f.problem for f in after)
     out(f"fixed {fixed} of {problems} problem(s); {remaining or 'none'} remain")
+    # Say what the programs will do next: a quarantined file is not a fresh start.
+    for f in after:
+        if f.kind == "quarantined" and f.problem and f.target is not None:
+            out(f"{'next':<10}{f.target}: " + _next_step(folder, f.target, os.path.join(
+                folder, f.name)))
     return 1 if remaining else 0

@@ -11,6 +11,7 @@ survives pickling (so it crosses process pools intact)::
     ├── LockError                   (OSError)        the lock folder is unusable
     ├── StateNotFoundError          (FileNotFoundError)
     ├── StateReadError              (OSError)        the file cannot be read
+    │   └── StateMissingError                        missing, but it existed: no default
     ├── StateCorruptError           (ValueError)     not JSON / not a JSON object
     ├── StateValidationError        (ValueError)     JSON that the model rejects
     ├── StateWriteError             (OSError)        the save failed, old file intact
@@ -57,6 +58,7 @@ __all__ = [
     "NestedTransactionError",
     "SchemaVersionError",
     "StateCorruptError",
+    "StateMissingError",
     "StateNotFoundError",
     "StateReadError",
     "StateStoreError",
@@ -167,7 +169,17 @@ class StateNotFoundError(StateStoreError, FileNotFoundError):
 
 
 class StateReadError(_OSErrorMixin):
-    """The state file exists but cannot be read (a folder, no permission, I/O error)."""
+    """The state file exists but cannot be read (not a regular file, too large, no
+    permission, I/O error)."""
+
+
+class StateMissingError(StateReadError):
+    """The state file is missing, but something says it existed (a quarantined copy,
+    an editor's backup): the store does not start over from its default.
+
+    Not a :class:`StateNotFoundError` (nor a ``FileNotFoundError``), so that code
+    which falls back to a fresh state on "not found" does not reset it either.
+    """
 
 
 class StateCorruptError(StateStoreError, ValueError):

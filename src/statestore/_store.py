@@ -62,6 +62,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticSerializationError
 
+from ._atomic import DEFAULT_MAX_SIZE
 from ._errors import (
     CORRUPT_HINT,
     MigrationError,
@@ -74,7 +75,7 @@ from ._lock import DirectoryLock
 from ._migrate import VERSION_KEY, MigrationReport, Migrations, Migrator
 from ._schema import Draft, document_schema
 from .backends import Session, Storage
-from .backends.file import FileStorage
+from .backends.file import MISSING_WAIT, FileStorage
 
 __all__ = ["SCHEMA_KEY", "ModelT", "StateStore"]
 
@@ -430,6 +431,8 @@ class StateStore(Generic[ModelT]):
         schema_ref: str | None = None,
         read_attempts: int = 3,
         read_delay: float = 0.05,
+        max_size: int | None = None,
+        missing_wait: float | None = None,
     ) -> None:
         _check_model(model)
         if read_attempts < 1:
@@ -451,8 +454,14 @@ class StateStore(Generic[ModelT]):
             self.lock: DirectoryLock | None = lock
             #: Whether saves are fsynced (file stores), or as the storage makes them.
             self.durable = True if durable is None else durable
-            self._storage: Storage = FileStorage(file, lock, durable=self.durable)
+            self._storage: Storage = FileStorage(
+                file, lock, durable=self.durable,
+                max_size=DEFAULT_MAX_SIZE if max_size is None else max_size,
+                missing_wait=MISSING_WAIT if missing_wait is None else missing_wait,
+            )
         else:
+            if max_size is not None or missing_wait is not None:
+                raise TypeError("max_size= and missing_wait= apply to file stores only")
             if lock is not None:
                 raise TypeError("lock= applies to file stores only; this storage locks itself")
             if durable is not None:
@@ -513,9 +522,14 @@ class StateStore(Generic[ModelT]):
     def load(self) -> ModelT:
         """Read, migrate in memory and validate the state, without taking the lock.
 
-        Missing file: the default, or :class:`StateNotFoundError`. A file that does
-        not parse is read again (``read_attempts`` times, ``read_delay`` apart) in
-        case a writer that does not rename atomically is halfway through.
+        Missing file: the default, or :class:`StateNotFoundError`; but when something
+        says the file existed (a copy quarantined by ``statestore doctor``, an
+        editor's ``<name>~`` backup while it saves), :class:`StateMissingError`
+        instead, after waiting up to ``missing_wait`` for an editor's new file
+        (``docs/store.md``). Only a regular file of at most ``max_size`` bytes is
+        read (:class:`StateReadError` otherwise). A file that does not parse is
+        read again (``read_attempts`` times, ``read_delay`` apart) in case a writer
+        that does not rename atomically is halfway through.
         """
         return self._load(self._storage.read).model
 

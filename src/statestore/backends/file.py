@@ -1,15 +1,87 @@
-"""The file system backend: a JSON file, a directory lock, atomic renames."""
+"""The file system backend: a JSON file, a directory lock, atomic renames.
+
+What is read (``_atomic.read_bytes``): only a regular file (or a symbolic link
+to one), and at most ``max_size`` bytes; anything else is a typed error, at
+once, never a hang.
+
+When a missing file means "new". A missing state file gives the store's
+default only when nothing says the file existed. Two things say so:
+
+* a copy that ``statestore doctor --fix`` quarantined
+  (``.quarantine/<name>.<UTC time>`` next to it): the read fails at once with
+  :class:`StateMissingError`, naming the copy and how to restore it, or how to
+  start over deliberately (remove the copy);
+* an editor's backup ``<name>~``: vim and Emacs save by renaming the file to
+  ``<name>~`` and writing a new one, so for a moment there is no file. The read
+  looks again, for up to ``missing_wait`` seconds, and reads the new file as
+  soon as it is there; if it does not come back, :class:`StateMissingError`
+  names the backup. A store never starts from its default in that moment.
+
+A file with neither is new, and the default is used at once: no wait. Whether
+the file or its ``<name>~`` is there is judged from one listing of the folder
+(one ``getdents`` call is not interleaved with a rename in that folder on a
+local file system, and an editor's save always leaves one of the two names),
+so a save in progress is not mistaken for "no file" (where the folder cannot
+be listed, the names are checked one after the other: best effort). The rule
+holds for every read: :meth:`~statestore.StateStore.load` and the reads under the lock
+(``update()``, ``transaction()``, ``save()``). Statestore's own backups of
+older versions (``<name>.v<N>.bak``) are not such a trace: they stay after a
+migration for good, and deleting the state file remains a way to start over.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shlex
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Final
 
-from .._atomic import read_bytes, sweep_temp_files, write_atomic
+from .._atomic import DEFAULT_MAX_SIZE, read_bytes, resolve_target, sweep_temp_files, write_atomic
+from .._errors import StateMissingError, StateWriteError
 from .._lock import DirectoryLock
 
-__all__ = ["FileSession", "FileStorage"]
+__all__ = [
+    "EDITOR_BACKUP_SUFFIX",
+    "MISSING_WAIT",
+    "QUARANTINE",
+    "FileSession",
+    "FileStorage",
+    "quarantined_copies",
+]
+
+#: The folder, next to the state files, into which ``statestore doctor --fix`` moves
+#: files that do not parse.
+QUARANTINE: Final = ".quarantine"
+#: What vim and Emacs append to the name of the file they rename aside while saving.
+EDITOR_BACKUP_SUFFIX: Final = "~"
+#: How long a read waits for a file an editor is saving (seconds), by default.
+MISSING_WAIT: Final = 2.0
+_STAMP: Final = r"\.[0-9]{8}T[0-9]{6}Z(?:-[0-9]+)?"
+
+
+def quarantined_copies(path: str) -> list[str]:
+    """The quarantined copies of the state file ``path`` (paths), oldest first."""
+    folder, name = os.path.split(path)
+    qdir = os.path.join(folder, QUARANTINE)
+    try:
+        names = os.listdir(qdir)
+    except OSError:  # none (the usual case), or not a folder
+        return []
+    pattern = re.compile(re.escape(name) + _STAMP, re.DOTALL)
+    return [os.path.join(qdir, n) for n in sorted(names) if pattern.fullmatch(n)]
+
+
+def _names(path: str) -> list[str]:
+    """``path``, and the file it points to when it is a symbolic link."""
+    try:
+        target = resolve_target(path)
+    except OSError:
+        return [path]
+    return [path] if target == path else [path, target]
 
 
 class FileSession:
@@ -19,10 +91,19 @@ class FileSession:
         self._storage = storage
 
     def read(self) -> bytes | None:
-        return read_bytes(self._storage.path)
+        return self._storage.read()
 
     def write(self, data: bytes) -> None:
         s = self._storage
+        if len(data) > s.max_size:
+            # A file the store would then refuse to read.
+            raise StateWriteError(
+                s.path,
+                f"could not save: the new state is {len(data)} bytes, more than the "
+                f"store's limit of {s.max_size} bytes (max_size), so it could not be read "
+                "again; give the store a larger max_size. The old file is unchanged.",
+                errno=errno.EFBIG,
+            )
         write_atomic(s.path, data, durable=s.durable, before_replace=s.lock.verify)
 
     def backup_location(self, label: str) -> str:
@@ -32,18 +113,37 @@ class FileSession:
         target = self.backup_location(label)
         # A backup keeps the first original of that version: never overwrite it.
         if not os.path.lexists(target):
-            # With the state file's mode: a private state must not get a public backup.
+            # With the state file's mode, owner and group: a private state must not
+            # get a public backup, nor an app's state a backup only root may read.
             write_atomic(target, data, durable=self._storage.durable, mode_of=self._storage.path)
         return target
 
 
 class FileStorage:
-    """A state file at ``path``, guarded by ``lock``."""
+    """A state file at ``path``, guarded by ``lock``.
 
-    def __init__(self, path: str, lock: DirectoryLock, *, durable: bool = True) -> None:
+    ``max_size``: the largest file read (bytes). ``missing_wait``: how long a read
+    waits for a file that an editor is saving (see the module's docstring).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        lock: DirectoryLock,
+        *,
+        durable: bool = True,
+        max_size: int = DEFAULT_MAX_SIZE,
+        missing_wait: float = MISSING_WAIT,
+    ) -> None:
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_size must be a positive number of bytes, not {max_size!r}")
+        if not missing_wait >= 0:
+            raise ValueError(f"missing_wait must be a number of seconds >= 0, not {missing_wait!r}")
         self.path = path
         self.lock = lock
         self.durable = durable
+        self.max_size = max_size
+        self.missing_wait = float(missing_wait)
         self._swept = False
 
     @property
@@ -51,10 +151,89 @@ class FileStorage:
         return self.path
 
     def read(self) -> bytes | None:
-        return read_bytes(self.path)
+        data = read_bytes(self.path, self.max_size)
+        return data if data is not None else self._missing()
 
     def exists(self) -> bool:
-        return os.path.exists(self.path)
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:  # nothing there, or a link to nothing yet
+            return False
+        except OSError:  # something is there, if only a link loop: not "no file"
+            return True
+        return True
+
+    def _traces(self) -> tuple[bool, str | None]:
+        """(whether the file is there, the editor's backup that is there or None).
+
+        Both from one listing of the folder where the folder can be listed: a
+        rename in that folder is not seen half-done by one ``getdents`` call, and
+        an editor's save always leaves the file or its backup, so "neither" is
+        not a moment in the middle of a save.
+        """
+        target = _names(self.path)[-1]
+        folder, name = os.path.split(target)
+        backup = target + EDITOR_BACKUP_SUFFIX
+        try:
+            names = set(os.listdir(folder or "."))
+        except OSError:
+            there = os.path.lexists(target)
+            return there, backup if os.path.lexists(backup) else None
+        if name + EDITOR_BACKUP_SUFFIX in names:
+            return name in names, backup
+        link_backup = self.path + EDITOR_BACKUP_SUFFIX
+        if target != self.path and os.path.lexists(link_backup):
+            return name in names, link_backup
+        return name in names, None
+
+    def _missing(self) -> bytes | None:
+        """The file was not there: None if it is new; its bytes if it came back."""
+        deadline: float | None = None
+        delay = 0.001
+        while True:
+            for name in _names(self.path):
+                copies = quarantined_copies(name)
+                if copies:
+                    raise self._quarantined(copies[-1])
+            there, backup = self._traces()
+            if not there and backup is None:
+                return None  # nothing says it existed: a new file
+            if backup is not None:
+                # An editor is saving: give it time to write the new file.
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.missing_wait
+                if now >= deadline:
+                    raise self._editor_left(backup)
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 0.02)
+            data = read_bytes(self.path, self.max_size)
+            if data is not None:
+                return data
+
+    def _quarantined(self, copy: str) -> StateMissingError:
+        return StateMissingError(
+            self.path,
+            f"the state file is missing: 'statestore doctor --fix' moved it to {copy} "
+            "because it did not parse, and the store does not start over from its default "
+            "while that copy is kept. Repair the copy (statestore validate REF --path "
+            f"{shlex.quote(copy)} shows where), then move it back: mv {shlex.quote(copy)} "
+            f"{shlex.quote(self.path)}. To start from the default instead, delete the copy "
+            f"or move it out of {QUARANTINE}/",
+            errno=errno.ENOENT,
+        )
+
+    def _editor_left(self, backup: str) -> StateMissingError:
+        return StateMissingError(
+            self.path,
+            f"the state file is missing, but {backup} is there (an editor saves by "
+            "renaming the file to that name and writing a new one), and no new file "
+            f"appeared within {self.missing_wait:g} s; the store does not start over "
+            "from its default meanwhile. If a save was interrupted, move the backup "
+            f"back: mv {shlex.quote(backup)} {shlex.quote(self.path)}; to start from the "
+            "default instead, remove the backup",
+            errno=errno.ENOENT,
+        )
 
     @contextmanager
     def session(self, timeout: float) -> Iterator[FileSession]:
