@@ -311,10 +311,28 @@ def test_validate_reports_unreadable_files(
 
 def test_validate_a_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "none.json"
-    # Even with a default: validate checks a file, and there is none.
+    # With a default the program works without the file: say what applies.
     assert run(capsys, "validate", "cli_fixtures:counter", "--path", str(path)) == (
-        1, f"{path}: no such file\n", ""
+        0, f"{path}: no such file yet; the store's default applies (the first update or "
+        "save creates it)\n", ""
     )
+    assert not path.exists()
+    # Without one, loading fails until a first save.
+    assert run(capsys, "validate", "cli_fixtures:settings", "--path", str(path)) == (
+        1, f"{path}: no such file, and the store has no default: loading it fails until a "
+        "first save creates it\n", ""
+    )
+
+
+def test_validate_a_missing_file_that_was_quarantined(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The default does not apply while doctor's quarantined copy says the file existed."""
+    path = write(tmp_path / "s.json", '{"count": 1,}')
+    assert run(capsys, "doctor", str(tmp_path), "--fix")[0] == 1
+    code, out, _ = run(capsys, "validate", "cli_fixtures:counter", "--path", str(path))
+    assert code == 1
+    assert ".quarantine" in out
 
 
 # --------------------------------------------------------------------- migrate

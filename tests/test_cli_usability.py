@@ -85,3 +85,24 @@ def test_a_closed_pipe_ends_quietly_with_status_0(app: Path) -> None:
     proc.stderr.close()
     assert proc.wait(timeout=60) == 0, err
     assert err == b""
+
+
+def test_with_path_keeps_everything_but_the_file(tmp_path: Path) -> None:
+    """`--path` builds the store through with_path(): model, default, version and limits kept."""
+    from pydantic import BaseModel
+
+    from statestore import StateStore
+
+    class S(BaseModel):
+        n: int = 0
+
+    store = StateStore(S, tmp_path / "a.json", default=S, version=3,
+                       migrations={1: dict, 2: dict}, max_size=4096, missing_wait=0.5)
+    other = store.with_path(tmp_path / "b.json")
+    assert other.path == tmp_path / "b.json" and other.lock is not None
+    assert other.lock.path == str(tmp_path / "b.json.lock")
+    assert (other.model, other.version, other.has_default) == (S, 3, True)
+    assert other.storage.max_size == 4096 and other.storage.missing_wait == 0.5  # type: ignore[attr-defined]
+    assert other.update(lambda s: S(n=s.n + 1)) == S(n=1)
+    assert not (tmp_path / "a.json").exists()
+    assert not StateStore(S, tmp_path / "c.json").has_default

@@ -135,14 +135,9 @@ def _store(ref: str, path: str | None) -> StateStore[Any]:
     if isinstance(obj, StateStore):
         if path is None:
             return obj
-        if obj.lock is None:
+        if not isinstance(obj.storage, FileStorage):
             raise UsageError(f"{ref}: --path applies to stores of files only")
-        return StateStore(
-            obj.model, path, default=obj._default, timeout=obj.timeout, durable=obj.durable,
-            version=obj.version, migrations=obj._migrator.steps, schema_ref=obj.schema_ref,
-            max_size=getattr(obj.storage, "max_size", None),
-            missing_wait=getattr(obj.storage, "missing_wait", None),
-        )
+        return obj.with_path(path)
     if path is None:
         raise UsageError(f"{ref} is a model, not a store: name the file with --path")
     return StateStore(obj, path)
@@ -183,8 +178,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     store = _store(args.ref, args.path)
     if not store.exists():
         what = "file" if isinstance(store.storage, FileStorage) else "document"
-        _out(f"{store.location}: no such {what}")
-        return EXIT_FAILED
+        if not store.has_default:
+            _out(f"{store.location}: no such {what}, and the store has no default: "
+                 "loading it fails until a first save creates it")
+            return EXIT_FAILED
+        try:
+            store.load()  # the default is validated; a quarantined copy is refused
+        except (StateStoreError, OSError) as e:
+            _out(_one_line(str(e)))
+            return EXIT_FAILED
+        _out(f"{store.location}: no such {what} yet; the store's default applies "
+             "(the first update or save creates it)")
+        return EXIT_OK
     try:
         store.load()
     except StateValidationError as e:

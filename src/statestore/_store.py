@@ -519,6 +519,28 @@ class StateStore(Generic[ModelT]):
         """Whether the state file exists (the default does not count)."""
         return self._storage.exists()
 
+    @property
+    def has_default(self) -> bool:
+        """Whether a missing document loads as the default (else :class:`StateNotFoundError`)."""
+        return self._default is not None
+
+    def with_path(self, path: str | os.PathLike[str]) -> StateStore[ModelT]:
+        """The same store (model, default, version, migrations, options) over another file.
+
+        Its lock is the one beside the new file. Only for stores of files: a
+        store over another storage raises :class:`TypeError`.
+        """
+        storage = self._storage
+        if not isinstance(storage, FileStorage):
+            raise TypeError(f"{self.location}: with_path() applies to stores of files only")
+        return StateStore(
+            self.model, path, default=self._default, timeout=self.timeout,
+            durable=self.durable, version=self.version, migrations=self._migrator.steps,
+            schema_ref=self.schema_ref, read_attempts=self._read_attempts,
+            read_delay=self._read_delay, max_size=storage.max_size,
+            missing_wait=storage.missing_wait,
+        )
+
     def load(self) -> ModelT:
         """Read, migrate in memory and validate the state, without taking the lock.
 
