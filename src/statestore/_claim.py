@@ -52,6 +52,7 @@ __all__ = [
     "live_claim",
     "move_aside",
     "remove_instance",
+    "remove_leftover",
     "sweep_aside",
     "take_apart",
     "take_claim",
@@ -144,9 +145,8 @@ def remove_instance(aside: str, dirfd: int) -> None:
         try:
             os.rmdir(aside)  # only an empty directory, never through a symbolic link
             return
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
+        except OSError:
+            pass  # not empty; or the name no longer leads to our instance
         foreign = take_apart(dirfd)
         if foreign:
             log.warning(
@@ -207,27 +207,50 @@ def sweep_aside(path: str) -> None:
 
 def _sweep_one(folder_fd: int, entry: str) -> None:
     try:
-        # O_NOFOLLOW | O_DIRECTORY: a symbolic link or anything but a real directory
-        # planted under an aside name fails here, and is left alone.
-        dirfd = os.open(entry, _DIR_FLAGS | os.O_NONBLOCK, dir_fd=folder_fd)
-    except OSError:
-        return
+        _remove_aside(folder_fd, entry)
+    except OSError as e:
+        if e.errno == errno.ENOTEMPTY:
+            log.warning("%s: %s", entry, e.strerror)
+
+
+def _remove_aside(folder_fd: int, entry: str) -> None:
+    """Delete the moved-aside instance ``entry`` of the folder behind ``folder_fd``.
+
+    Raises OSError, and removes nothing, unless it is proven to be a lock instance
+    (``ENOTEMPTY`` when it holds what the lock never holds).
+    """
+    # O_NOFOLLOW | O_DIRECTORY: a symbolic link or anything but a real directory
+    # planted under an aside name fails here, and is left alone.
+    dirfd = os.open(entry, _DIR_FLAGS | os.O_NONBLOCK, dir_fd=folder_fd)
     try:
         foreign = take_apart(dirfd, proof=True)
         if foreign:
-            log.warning(
-                "%s looks like a lock directory set aside, but holds entries statestore "
-                "did not make (%s): left in place", entry, ", ".join(foreign[:5]),
+            raise OSError(
+                errno.ENOTEMPTY,
+                "looks like a lock directory set aside, but holds entries statestore did "
+                f"not make ({', '.join(foreign[:5])}): left in place",
             )
-            return
         made = os.fstat(dirfd)
         now = os.stat(entry, dir_fd=folder_fd, follow_symlinks=False)
-        if (now.st_dev, now.st_ino) == (made.st_dev, made.st_ino):
-            os.rmdir(entry, dir_fd=folder_fd)
-    except OSError:
-        pass
+        if (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
+            raise OSError(errno.ESTALE, "replaced while it was being removed")
+        os.rmdir(entry, dir_fd=folder_fd)
     finally:
         os.close(dirfd)
+
+
+def remove_leftover(path: str) -> None:
+    """Delete the moved-aside lock instance at ``path`` (``statestore doctor --fix``).
+
+    Raises OSError, removing nothing, unless it is a real directory (not a symbolic
+    link) that holds only what a lock instance holds (see the module doc).
+    """
+    folder, entry = os.path.split(os.path.abspath(path))
+    folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _remove_aside(folder_fd, entry)
+    finally:
+        os.close(folder_fd)
 
 
 def take_claim(dirfd: int, lease: float) -> str | None:

@@ -113,8 +113,9 @@ class LockOwner:
         doc = json.loads(data)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ValueError("not a statestore lock owner record")
-        if doc.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported owner record version {_short(doc.get('format_version'))}")
+        version = doc.get("format_version")
+        if not _in_range(version, FORMAT_VERSION, FORMAT_VERSION):  # True == 1, but not a version
+            raise ValueError(f"unsupported owner record version {_short(version)}")
         try:
             owner = cls(
                 token=_text(doc, "token", 1, 128),
