@@ -41,8 +41,7 @@ import workers
 from conftest import Counter
 
 from statestore import DirectoryLock, LockError, LockTimeout, StateStore
-from statestore import _cli, _lock
-from statestore._claim import remove_instance, sweep_aside
+from statestore import _claim, _cli, _lock
 from statestore._owner import identity, new_owner
 
 pytestmark = pytest.mark.timeout(120)
@@ -363,7 +362,7 @@ def test_a_stale_lock_holding_other_content_is_moved_aside_and_kept(
     assert stat.S_ISFIFO((kept / "claim.7").lstat().st_mode)
     assert any("did not make" in r.getMessage() for r in caplog.records)
     # The next process's sweep leaves it too; the lock itself is free.
-    sweep_aside(str(lock))
+    _claim.sweep_aside(str(lock))
     assert (kept / "dropped-here.txt").read_text() == "keep me"
     with DirectoryLock(lock, timeout=1):
         pass
@@ -395,7 +394,7 @@ def test_removal_works_through_the_instance_not_the_name(tmp_path: Path, private
         os.rename(instance, tmp_path / "elsewhere")
         os.symlink(private, aside)
         before = tree(private)
-        remove_instance(str(aside), dirfd)
+        _claim.remove_instance(str(aside), dirfd)
     finally:
         os.close(dirfd)
     assert tree(private) == before
