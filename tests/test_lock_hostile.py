@@ -40,8 +40,7 @@ import pytest
 import workers
 from conftest import Counter
 
-from statestore import DirectoryLock, LockError, LockTimeout, StateStore
-from statestore import _claim, _cli, _lock
+from statestore import DirectoryLock, LockError, LockTimeout, StateStore, _claim, _cli, _lock
 from statestore._owner import identity, new_owner
 
 pytestmark = pytest.mark.timeout(120)
@@ -453,9 +452,10 @@ def test_a_link_planted_by_another_user_does_not_empty_the_victims_folder(
         def plant():
             for n, kind in enumerate(("broken", "released")):
                 os.symlink(PRIVATE, f"{SHARED}/state.json.lock.{n}{'0' * 11}.{kind}")
-            os.mkdir(f"{SHARED}/state.json.lock.{'a' * 12}.broken")
-            os.symlink(PRIVATE + "/owner.json", f"{SHARED}/state.json.lock.{'a' * 12}.broken/owner.json")
-            os.symlink(PRIVATE + "/notes.txt", f"{SHARED}/state.json.lock.{'a' * 12}.broken/claim")
+            planted = f"{SHARED}/state.json.lock.{'a' * 12}.broken"
+            os.mkdir(planted)
+            os.symlink(PRIVATE + "/owner.json", planted + "/owner.json")
+            os.symlink(PRIVATE + "/notes.txt", planted + "/claim")
         results["read"] = attempt(lambda: os.listdir(PRIVATE))
         results["plant"] = attempt(plant)
         """,

@@ -11,9 +11,10 @@ Protocol (``docs/locking.md`` has the full story, ``spec/`` a checked model):
   record carries our boot id and our pid namespace, and its pid is gone or now
   belongs to a process with another start time. The same host name with
   another boot id, another pid namespace, or a ``/proc`` that hides the pid
-  (``hidepid``) prove nothing: the lease decides (``_owner.py``). Breaking first takes the instance's *claim* (a
-  symbolic link ``L/claim`` naming its maker, made through a descriptor of the
-  instance, so it guards that instance and no other), re-checks that ``L`` is
+  (``hidepid``) prove nothing: the lease decides (``_owner.py``). Breaking
+  first takes the instance's *claim* (a symbolic link ``L/claim`` naming its
+  maker, made through a descriptor of the instance, so it guards that
+  instance and no other), re-checks that ``L`` is
   still the stale instance it inspected, and only then renames ``L`` aside in
   one atomic step. Two breakers cannot both win, and a fresh lock taken
   meanwhile is never removed. ``rmdir`` then ``mkdir`` would let both in

@@ -35,8 +35,8 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 __all__ = [
@@ -122,7 +122,9 @@ class LockOwner:
                 pid=_number(doc, "pid", int, 1, PID_MAX),
                 host=_text(doc, "host", 0, _TEXT_MAX),
                 boot_id=_optional(doc, "boot_id", lambda: _text(doc, "boot_id", 0, 64)),
-                start_time=_optional(doc, "start_time", lambda: _number(doc, "start_time", int, 0, _U64)),
+                start_time=_optional(
+                    doc, "start_time", lambda: _number(doc, "start_time", int, 0, _U64)
+                ),
                 pid_ns=_optional(doc, "pid_ns", lambda: _number(doc, "pid_ns", int, 1, _U64)),
                 acquired_at=_number(doc, "acquired_at", float, 0, _TIME_MAX),
                 expires_at=_number(doc, "expires_at", float, 0, _TIME_MAX),
