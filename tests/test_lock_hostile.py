@@ -703,3 +703,25 @@ def test_entries_named_almost_like_claims_do_not_crash_the_lock(tmp_path: Path, 
     os.symlink(tag(os.getpid()), lock / name)
     with DirectoryLock(lock, timeout=5):
         pass
+
+
+def test_the_schema_of_the_owner_record_refuses_what_the_reader_refuses(
+    bad: dict[str, object],
+) -> None:
+    from jsonschema import Draft202012Validator
+
+    from statestore._owner import LockOwner
+    from statestore._schema import internal_schemas
+
+    doc = record(**bad)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in doc.values()):
+        pytest.skip("not JSON: no schema can speak of NaN or Infinity")
+    if doc.get("pid") == "<5000 digits>":
+        pytest.skip("not a JSON number Python reads")
+    if isinstance(doc.get("pid"), float):
+        pytest.skip("JSON Schema counts 12.0 as an integer; the reader is stricter")
+    with pytest.raises(ValueError):
+        LockOwner.from_json(json.dumps(doc).encode())
+    schema = internal_schemas()["lock-owner.v1.schema.json"]
+    assert not Draft202012Validator(schema).is_valid(doc)
+    assert Draft202012Validator(schema).is_valid(record())

@@ -62,8 +62,21 @@ PID_MAX: Final = 2**22
 #: Bounds of the other fields: a start time or namespace inode is an unsigned
 #: 64-bit number; times are seconds since the epoch, before the year 33658.
 _U64: Final = 2**64 - 1
-_TIME_MAX: Final = 1e12
+_TIME_MAX: Final = 10**12
 _TEXT_MAX: Final = 255
+#: What :meth:`LockOwner.from_json` insists on beyond the types, in JSON Schema terms
+#: (``schemas/lock-owner.v1.schema.json`` carries the same).
+LIMITS: Final[dict[str, dict[str, float]]] = {
+    "token": {"minLength": 1, "maxLength": 128},
+    "pid": {"minimum": 1, "maximum": PID_MAX},
+    "host": {"maxLength": _TEXT_MAX},
+    "boot_id": {"maxLength": 64},
+    "start_time": {"minimum": 0, "maximum": _U64},
+    "pid_ns": {"minimum": 1, "maximum": _U64},
+    "acquired_at": {"minimum": 0, "maximum": _TIME_MAX},
+    "expires_at": {"minimum": 0, "maximum": _TIME_MAX},
+    "lease": {"exclusiveMinimum": 0, "maximum": _TIME_MAX},
+}
 
 
 @dataclass(frozen=True)
@@ -128,7 +141,7 @@ class LockOwner:
                 pid_ns=_optional(doc, "pid_ns", lambda: _number(doc, "pid_ns", int, 1, _U64)),
                 acquired_at=_number(doc, "acquired_at", float, 0, _TIME_MAX),
                 expires_at=_number(doc, "expires_at", float, 0, _TIME_MAX),
-                lease=_number(doc, "lease", float, 1e-6, _TIME_MAX),
+                lease=_number(doc, "lease", float, 5e-324, _TIME_MAX),  # > 0
             )
         except KeyError as e:
             raise ValueError(f"owner record lacks {e}") from None
