@@ -70,6 +70,11 @@ _ASIDE_RE: Final = re.compile(r"\.([0-9a-f]{12})\.(?:broken|released)")
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):  # the descriptor is gone either way
+        os.close(fd)
+
+
 def _made_here(name: str, dirfd: int) -> bool:
     """Whether ``name`` in the instance behind ``dirfd`` is an entry the lock makes,
     of the type it makes (a regular file for records, a symbolic link for claims)."""
@@ -107,7 +112,7 @@ def _is_record(dirfd: int) -> bool:
     except OSError:
         return False
     finally:
-        os.close(fd)
+        _close(fd)
     # A record cut short by a crash is still ours: the start of what we write.
     return RECORD_HEAD.startswith(head)
 
@@ -140,13 +145,13 @@ def remove_instance(aside: str, dirfd: int) -> None:
     with a warning, for a person to look at.
     """
     try:
-        with contextlib.suppress(FileNotFoundError):
+        # Any failure of the quick way (something else inside, an I/O error, the
+        # name no longer leading to our instance) leaves the thorough way below.
+        with contextlib.suppress(OSError):
             os.unlink(OWNER_FILE, dir_fd=dirfd)
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(aside)  # only an empty directory, never through a symbolic link
             return
-        except OSError:
-            pass  # not empty; or the name no longer leads to our instance
         foreign = take_apart(dirfd)
         if foreign:
             log.warning(
@@ -202,7 +207,7 @@ def sweep_aside(path: str) -> None:
     except OSError:
         pass
     finally:
-        os.close(folder_fd)
+        _close(folder_fd)
 
 
 def _sweep_one(folder_fd: int, entry: str) -> None:
@@ -236,7 +241,7 @@ def _remove_aside(folder_fd: int, entry: str) -> None:
             raise OSError(errno.ESTALE, "replaced while it was being removed")
         os.rmdir(entry, dir_fd=folder_fd)
     finally:
-        os.close(dirfd)
+        _close(dirfd)
 
 
 def remove_leftover(path: str) -> None:
@@ -250,7 +255,7 @@ def remove_leftover(path: str) -> None:
     try:
         _remove_aside(folder_fd, entry)
     finally:
-        os.close(folder_fd)
+        _close(folder_fd)
 
 
 def take_claim(dirfd: int, lease: float) -> str | None:

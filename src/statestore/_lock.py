@@ -597,7 +597,8 @@ class DirectoryLock:
         except OSError as e:
             raise self._os_error(e, "list") from e
         finally:
-            os.close(dirfd)
+            with contextlib.suppress(OSError):  # the descriptor is gone either way
+                os.close(dirfd)
         if not foreign:
             return
         shown = ", ".join(repr(n) for n in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
