@@ -429,16 +429,25 @@ def test_the_sweep_removes_only_proven_lock_instances(tmp_path: Path, private: P
     linked = _aside(tmp_path, "broken", "888888888888")
     linked.mkdir()
     os.symlink(private / "owner.json", linked / "owner.json")
+    # A link to a live lock elsewhere: exactly what a lock instance looks like inside.
+    live = DirectoryLock(private / "other.lock")
+    live.acquire()
+    os.symlink(private / "other.lock", _aside(tmp_path, "released", "999999999999"))
     before = (tree(private), {k: v for k, v in tree(tmp_path).items()
                               if not k.startswith(("state.json.lock.aaaa", "state.json.lock.bbbb",
                                                    "state.json.lock.cccc"))})
-
-    StateStore(Counter, tmp_path / "state.json", default=Counter).update(_bump)
+    try:
+        StateStore(Counter, tmp_path / "state.json", default=Counter).update(_bump)
+        live.verify()  # still held: its owner record was not taken apart
+    finally:
+        live.release()
 
     assert not real.exists() and not cut_short.exists() and not empty.exists()
     after = tree(tmp_path)
     del after["state.json"]
-    assert (tree(private), after) == before
+    assert after == before[1]
+    kept = {k: v for k, v in before[0].items() if not k.startswith("other.lock")}
+    assert tree(private) == kept
 
 
 @needs_root
