@@ -734,3 +734,21 @@ def test_the_schema_of_the_owner_record_refuses_what_the_reader_refuses(
     schema = internal_schemas()["lock-owner.v1.schema.json"]
     assert not Draft202012Validator(schema).is_valid(doc)
     assert Draft202012Validator(schema).is_valid(record())
+
+
+def test_doctor_removes_a_leftover_only_when_it_is_a_lock_instance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = tmp_path / "a.json.lock.0123456789ab.broken"
+    plant_record(real, pid=dead_pid())
+    other = tmp_path / "b.json.lock.0123456789ab.released"
+    other.mkdir()
+    (other / "work.txt").write_text("somebody's")
+    (other / "owner.json").write_bytes(new_owner(30.0).to_json())
+    code, out, err = cli(capsys, "doctor", str(tmp_path), "--fix")
+    assert "Traceback" not in out + err
+    assert f"fixed     {real.name}: removed" in out
+    assert f"not fixed {other.name}: " in out and "did not make (work.txt)" in out
+    assert not real.exists()
+    assert (other / "work.txt").read_text() == "somebody's" and (other / "owner.json").exists()
+    assert code == 1  # the folder with somebody's work remains, for a person to look at
