@@ -752,3 +752,20 @@ def test_doctor_removes_a_leftover_only_when_it_is_a_lock_instance(
     assert not real.exists()
     assert (other / "work.txt").read_text() == "somebody's" and (other / "owner.json").exists()
     assert code == 1  # the folder with somebody's work remains, for a person to look at
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "fifo"])
+def test_something_else_named_claim_in_a_stale_lock_does_not_block_it(
+    tmp_path: Path, kind: str
+) -> None:
+    """No process made it, so it guards nothing: the breaker claims the next name."""
+    lock = tmp_path / "x.lock"
+    plant_record(lock, pid=dead_pid())
+    claim = lock / "claim"
+    {"file": lambda: claim.write_text("x"), "dir": claim.mkdir,
+     "fifo": lambda: os.mkfifo(claim)}[kind]()
+    started = time.monotonic()
+    with DirectoryLock(lock, timeout=LONG):
+        assert time.monotonic() - started < LONG / 3
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.endswith(".broken")]
+    assert (kept / "claim").exists()  # not the lock's own: kept with it

@@ -291,7 +291,10 @@ def take_claim(dirfd: int, lease: float) -> str | None:
             made = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mtime
         except FileNotFoundError:
             continue  # undone meanwhile: try this one again
-        except OSError:
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                index += 1  # not a symbolic link, so nobody's claim: the next one
+                continue
             return None
         alive = claim_maker_alive(tag)
         # Take over only the claim of a process that is provably dead (spec/: taking
