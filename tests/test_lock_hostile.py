@@ -507,15 +507,16 @@ def test_a_record_that_may_be_from_another_machine_waits_for_its_lease(
 ) -> None:
     """Same host name, dead pid, but nothing that proves it is our pid: not dead."""
     monkeypatch.setattr(_lock, "CLOCK_SKEW", 0.3)
+    pid = dead_pid()
     now = time.time()
     lock = tmp_path / "x.lock"
-    plant_record(lock, pid=dead_pid(), acquired_at=now, expires_at=now + 0.8, **fields)
+    plant_record(lock, pid=pid, acquired_at=now, expires_at=now + 1.0, **fields)
     with pytest.raises(LockTimeout) as info:
         DirectoryLock(lock).acquire(timeout=0.3)
     assert info.value.alive is None
-    assert json.loads((lock / "owner.json").read_text())["expires_at"] == now + 0.8
+    assert json.loads((lock / "owner.json").read_text())["expires_at"] == now + 1.0
     with DirectoryLock(lock, timeout=5):
-        assert time.time() >= now + 0.8 + 0.3
+        assert time.time() >= now + 1.0 + 0.3
 
 
 def test_a_live_pid_without_its_start_time_is_not_taken_for_dead_or_alive(
@@ -524,7 +525,7 @@ def test_a_live_pid_without_its_start_time_is_not_taken_for_dead_or_alive(
     monkeypatch.setattr(_lock, "CLOCK_SKEW", 0.3)
     now = time.time()
     lock = tmp_path / "x.lock"
-    plant_record(lock, pid=os.getppid(), start_time=None, expires_at=now + 0.5)
+    plant_record(lock, pid=os.getppid(), start_time=None, expires_at=now + 1.0)
     with pytest.raises(LockTimeout) as info:
         DirectoryLock(lock).acquire(timeout=0.2)
     assert info.value.alive is None
