@@ -159,10 +159,22 @@ def test_reused_pid_with_another_start_time_is_dead(tmp_path: Path) -> None:
     assert time.monotonic() - started < 1
 
 
-def test_another_boot_is_dead(tmp_path: Path) -> None:
-    write_record(tmp_path / "x.lock", pid=os.getppid(), boot_id="00000000-dead-beef-0000-000000000000")
-    with DirectoryLock(tmp_path / "x.lock", timeout=2):
-        pass
+def test_another_boot_waits_for_the_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same host name, other boot id: a cloned machine or a container, not proof of death."""
+    monkeypatch.setattr(_lock, "CLOCK_SKEW", 0.3)
+    pid = dead_pid()
+    now = time.time()
+    write_record(
+        tmp_path / "x.lock", pid=pid, boot_id="00000000-dead-beef-0000-000000000000",
+        acquired_at=now, expires_at=now + 1.0,
+    )
+    with pytest.raises(LockTimeout) as info:
+        DirectoryLock(tmp_path / "x.lock").acquire(timeout=0.3)
+    assert info.value.alive is None
+    with DirectoryLock(tmp_path / "x.lock", timeout=5):
+        assert time.time() >= now + 1.0 + 0.3  # the lease and the skew allowance ran out
 
 
 def test_live_pid_with_matching_start_time_is_respected(tmp_path: Path) -> None:

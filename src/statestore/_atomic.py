@@ -71,15 +71,16 @@ _READ_FLAGS: Final = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O
 FOREIGN_TEMP_AGE: Final = 3600.0
 
 
-_host_tags: dict[tuple[str, str | None], str] = {}
+_host_tags: dict[tuple[str, str | None, int | None], str] = {}
 
 
 def _host_tag() -> str:
     me = identity()
-    key = (me.host, me.boot_id)
+    key = (me.host, me.boot_id, me.pid_ns)
     tag = _host_tags.get(key)
-    if tag is None:  # one hash per host and boot, not one per save
-        tag = _host_tags[key] = hashlib.sha256(f"{me.host}\0{me.boot_id}".encode()).hexdigest()[:8]
+    if tag is None:  # one hash per host, boot and pid namespace, not one per save
+        tag = _host_tags[key] = hashlib.sha256(
+            f"{me.host}\0{me.boot_id}\0{me.pid_ns}".encode()).hexdigest()[:8]
     return tag
 
 
@@ -359,7 +360,7 @@ def abandoned_temp_files(folder: str, target: str | None = None) -> list[TempFil
         try:
             if local:
                 me = identity()  # the tag matched: this host, this boot
-                if process_alive(me.host, me.boot_id, int(m["pid"]), None, None) is not False:
+                if process_alive(me.host, me.boot_id, int(m["pid"]), None, me.pid_ns) is not False:
                     continue
             elif now - os.lstat(full).st_mtime < FOREIGN_TEMP_AGE:
                 continue

@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict
 
 from ._atomic import abandoned_temp_files, read_bytes, sweep_temp_files
+from ._claim import remove_leftover
 from ._errors import LockError, LockTimeout, StateCorruptError, StateReadError
 from ._lock import DirectoryLock
 from ._store import StateStore
@@ -224,7 +224,7 @@ def _fix_one(folder: str, f: Finding, now: float) -> str:
         DirectoryLock(full).break_lock()
         return f"broke the stale lock ({f.detail})"
     if f.kind == "leftover":
-        shutil.rmtree(full)
+        remove_leftover(full)  # only a proven lock instance, never a recursive delete
         return "removed"
     if f.kind == "temp file":
         assert f.target is not None

@@ -6,11 +6,15 @@ Protocol (``docs/locking.md`` has the full story, ``spec/`` a checked model):
   directory *it* created (through a directory file descriptor, so a write can
   never land in somebody else's lock) and checks that ``L`` is still that
   directory.
-* **Stale locks**: a holder that is provably dead (same host: pid gone, pid
-  reused by a process with another start time, another boot) or whose lease
-  has expired may be broken. Breaking first takes the instance's *claim* (a
-  symbolic link ``L/claim`` naming its maker, made through a descriptor of the
-  instance, so it guards that instance and no other), re-checks that ``L`` is
+* **Stale locks**: a holder that is provably dead or whose lease has expired
+  may be broken. Only evidence that cannot collide proves a holder dead: its
+  record carries our boot id and our pid namespace, and its pid is gone or now
+  belongs to a process with another start time. The same host name with
+  another boot id, another pid namespace, or a ``/proc`` that hides the pid
+  (``hidepid``) prove nothing: the lease decides (``_owner.py``). Breaking
+  first takes the instance's *claim* (a symbolic link ``L/claim`` naming its
+  maker, made through a descriptor of the instance, so it guards that
+  instance and no other), re-checks that ``L`` is
   still the stale instance it inspected, and only then renames ``L`` aside in
   one atomic step. Two breakers cannot both win, and a fresh lock taken
   meanwhile is never removed. ``rmdir`` then ``mkdir`` would let both in
@@ -22,6 +26,19 @@ Protocol (``docs/locking.md`` has the full story, ``spec/`` a checked model):
   record forward; a holder that stops (SIGSTOP, a sleeping laptop) loses the
   lock once the lease has run out, and finds out at :meth:`DirectoryLock.verify`,
   which the store calls right before its commit rename.
+* **Only a statestore lock is ever touched.** The lock path must name the lock
+  directory itself (not ``""``, ``"."``, ``".."`` or a path ending in a
+  separator). Whatever is at the lock path is looked at with ``lstat`` and
+  opened with ``O_NOFOLLOW | O_DIRECTORY``: a symbolic link (to a folder, to a
+  file, dangling), a regular file, a FIFO, a socket or a device there, or a
+  directory that holds entries a lock never holds and no usable owner record,
+  is a :class:`LockError` naming the path and what is there, at once, and is
+  left as it is. An empty directory without an owner record is a lock being
+  created; only after the creation grace is it stale. A lock is taken apart by
+  its known entries and ``rmdir`` (``_claim.py``), never by a recursive delete.
+* **Bad records are garbage.** An owner record or claim with a field of the
+  wrong type or out of range is unusable, judged by its age like a record
+  that does not parse; no such value reaches a system call.
 
 Claims and moving instances aside live in ``_claim.py``; the per-process state
 of lock paths and the heartbeat thread in ``_lease.py``; the owner record in
@@ -48,9 +65,10 @@ from . import _lease
 from ._claim import (
     CLAIM_GRACE,
     drop_claim,
+    foreign_entries,
     live_claim,
     move_aside,
-    remove_tree,
+    remove_instance,
     sweep_aside,
     take_claim,
 )
@@ -134,6 +152,7 @@ class DirectoryLock:
         self.timeout = timeout
         self.lease = float(lease)
         self._key = _canonical(self.path)
+        _check_lock_path(path)
 
     def __repr__(self) -> str:
         return f"DirectoryLock({self.path!r}, timeout={self.timeout!r}, lease={self.lease!r})"
@@ -397,10 +416,12 @@ class DirectoryLock:
     def _publish(self) -> Held | None:
         """Write our owner record into the directory we just created."""
         try:
-            dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
+            dirfd = os.open(self.path, _DIR_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # replaced meanwhile: the next look says by what
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                return None
             self._abandon(None, False, e)
             raise self._os_error(e, "open") from e
         recorded = False
@@ -440,9 +461,9 @@ class DirectoryLock:
             # A claim stuck in the lock we just made: its maker died in the claim's
             # window. The lock is ours alone to take apart (our record is in it).
             with contextlib.suppress(OSError):
-                st = os.stat(self.path)
+                st = os.lstat(self.path)
                 if (st.st_dev, st.st_ino) == ino:
-                    remove_tree(move_aside(self.path, "released"))
+                    remove_instance(move_aside(self.path, "released"), dirfd)
         if state != "ours":
             with contextlib.suppress(OSError):
                 os.close(dirfd)
@@ -459,7 +480,7 @@ class DirectoryLock:
         give_up = time.monotonic() + patience
         while True:
             try:
-                st = os.stat(self.path)
+                st = os.lstat(self.path)
             except FileNotFoundError:
                 return "moved"
             if (st.st_dev, st.st_ino) != ino:
@@ -479,7 +500,7 @@ class DirectoryLock:
                     made = os.fstat(dirfd)
                     if recorded:
                         os.unlink(OWNER_FILE, dir_fd=dirfd)
-                    now = os.stat(self.path)
+                    now = os.lstat(self.path)
                     if (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
                         return
                 finally:
@@ -489,23 +510,19 @@ class DirectoryLock:
 
     def _observe(self) -> _Observation:
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
         except FileNotFoundError:
             return _Observation(None, None, None, False, "free")
         except OSError as e:
             raise self._os_error(e, "inspect") from e
         if not stat.S_ISDIR(st.st_mode):
-            raise LockError(
-                self.path,
-                "the lock path exists but is not a directory; statestore did not make it. "
-                "Move it away if nothing else uses it",
-                errno=errno.ENOTDIR,
-            )
+            raise self._not_a_lock(st)
         ino = (st.st_dev, st.st_ino)
         now = time.time()
         try:
             owner = LockOwner.from_json(read_owner_at(self.path))
         except FileNotFoundError:
+            self._foreign_check(ino, None)
             age = max(now - st.st_mtime, _lease.state(self._key).unrecorded_for(ino))
             return _Observation(
                 ino, None, None, age > CREATE_GRACE,
@@ -514,8 +531,9 @@ class DirectoryLock:
         except PermissionError as e:
             raise self._os_error(e, "read the owner record of") from e
         except (OSError, ValueError) as e:
+            self._foreign_check(ino, e)
             try:
-                age = now - os.stat(os.path.join(self.path, OWNER_FILE)).st_mtime
+                age = now - os.lstat(os.path.join(self.path, OWNER_FILE)).st_mtime
             except OSError:
                 age = now - st.st_mtime
             age = max(age, _lease.state(self._key).unrecorded_for(ino))
@@ -536,6 +554,63 @@ class DirectoryLock:
             )
         return _Observation(ino, owner, alive, False, f"held by pid {owner.pid} on {owner.host}")
 
+    def _not_a_lock(self, st: os.stat_result) -> LockError:
+        """The error for something at the lock path that is not a directory."""
+        what = _KINDS.get(stat.S_IFMT(st.st_mode), "not a directory")
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(self.path)
+            except OSError:
+                target = "?"
+            gone = "" if os.path.exists(self.path) else ", which does not exist"
+            return LockError(
+                self.path,
+                f"the lock path is a symbolic link (to {target!r}{gone}), not a lock "
+                "directory; statestore never follows a link there. Remove the link, or "
+                "give the lock a path of its own",
+                errno=errno.ELOOP,
+            )
+        return LockError(
+            self.path,
+            f"the lock path is {what}, not a directory; statestore did not make it. "
+            "Move it away if nothing else uses it, or give the lock a path of its own",
+            errno=errno.ENOTDIR,
+        )
+
+    def _foreign_check(self, ino: tuple[int, int], cause: Exception | None) -> None:
+        """Raise :class:`LockError` if the directory at the lock path, which has no
+        usable owner record, holds entries no lock instance holds: it is not a lock
+        (a project folder, the working directory), and must not be broken."""
+        try:
+            dirfd = os.open(self.path, _DIR_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # gone or replaced meanwhile: the next look says by what
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return
+            raise self._os_error(e, "inspect") from e
+        try:
+            made = os.fstat(dirfd)
+            if (made.st_dev, made.st_ino) != ino:
+                return
+            foreign = foreign_entries(dirfd)
+        except OSError as e:
+            raise self._os_error(e, "list") from e
+        finally:
+            with contextlib.suppress(OSError):  # the descriptor is gone either way
+                os.close(dirfd)
+        if not foreign:
+            return
+        shown = ", ".join(repr(n) for n in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        record = "no owner record" if cause is None else f"no usable owner record ({cause})"
+        raise LockError(
+            self.path,
+            f"the lock path is a directory that statestore did not make: it holds {shown} "
+            f"and {record}. It was left untouched; move it away, or give the lock a "
+            "path of its own",
+            errno=errno.EEXIST,
+        )
+
     def _claim(self, dirfd: int) -> str | None:
         try:
             return take_claim(dirfd, self.lease)
@@ -544,10 +619,12 @@ class DirectoryLock:
 
     def _break(self, seen: _Observation, *, force: bool = False) -> bool:
         try:
-            dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dirfd = os.open(self.path, _DIR_FLAGS)
         except (FileNotFoundError, NotADirectoryError):
             return False
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                return False  # replaced by a symbolic link: the next look reports it
             raise self._os_error(e, "open") from e
         try:
             try:
@@ -574,14 +651,18 @@ class DirectoryLock:
                 # The path still holds the instance we claimed (same inode, and only a
                 # claim holder removes a stale instance): move it aside in one step.
                 aside = move_aside(self.path, "broken")
-            except OSError as e:
+            except BaseException as e:
                 drop_claim(dirfd, claim)
-                raise self._os_error(e, "break") from e
+                if isinstance(e, OSError) and not isinstance(e, LockError):
+                    raise self._os_error(e, "break") from e
+                raise
+            log.warning("broke stale lock %s: %s", self.path, seen.reason)
+            # Through the descriptor of the instance we claimed: whatever has been put
+            # at the aside name meanwhile, only that instance's own entries go.
+            remove_instance(aside, dirfd)
         finally:
             with contextlib.suppress(OSError):  # the descriptor is gone either way
                 os.close(dirfd)
-        log.warning("broke stale lock %s: %s", self.path, seen.reason)
-        remove_tree(aside)
         return True
 
     def _lost(self, held: Held) -> bool:
@@ -610,10 +691,10 @@ class DirectoryLock:
             # the next holder's hand-off is on the critical path, deleting is not.
             with contextlib.suppress(OSError):
                 queue.wake_first()
-            if aside is not None:
-                remove_tree(aside)
-            with held.mutex:
+            with held.mutex:  # the heartbeat writes through the same descriptor
                 held.lost = "released"
+                if aside is not None:
+                    remove_instance(aside, held.dirfd)
                 with contextlib.suppress(OSError):  # the descriptor is gone either way
                     os.close(held.dirfd)
 
@@ -637,7 +718,7 @@ class DirectoryLock:
             # The rename needs a new directory entry (a full disk refuses it); taking
             # the instance apart in place needs none. Still ours alone, as above.
             try:
-                os.unlink(os.path.join(self.path, OWNER_FILE))
+                os.unlink(OWNER_FILE, dir_fd=held.dirfd)
                 os.rmdir(self.path)
             except OSError:
                 raise self._os_error(e, "release") from e
@@ -675,7 +756,7 @@ class DirectoryLock:
         # We hold the claim of our own instance: nobody else can remove it now,
         # so it can be taken apart in place (an observer sees "being created").
         try:
-            os.unlink(os.path.join(self.path, OWNER_FILE))
+            os.unlink(OWNER_FILE, dir_fd=held.dirfd)
             if claim:
                 os.unlink(claim, dir_fd=held.dirfd)
             os.rmdir(self.path)
@@ -688,7 +769,7 @@ class DirectoryLock:
                 return
             except OSError as e:
                 raise self._os_error(e, "release") from e
-            remove_tree(aside)
+            remove_instance(aside, held.dirfd)
 
     def _refresh(self, held: Held) -> None:
         """Push our lease forward (heartbeat thread)."""
@@ -736,3 +817,29 @@ class DirectoryLock:
 def _refresh_held(key: str, held: Held) -> None:
     """The heartbeat's way back in: renew the lease of the lock held at ``key``."""
     DirectoryLock(key, lease=held.owner.lease)._refresh(held)
+
+
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_KINDS: Final = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _check_lock_path(path: str | os.PathLike[str]) -> None:
+    """Refuse a lock path that names no directory of its own ("", ".", "..", "dir/").
+
+    Such a path means the working directory or a parent: statestore would take a
+    folder it did not make for its lock, and, were it ever judged stale, move it.
+    """
+    given = os.fspath(path)
+    if os.path.basename(given) in ("", ".", ".."):
+        raise LockError(
+            given or "''",
+            "a lock path must name the lock directory itself (such as 'state.json.lock'), "
+            "not '', '.', '..' or a path that ends in a separator",
+            errno=errno.EINVAL,
+        )

@@ -3,18 +3,39 @@
 The owner record is a small JSON document written inside the lock directory.
 It identifies the holder well enough to tell, from the same host, whether it
 is still running: a pid alone is not enough (pids are reused), so the record
-also carries the process start time and the boot id, and the pid namespace so
-that a lock held inside a container is not mistaken for a dead one.
+also carries the process start time, the boot id and the pid namespace.
+
+Rules:
+
+* **Only evidence that cannot collide says "dead".** A host name is not
+  unique (cloned images, containers started with the same ``--hostname``,
+  "localhost"), so a record is judged from here only when it carries this
+  kernel's boot id *and* this process's pid namespace. Then its holder is dead
+  when its pid is gone, is a zombie, or now belongs to a process with another
+  start time. Anything else (another boot id, another or unknown namespace, no
+  boot id at all) is *unknown*: the lease decides.
+* **A process we cannot see is not dead.** ``kill(pid, 0)`` failing with
+  ``EPERM`` means the process exists. With ``/proc`` mounted ``hidepid=1|2``
+  (systemd's ``ProtectProc=invisible``), ``/proc/<pid>`` of another user's
+  process is unreadable although the process runs: that is unknown, not dead.
+* **Every field is checked on read.** An owner record or a claim tag whose
+  fields have the wrong type or are out of range (a pid that is not a valid
+  ``pid_t``, a non-finite or absurd time, an oversized string) is unusable,
+  exactly like one that does not parse: :meth:`LockOwner.from_json` raises
+  ``ValueError``, and the lock judges it by its age, like garbage. No such
+  value ever reaches a system call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -33,6 +54,29 @@ FORMAT: Final = "statestore.lock-owner"
 FORMAT_VERSION: Final = 1
 #: The owner record's name inside a lock directory.
 OWNER_FILE: Final = "owner.json"
+#: How the owner record starts, as this library writes it (see :meth:`LockOwner.to_json`).
+RECORD_HEAD: Final = b'{"format": "statestore.lock-owner"'
+#: Largest pid any supported system hands out (Linux: PID_MAX_LIMIT is 2**22);
+#: a larger one would not fit the system's pid_t, or overflow os.kill().
+PID_MAX: Final = 2**22
+#: Bounds of the other fields: a start time or namespace inode is an unsigned
+#: 64-bit number; times are seconds since the epoch, before the year 33658.
+_U64: Final = 2**64 - 1
+_TIME_MAX: Final = 10**12
+_TEXT_MAX: Final = 255
+#: What :meth:`LockOwner.from_json` insists on beyond the types, in JSON Schema terms
+#: (``schemas/lock-owner.v1.schema.json`` carries the same).
+LIMITS: Final[dict[str, dict[str, float]]] = {
+    "token": {"minLength": 1, "maxLength": 128},
+    "pid": {"minimum": 1, "maximum": PID_MAX},
+    "host": {"maxLength": _TEXT_MAX},
+    "boot_id": {"maxLength": 64},
+    "start_time": {"minimum": 0, "maximum": _U64},
+    "pid_ns": {"minimum": 1, "maximum": _U64},
+    "acquired_at": {"minimum": 0, "maximum": _TIME_MAX},
+    "expires_at": {"minimum": 0, "maximum": _TIME_MAX},
+    "lease": {"exclusiveMinimum": 0, "maximum": _TIME_MAX},
+}
 
 
 @dataclass(frozen=True)
@@ -78,28 +122,29 @@ class LockOwner:
 
     @classmethod
     def from_json(cls, data: bytes) -> LockOwner:
-        """Parse an owner record; raises ValueError on anything malformed."""
+        """Parse an owner record; raises ValueError on anything malformed or out of range."""
         doc = json.loads(data)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ValueError("not a statestore lock owner record")
-        if doc.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported owner record version {doc.get('format_version')!r}")
+        version = doc.get("format_version")
+        if not _in_range(version, FORMAT_VERSION, FORMAT_VERSION):  # True == 1, but not a version
+            raise ValueError(f"unsupported owner record version {_short(version)}")
         try:
             owner = cls(
-                token=_typed(doc, "token", str),
-                pid=_typed(doc, "pid", int),
-                host=_typed(doc, "host", str),
-                boot_id=_optional(doc, "boot_id", str),
-                start_time=_optional(doc, "start_time", int),
-                pid_ns=_optional(doc, "pid_ns", int),
-                acquired_at=float(_typed(doc, "acquired_at", (int, float))),
-                expires_at=float(_typed(doc, "expires_at", (int, float))),
-                lease=float(_typed(doc, "lease", (int, float))),
+                token=_text(doc, "token", 1, 128),
+                pid=_number(doc, "pid", int, 1, PID_MAX),
+                host=_text(doc, "host", 0, _TEXT_MAX),
+                boot_id=_optional(doc, "boot_id", lambda: _text(doc, "boot_id", 0, 64)),
+                start_time=_optional(
+                    doc, "start_time", lambda: _number(doc, "start_time", int, 0, _U64)
+                ),
+                pid_ns=_optional(doc, "pid_ns", lambda: _number(doc, "pid_ns", int, 1, _U64)),
+                acquired_at=_number(doc, "acquired_at", float, 0, _TIME_MAX),
+                expires_at=_number(doc, "expires_at", float, 0, _TIME_MAX),
+                lease=_number(doc, "lease", float, 5e-324, _TIME_MAX),  # > 0
             )
         except KeyError as e:
             raise ValueError(f"owner record lacks {e}") from None
-        if owner.pid <= 0 or not owner.token:
-            raise ValueError("owner record has no valid pid or token")
         return owner
 
     def describe(self) -> dict[str, Any]:
@@ -107,16 +152,32 @@ class LockOwner:
         return {**asdict(self), "age": self.age}
 
 
-def _typed(doc: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _text(doc: dict[str, Any], key: str, least: int, most: int) -> str:
     value = doc[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"owner record field {key!r} has the wrong type")
+    if not isinstance(value, str) or not least <= len(value) <= most:
+        raise ValueError(f"owner record field {key!r} is not a string of {least} to {most} "
+                         f"characters: {_short(value)}")
     return value
 
 
-def _optional(doc: dict[str, Any], key: str, kind: type) -> Any:
-    value = doc.get(key)
-    return None if value is None else _typed(doc, key, kind)
+def _number(doc: dict[str, Any], key: str, kind: type, least: float, most: float) -> Any:
+    """An int (``kind`` int) or a finite number (``kind`` float) in [least, most]."""
+    value = doc[key]
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value)
+    if not ok or not least <= value <= most:
+        raise ValueError(f"owner record field {key!r} is out of range: {_short(value)}")
+    return float(value) if kind is float else value
+
+
+def _optional(doc: dict[str, Any], key: str, check: Callable[[], Any]) -> Any:
+    return None if doc.get(key) is None else check()
 
 
 @dataclass(frozen=True)
@@ -194,8 +255,7 @@ def new_owner(lease: float) -> LockOwner:
 
 
 def holder_alive(owner: LockOwner) -> bool | None:
-    """True or False on this host; None when the holder is on another host or
-    in another pid namespace (only its lease can tell then)."""
+    """True or False when it can be told from here; None otherwise (see the module doc)."""
     return process_alive(owner.host, owner.boot_id, owner.pid, owner.start_time, owner.pid_ns)
 
 
@@ -206,42 +266,63 @@ def claim_tag() -> str:
 
 
 def claim_maker_alive(tag: str) -> bool | None:
-    """Whether the maker of a claim is alive (None: cannot be told from here)."""
+    """Whether the maker of a claim is alive (None: cannot be told from here).
+
+    The tag is checked like an owner record: a field of the wrong type or out of
+    range makes it unusable, and an unusable tag says nothing (None).
+    """
     try:
         host, boot_id, pid, start_time, pid_ns = json.loads(tag)
-        if not isinstance(pid, int):
-            return None
-        return process_alive(str(host), boot_id, pid, start_time, pid_ns)
     except (ValueError, TypeError):
         return None
+    if not (
+        isinstance(host, str)
+        and (boot_id is None or isinstance(boot_id, str))
+        and _in_range(pid, 1, PID_MAX)
+        and (start_time is None or _in_range(start_time, 0, _U64))
+        and (pid_ns is None or _in_range(pid_ns, 1, _U64))
+    ):
+        return None
+    return process_alive(host, boot_id, pid, start_time, pid_ns)
+
+
+def _in_range(value: object, least: int, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= most
 
 
 def process_alive(
     host: str, boot_id: str | None, pid: int, start_time: int | None, pid_ns: int | None
 ) -> bool | None:
-    """True or False for a process on this host; None for one on another host or
-    in another pid namespace."""
+    """True or False for a process of this kernel and pid namespace; None when that
+    cannot be told from here (the module doc has the rules)."""
     me = identity()
-    if host != me.host:
+    # Only a boot id and a pid namespace that both match make a pid meaningful here:
+    # a host name collides, and a record without them cannot be placed at all.
+    if host != me.host or not (boot_id and boot_id == me.boot_id):
         return None
-    if boot_id and me.boot_id and boot_id != me.boot_id:
-        return False
-    if pid_ns and me.pid_ns and pid_ns != me.pid_ns:
+    if not (pid_ns and pid_ns == me.pid_ns):
         return None
+    if not 1 <= pid <= PID_MAX:
+        return None  # never reaches kill(): -1 and 0 address groups, big ones overflow
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # exists, owned by another user
+    except OSError:
+        return None
     stat = _proc_stat(pid)
     if stat is None:
-        # No /proc (not Linux): the pid exists, and that is all we can know.
-        return True if not os.path.isdir("/proc/self") else False
+        # The pid exists (kill said so) but /proc does not show it: /proc mounted with
+        # hidepid, or the process ended a moment ago. Unknown: the lease decides.
+        return None
     state, start = stat
     if state in ("Z", "X"):  # a zombie has finished running: it will never release
         return False
-    return not (start_time is not None and start != start_time)
+    if start_time is None:
+        return None  # a pid without its start time may have been reused
+    return start == start_time
 
 
 def reset_after_fork() -> None:
@@ -254,9 +335,17 @@ with contextlib.suppress(AttributeError):  # not every platform forks
 
 
 def read_owner_at(path: str) -> bytes:
+    """The first 64 KiB of the owner record in the lock directory ``path``.
+
+    ``O_NOFOLLOW``: a symbolic link planted as the record is not followed;
+    ``O_NONBLOCK``: a FIFO planted there reads as empty instead of blocking.
+    """
     # os.open and one read, not open(): this runs twice per update (the pre-commit
     # check and the release), and a buffered file object costs four more system calls.
-    fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(
+        os.path.join(path, OWNER_FILE),
+        os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+    )
     try:
         return os.read(fd, 65536)
     finally:

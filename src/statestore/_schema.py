@@ -31,6 +31,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from ._migrate import VERSION_KEY
 from ._owner import FORMAT, FORMAT_VERSION, LockOwner
+from ._owner import LIMITS as OWNER_LIMITS
 
 __all__ = [
     "DIALECTS",
@@ -244,8 +245,9 @@ _OWNER_FIELDS: Final = {
     "refresh check it before touching the lock.",
     "pid": "Process id of the holder, on its host.",
     "host": "Host name of the holder (socket.gethostname()).",
-    "boot_id": "Linux boot id of the holder's host (/proc/sys/kernel/random/boot_id); "
-    "a different boot id on the same host means the holder is gone.",
+    "boot_id": "Linux boot id of the holder's host (/proc/sys/kernel/random/boot_id). "
+    "Only a record with the reader's own boot id and pid namespace can be judged dead "
+    "from its pid; any other is judged by its lease.",
     "start_time": "Start time of the holder process in clock ticks since boot (field 22 "
     "of /proc/<pid>/stat), so that a reused pid is not taken for the holder.",
     "pid_ns": "Inode of the holder's pid namespace; in another namespace (a container) "
@@ -270,9 +272,10 @@ def _lock_owner_schema() -> dict[str, Any]:
             **{k: v for k, v in prop.items() if k != "title"},
             "description": _OWNER_FIELDS[name],
         }
-    # What LockOwner.from_json insists on beyond the types.
-    fields["pid"]["minimum"] = 1
-    fields["token"]["minLength"] = 1
+    # What LockOwner.from_json insists on beyond the types (on the non-null branch).
+    for name, limits in OWNER_LIMITS.items():
+        branches = fields[name].get("anyOf", [fields[name]])
+        next(b for b in branches if b.get("type") != "null").update(limits)
     # The reader requires every field except those that may be null.
     nullable = {n for n, p in fields.items() if {"type": "null"} in p.get("anyOf", [])}
     schema = {
