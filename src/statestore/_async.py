@@ -107,13 +107,13 @@ class _LockedCall(Generic[T]):
                     # Take the store's (reentrant) lock first, so that a caller who
                     # gives up while we wait stops the wait (WaitAbandoned), and one
                     # who gave up just as we got the lock is noticed before any read.
-                    lock._acquire(timeout, self.gave_up)
+                    held = lock._acquire(timeout, self.gave_up)
                     try:
                         self.holding.set()
                         self.check()
                         result = op(self)
                     finally:
-                        lock.release()
+                        held.release()
             except (_Abandon, WaitAbandoned):
                 self._post(self.done, None)
             except BaseException as e:  # delivered to the awaiting task
