@@ -14,8 +14,9 @@ What it finds in one folder (not its subfolders):
 * backups (``<file>.v<N>.bak``): listed, not problems.
 
 Every change to a state file or its temporary files is made under that file's
-lock (``<file>.lock``), so a doctor never races a live writer; a file whose
-lock stays busy is left alone and reported.
+lock (``<file>.lock``, beside the file a symlink points to: the store's own
+lock), so a doctor never races a live writer; a file whose lock stays busy is
+left alone and reported.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def scan(folder: str) -> list[Finding]:
 
 @contextmanager
 def _locked(folder: str, target: str) -> Iterator[None]:
-    lock = DirectoryLock(os.path.join(folder, target) + ".lock", timeout=LOCK_WAIT)
+    # The store's lock of that file: beside the file a symlink points to.
+    lock = DirectoryLock.for_file(os.path.join(folder, target), timeout=LOCK_WAIT)
     with lock:
         yield
 
