@@ -9,12 +9,13 @@
 Counter(count=1)
 """
 
-from ._async import AsyncStateStore
+from ._async import AsyncDirectoryLock, AsyncStateStore
 from ._errors import (
     CrossDeviceError,
     DurabilityError,
     LockCompromisedError,
     LockError,
+    LockPermissionError,
     LockTimeout,
     MigrationError,
     NestedTransactionError,
@@ -26,13 +27,15 @@ from ._errors import (
     StateValidationError,
     StateWriteError,
 )
-from ._lock import DirectoryLock, LockOwner
+from ._lock import AcquiredLock, DirectoryLock, LockOwner
 from ._migrate import MigrationReport
 from ._store import StateStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AcquiredLock",
+    "AsyncDirectoryLock",
     "AsyncStateStore",
     "CrossDeviceError",
     "DirectoryLock",
@@ -40,6 +43,7 @@ __all__ = [
     "LockCompromisedError",
     "LockError",
     "LockOwner",
+    "LockPermissionError",
     "LockTimeout",
     "MigrationError",
     "MigrationReport",

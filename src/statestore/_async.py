@@ -19,9 +19,11 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
+import errno
 import inspect
 import os
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -29,14 +31,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar, cast
 
-from ._errors import LockTimeout, NestedTransactionError
-from ._lock import DirectoryLock, WaitAbandoned
+from ._errors import LockError, LockTimeout, NestedTransactionError
+from ._lock import DEFAULT_LEASE, AcquiredLock, DirectoryLock, WaitAbandoned, wait_time
 from ._migrate import MigrationReport, Migrations
 from ._schema import Draft
 from ._store import ModelT, StateStore
 from .backends import Storage
 
-__all__ = ["AsyncStateStore"]
+__all__ = ["AsyncAcquiredLock", "AsyncDirectoryLock", "AsyncStateStore"]
 
 T = TypeVar("T")
 
@@ -579,3 +581,167 @@ class _Transaction(AbstractAsyncContextManager[ModelT]):
         except BaseException as e:  # letting go of the lock failed
             e.__context__ = exc
             raise
+
+
+class AsyncDirectoryLock(contextlib.AsyncContextDecorator):
+    """The asyncio twin of :class:`DirectoryLock`: the same lock directory, awaited.
+
+    >>> lock = AsyncDirectoryLock("state.json.lock")  # doctest: +SKIP
+    >>> async with lock:  # doctest: +SKIP
+    ...     ...
+    >>> async with await lock.acquire(timeout=5):  # doctest: +SKIP
+    ...     ...
+
+    The wait runs in a worker thread (the event loop keeps running) and ends at
+    once when the awaiting task is cancelled. The lock is held by a handle, not
+    by a thread: any task may release what :meth:`acquire` returned. It is not
+    reentrant: a task that holds it and acquires it again gets a
+    :class:`LockError` (``errno.EDEADLK``) at once instead of waiting for itself
+    until the timeout. Usable as a decorator of ``async def`` functions.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 10.0,
+        lease: float = DEFAULT_LEASE,
+    ) -> None:
+        #: The underlying lock (blocking: not for use on the event loop).
+        self.sync = DirectoryLock(path, timeout=timeout, lease=lease)
+        self._entered: list[tuple[object, AsyncAcquiredLock]] = []
+
+    def __repr__(self) -> str:
+        return f"Async{self.sync!r}"
+
+    @property
+    def path(self) -> str:
+        return self.sync.path
+
+    @property
+    def timeout(self) -> float:
+        return self.sync.timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self.sync.timeout = value
+
+    @property
+    def is_held(self) -> bool:
+        """Whether a level taken through this object is still held."""
+        return any(h.is_held for _, h in self._entered)
+
+    async def acquire(
+        self,
+        timeout: float | None = None,
+        *,
+        blocking: bool = True,
+        cancel_check: Callable[[], bool] | None = None,
+    ) -> AsyncAcquiredLock:
+        """Wait for the lock (see :meth:`DirectoryLock.acquire`); ``cancel_check`` is
+        called from the worker thread. Returns the level, an async context manager."""
+        lock = self.sync
+        task = asyncio.current_task()
+        st = lock._at()._st
+        hold = st.hold
+        if task is not None and hold is not None and hold.task is task and hold.count:
+            raise LockError(
+                lock.path,
+                "this task already holds the lock, so waiting for it would never end (the "
+                "asyncio lock is not reentrant); take it once for the whole block",
+                errno=errno.EDEADLK,
+            )
+        wait = wait_time(timeout, lock.timeout, blocking)
+        deadline = time.monotonic() + wait
+        mutex = threading.Lock()
+        stopped: list[bool] = []
+        got: list[AcquiredLock] = []
+
+        def gave_up() -> bool:
+            return bool(stopped) or (cancel_check is not None and cancel_check())
+
+        def take() -> AcquiredLock:
+            handle = lock._take(max(deadline - time.monotonic(), 0.0), gave_up, None, task)
+            with mutex:
+                if stopped:  # the task was cancelled meanwhile: nobody will release it
+                    handle.release()
+                    raise WaitAbandoned(lock.path, timeout=wait)
+                got.append(handle)
+            return handle
+
+        loop = asyncio.get_running_loop()
+        try:
+            handle = await loop.run_in_executor(None, take)
+        except asyncio.CancelledError:
+            with mutex:
+                stopped.append(True)
+                late = list(got)
+            for h in late:  # taken just as the task was cancelled
+                h.release()
+            raise
+        level = AsyncAcquiredLock(self, handle)
+        self._entered.append((task, level))
+        return level
+
+    async def release(self) -> None:
+        """Release the newest level this task took (nothing if it holds none)."""
+        level = self._pick(fallback=False)
+        if level is not None:
+            await level.release()
+
+    def _pick(self, fallback: bool) -> AsyncAcquiredLock | None:
+        task = asyncio.current_task()
+        for t, level in reversed(self._entered):
+            if t is task and level.is_held:
+                return level
+        if fallback:
+            for _, level in reversed(self._entered):
+                if level.is_held:
+                    return level
+        return None
+
+    async def __aenter__(self) -> AsyncDirectoryLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        level = self._pick(fallback=True)
+        if level is not None:
+            await level.release()
+
+
+class AsyncAcquiredLock:
+    """One level of an :class:`AsyncDirectoryLock`: ``async with await lock.acquire():``."""
+
+    def __init__(self, lock: AsyncDirectoryLock, handle: AcquiredLock) -> None:
+        self.lock = lock
+        self.handle = handle
+
+    @property
+    def is_held(self) -> bool:
+        return self.handle.is_held
+
+    async def release(self) -> None:
+        """Release this level (once; again does nothing). Finishes even if cancelled."""
+        lock = self.lock
+        lock._entered[:] = [(t, h) for t, h in lock._entered if h is not self]
+        if not self.handle.is_held:
+            return
+        # In a worker thread, and shielded: a cancelled caller must not leave it half done.
+        await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, self.handle.release))
+
+    async def __aenter__(self) -> AsyncDirectoryLock:
+        return self.lock
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.release()
