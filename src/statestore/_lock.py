@@ -405,8 +405,17 @@ class DirectoryLock(contextlib.ContextDecorator):
                                 alive=True,
                             )
                         if gave_up is not None:
-                            if gave_up():
+                            # Asked without the state's mutex: a cancel_check may take
+                            # its time, or look at the lock, without stalling a release.
+                            st.cond.release()
+                            try:
+                                stop = gave_up()
+                            finally:
+                                st.cond.acquire()
+                            if stop:
                                 raise WaitAbandoned(self.path, timeout=wait)
+                            if st.hold is mine:
+                                break
                             remaining = min(remaining, GIVE_UP_POLL)
                         st.cond.wait(min(remaining, MAX_WAIT_SLICE))
                 except BaseException:
