@@ -131,6 +131,28 @@ def _canonical(path: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
+def _real_path(file: str) -> str:
+    """``file`` with every symlink resolved; a link that cannot be read is an error.
+
+    (``os.path.realpath`` alone takes an unreadable link for a plain name, which
+    would name another lock.) A file or folder that does not exist yet is fine,
+    and so is a loop of links: reading the file then says what is wrong.
+    """
+    try:
+        try:
+            return os.path.realpath(file, strict=True)
+        except OSError as e:
+            if not isinstance(e, FileNotFoundError) and e.errno != errno.ELOOP:
+                raise
+            return os.path.realpath(file)
+    except OSError as e:
+        raise LockError(
+            file,
+            f"cannot resolve the state file's path to find its lock ({e.strerror or e})",
+            errno=e.errno,
+        ) from e
+
+
 def wait_time(timeout: float | None, default: float, blocking: bool = True) -> float:
     """Seconds to wait: ``timeout`` (``default`` when None); negative or ``inf``: forever."""
     if not blocking:
@@ -312,7 +334,7 @@ class DirectoryLock(contextlib.ContextDecorator):
         """The lock to act on: this one, or (:meth:`for_file`) the one beside the file now."""
         if self._follows is None:
             return self
-        path = os.path.realpath(self._follows) + ".lock"
+        path = _real_path(self._follows) + ".lock"
         inner = self._inner
         if inner is None or inner.path != path:
             inner = DirectoryLock(path, timeout=self.timeout, lease=self.lease)
