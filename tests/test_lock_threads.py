@@ -1006,3 +1006,30 @@ def test_async_lock_is_a_decorator(tmp_path: Path) -> None:
 
     assert asyncio.run(work()) == 3
     assert not (tmp_path / "x.lock").exists()
+
+
+def test_the_async_store_waits_forever_when_told(state_path: Path) -> None:
+    from statestore import AsyncStateStore
+
+    store = AsyncStateStore(Counter, state_path, default=Counter, timeout=-1)
+    lock_path = Path(f"{state_path}.lock")
+
+    async def main() -> int:
+        with held_by_a_process(lock_path) as release:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.3, release)
+            saved = await store.update(lambda s: Counter(count=s.count + 1))
+        return saved.count
+
+    assert asyncio.run(main()) == 1
+
+
+def test_a_lock_pickles_as_what_it_is_not_what_is_held(tmp_path: Path) -> None:
+    lock = DirectoryLock(tmp_path / "x.lock", timeout=3, lease=7)
+    follows = DirectoryLock.for_file(tmp_path / "s.json")
+    with lock:
+        copy = pickle.loads(pickle.dumps(lock))
+        assert (copy.path, copy.timeout, copy.lease) == (lock.path, 3, 7.0)
+        copy.release()  # it took nothing: harmless
+        assert lock.is_held
+    assert repr(pickle.loads(pickle.dumps(follows))) == repr(follows)

@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import errno
 import inspect
+import math
 import os
 import threading
 import time
@@ -251,7 +252,7 @@ class _Gate:
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(turn)
         try:
-            await asyncio.wait((turn,), timeout=max(timeout, 0.0))
+            await asyncio.wait((turn,), timeout=None if timeout == math.inf else max(timeout, 0.0))
         except asyncio.CancelledError:
             if turn.done():
                 self.leave()  # the turn came with the cancellation: pass it on
@@ -503,9 +504,10 @@ class AsyncStateStore(Generic[ModelT]):
         store = self._store
         lock = store.lock
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + store.timeout
+        wait = wait_time(None, store.timeout)  # negative or inf: forever, as for the lock
+        deadline = loop.time() + wait
         gate = _gate(lock._key if lock else store._key)
-        if not await gate.enter(store.timeout):
+        if not await gate.enter(wait):
             raise LockTimeout(
                 lock.path if lock else self.location,
                 f"could not acquire the lock within {store.timeout:g} s: other tasks of "

@@ -320,6 +320,14 @@ class DirectoryLock(contextlib.ContextDecorator):
         lock._setup(os.path.realpath(file) + ".lock", timeout, lease, file)
         return lock
 
+    def __getstate__(self) -> dict[str, Any]:
+        # What the lock is, not what this process holds: a copy elsewhere holds nothing.
+        return {"path": self.path, "timeout": self.timeout, "lease": self.lease,
+                "follows": self._follows}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._setup(state["path"], state["timeout"], state["lease"], state["follows"])
+
     def __repr__(self) -> str:
         if self._follows is not None:
             return (
