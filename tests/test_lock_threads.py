@@ -1033,3 +1033,55 @@ def test_a_lock_pickles_as_what_it_is_not_what_is_held(tmp_path: Path) -> None:
         copy.release()  # it took nothing: harmless
         assert lock.is_held
     assert repr(pickle.loads(pickle.dumps(follows))) == repr(follows)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
+def test_a_store_update_interrupted_while_waiting_leaves_nothing_behind(state_path: Path) -> None:
+    store = StateStore(Counter, state_path, default=Counter, timeout=-1)
+    inside, done = threading.Event(), threading.Event()
+
+    def slow(s: Counter) -> None:
+        inside.set()
+        done.wait(30)
+        s.count += 1
+
+    t = threading.Thread(target=store.update, args=(slow,))
+    t.start()
+    assert inside.wait(5)
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            store.update(_bump)  # waits forever for the other thread, until interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    done.set()
+    t.join(10)
+    assert store.update(_bump).count == 2  # no mark, no turn, no level left behind
+    assert not Path(f"{state_path}.lock").exists()
+    assert other_process_can_take(f"{state_path}.lock", timeout=1)
+
+
+def test_many_tasks_on_an_async_lock_leave_the_executor_free(tmp_path: Path) -> None:
+    """Queued tasks wait in memory, not each on a thread of the loop's executor
+    (which has only a few workers): the holder's own to_thread work and its
+    release must never queue behind waiters."""
+    lock = AsyncDirectoryLock(tmp_path / "x.lock", timeout=20)
+    order: list[int] = []
+
+    async def work(i: int) -> None:
+        async with lock:
+            await asyncio.to_thread(time.sleep, 0.002)
+            order.append(i)
+
+    async def main() -> float:
+        started = time.monotonic()
+        await asyncio.gather(*(work(i) for i in range(40)))
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 15
+    assert sorted(order) == list(range(40))
+    assert not (tmp_path / "x.lock").exists()
+    assert not [t for t in threading.enumerate() if t.name == "statestore-lock-wait"]

@@ -594,12 +594,16 @@ class AsyncDirectoryLock(contextlib.AsyncContextDecorator):
     >>> async with await lock.acquire(timeout=5):  # doctest: +SKIP
     ...     ...
 
-    The wait runs in a worker thread (the event loop keeps running) and ends at
-    once when the awaiting task is cancelled. The lock is held by a handle, not
-    by a thread: any task may release what :meth:`acquire` returned. It is not
-    reentrant: a task that holds it and acquires it again gets a
-    :class:`LockError` (``errno.EDEADLK``) at once instead of waiting for itself
-    until the timeout. Usable as a decorator of ``async def`` functions.
+    Tasks of one event loop wait for their turn at a path in memory (first
+    come, first served); only the task whose turn it is has a thread waiting
+    for the directory, so queued tasks cost no threads, and a wait ends at once
+    when its task is cancelled. Release runs on the event loop (a few system
+    calls), so it never queues behind waiting threads. The lock is held by a
+    handle, not by a thread or a task: any task may release what
+    :meth:`acquire` returned. It is not reentrant: a task that holds it and
+    acquires it again gets a :class:`LockError` (``errno.EDEADLK``) at once
+    instead of waiting for itself until the timeout. Usable as a decorator of
+    ``async def`` functions.
     """
 
     def __init__(
@@ -644,8 +648,8 @@ class AsyncDirectoryLock(contextlib.AsyncContextDecorator):
         called from the worker thread. Returns the level, an async context manager."""
         lock = self.sync
         task = asyncio.current_task()
-        st = lock._at()._st
-        hold = st.hold
+        at = lock._at()
+        hold = at._st.hold
         if task is not None and hold is not None and hold.task is task and hold.count:
             raise LockError(
                 lock.path,
@@ -655,35 +659,65 @@ class AsyncDirectoryLock(contextlib.AsyncContextDecorator):
             )
         wait = wait_time(timeout, lock.timeout, blocking)
         deadline = time.monotonic() + wait
+        gate = _gate(at._key)
+        if not await gate.enter(wait):
+            raise LockTimeout(
+                lock.path,
+                f"could not acquire the lock within {wait:g} s: other tasks of this event "
+                f"loop (pid {os.getpid()}) held it or were ahead in the queue",
+                timeout=wait,
+            )
+        try:
+            handle = await self._wait(lock, deadline, wait, task, cancel_check)
+        except BaseException:
+            gate.leave()
+            raise
+        level = AsyncAcquiredLock(self, handle, gate)
+        self._entered.append((task, level))
+        return level
+
+    @staticmethod
+    async def _wait(
+        lock: DirectoryLock,
+        deadline: float,
+        wait: float,
+        task: object,
+        cancel_check: Callable[[], bool] | None,
+    ) -> AcquiredLock:
+        """Take the lock on a thread of its own (never one the event loop's executor needs)."""
         mutex = threading.Lock()
         stopped: list[bool] = []
         got: list[AcquiredLock] = []
+        outcome: concurrent.futures.Future[AcquiredLock] = concurrent.futures.Future()
 
         def gave_up() -> bool:
             return bool(stopped) or (cancel_check is not None and cancel_check())
 
-        def take() -> AcquiredLock:
-            handle = lock._take(max(deadline - time.monotonic(), 0.0), gave_up, None, task)
-            with mutex:
-                if stopped:  # the task was cancelled meanwhile: nobody will release it
-                    handle.release()
-                    raise WaitAbandoned(lock.path, timeout=wait)
-                got.append(handle)
-            return handle
+        def take() -> None:
+            try:
+                handle = lock._take(max(deadline - time.monotonic(), 0.0), gave_up, None, task)
+                with mutex:
+                    if stopped:  # the task was cancelled meanwhile: nobody will release it
+                        handle.release()
+                        raise WaitAbandoned(lock.path, timeout=wait)
+                    got.append(handle)
+            except BaseException as e:
+                outcome.set_exception(e)
+            else:
+                outcome.set_result(handle)
 
-        loop = asyncio.get_running_loop()
+        threading.Thread(target=take, name="statestore-lock-wait", daemon=True).start()
+        waiting = asyncio.wrap_future(outcome)
         try:
-            handle = await loop.run_in_executor(None, take)
+            return await asyncio.shield(waiting)
         except asyncio.CancelledError:
             with mutex:
                 stopped.append(True)
                 late = list(got)
+            waiting.add_done_callback(_consume)
             for h in late:  # taken just as the task was cancelled
                 h.release()
             raise
-        level = AsyncAcquiredLock(self, handle)
-        self._entered.append((task, level))
-        return level
 
     async def release(self) -> None:
         """Release the newest level this task took (nothing if it holds none)."""
@@ -720,22 +754,26 @@ class AsyncDirectoryLock(contextlib.AsyncContextDecorator):
 class AsyncAcquiredLock:
     """One level of an :class:`AsyncDirectoryLock`: ``async with await lock.acquire():``."""
 
-    def __init__(self, lock: AsyncDirectoryLock, handle: AcquiredLock) -> None:
+    def __init__(self, lock: AsyncDirectoryLock, handle: AcquiredLock, gate: _Gate) -> None:
         self.lock = lock
         self.handle = handle
+        self._gate: _Gate | None = gate
 
     @property
     def is_held(self) -> bool:
         return self.handle.is_held
 
     async def release(self) -> None:
-        """Release this level (once; again does nothing). Finishes even if cancelled."""
+        """Release this level (once; again does nothing)."""
         lock = self.lock
         lock._entered[:] = [(t, h) for t, h in lock._entered if h is not self]
-        if not self.handle.is_held:
+        gate, self._gate = self._gate, None
+        if gate is None:
             return
-        # In a worker thread, and shielded: a cancelled caller must not leave it half done.
-        await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, self.handle.release))
+        try:
+            self.handle.release()  # on the loop: a few system calls, never queued
+        finally:
+            gate.leave()
 
     async def __aenter__(self) -> AsyncDirectoryLock:
         return self.lock

@@ -26,6 +26,11 @@ Protocol (``docs/locking.md`` has the full story, ``spec/`` a checked model):
 Claims and moving instances aside live in ``_claim.py``; the per-process state
 of lock paths and the heartbeat thread in ``_lease.py``; the owner record in
 ``_owner.py``.
+
+The public API's own rules (a held lock is a handle, not a thread; reentrancy
+per thread; a waiter leaves cleanly however its wait ends; releasing nothing
+is harmless; a file's lock follows its symlinks at every acquire) are stated
+in :class:`DirectoryLock`'s docstring.
 """
 
 from __future__ import annotations
