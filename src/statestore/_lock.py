@@ -476,7 +476,10 @@ class DirectoryLock(contextlib.ContextDecorator):
                 sweep_aside(self.path)
             _lease.heartbeat(_refresh_held).start(held.next_refresh)
         except BaseException:
-            self._release_hold(mine)  # interrupted here: give back what we took
+            # Interrupted here: give back what we took (the directory is ours either way).
+            with st.cond:
+                st.held, mine.count = held, 1
+            self._release_hold(mine)
             raise
         log.debug("acquired lock %s", self.path)
         return mine
