@@ -207,9 +207,11 @@ def test_waiting_forever_between_threads(tmp_path: Path, forever: float) -> None
 def test_waiting_forever_for_another_process(tmp_path: Path) -> None:
     lock = DirectoryLock(tmp_path / "x.lock")
     with held_by_a_process(lock.path) as release:
-        threading.Timer(0.3, release).start()
+        timer = threading.Timer(0.3, release)
+        timer.start()
         with lock.acquire(timeout=float("inf")):
             assert lock.is_held
+        timer.join(10)  # the holder said it released before it is stopped
 
 
 def test_non_blocking_tries_once(tmp_path: Path) -> None:
@@ -850,8 +852,10 @@ def test_a_queue_folder_with_foreign_content_is_left_alone(tmp_path: Path) -> No
     (folder / "notes.txt").write_text("not the library's")
     try:
         with held_by_a_process(path) as release:
-            threading.Timer(0.3, release).start()
+            timer = threading.Timer(0.3, release)
+            timer.start()
             DirectoryLock(path).acquire(timeout=10).release()
+            timer.join(10)
         assert (folder / "notes.txt").read_text() == "not the library's"
     finally:
         (folder / "notes.txt").unlink()
@@ -910,8 +914,10 @@ def test_debug_records_for_acquire_release_wait_and_break(
         _queued_behind(lock, 1)
     t.join(10)
     with held_by_a_process(path) as release:
-        threading.Timer(0.3, release).start()
+        timer = threading.Timer(0.3, release)
+        timer.start()
         lock.acquire(timeout=10).release()
+        timer.join(10)
     # A stale lock (its holder is gone), broken on purpose.
     with held_by_a_process(path):
         pass
