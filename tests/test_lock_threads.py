@@ -463,9 +463,22 @@ def test_a_with_block_left_on_another_thread_releases(tmp_path: Path) -> None:
             yield
 
     cm = dependency()
-    in_thread(cm.__enter__)
+    entered, finish = threading.Event(), threading.Event()
+
+    def enter() -> None:  # stays alive, so the other thread cannot reuse its id
+        cm.__enter__()
+        entered.set()
+        finish.wait(10)
+
+    t1 = threading.Thread(target=enter)
+    t1.start()
+    assert entered.wait(10)
     assert is_lock_dir(path)
-    in_thread(lambda: cm.__exit__(None, None, None))
+    t2 = threading.Thread(target=lambda: cm.__exit__(None, None, None))
+    t2.start()
+    t2.join(10)
+    finish.set()
+    t1.join(10)
     assert not path.exists()
     assert lock._at()._st.hold is None
     assert other_process_can_take(path, timeout=0.5)
