@@ -68,6 +68,10 @@ class Held:
         return f'"token": "{self.owner.token}"'.encode()
 
 
+#: This process's id (``os.getpid()`` is a system call; reset in a forked child).
+PID = os.getpid()
+
+
 class Hold:
     """One turn at a path in this process: who took it, and how many levels are held.
 
@@ -82,7 +86,7 @@ class Hold:
         self.thread = thread
         self.task = task
         self.count = 0
-        self.pid = os.getpid()
+        self.pid = PID
 
 
 #: ``refresh(key, held)``: renew the lease of the lock at ``key``.
@@ -151,16 +155,21 @@ def state(key: str) -> PathState:
 
 
 def mark_held(st: PathState, held: bool) -> None:
-    """Keep ``st`` alive (and renewed by the heartbeat) while its lock is held."""
-    with _registry_lock:
-        if held:
-            _held[st.key] = st
-        elif _held.get(st.key) is st:
-            del _held[st.key]
+    """Keep ``st`` alive (and renewed by the heartbeat) while its lock is held.
+
+    Only the holder of a path's turn calls this for that path, so the single
+    dict operations (atomic under the GIL) need no lock of their own.
+    """
+    if held:
+        _held[st.key] = st
+    elif _held.get(st.key) is st:
+        del _held[st.key]
 
 
 def first_sweep(key: str) -> bool:
     """True once per path (per process, within :data:`SWEPT_MEMORY` paths)."""
+    if key in _swept:  # the common case, without the lock
+        return False
     with _registry_lock:
         if key in _swept:
             return False
@@ -237,7 +246,8 @@ def heartbeat(refresh: Refresh) -> Heartbeat:
 
 def _after_fork_in_child() -> None:
     """The child of a fork holds none of its parent's locks."""
-    global _registry_lock, _heartbeat
+    global _registry_lock, _heartbeat, PID
+    PID = os.getpid()
     _registry_lock = threading.Lock()
     for st in list(_registry.values()):
         if st.held is not None:

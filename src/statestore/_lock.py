@@ -201,7 +201,7 @@ class AcquiredLock:
     def is_held(self) -> bool:
         """Whether this level is still held (by this process)."""
         hold = self._hold
-        return not self._released and hold.pid == os.getpid() and self._at._st.hold is hold
+        return not self._released and hold.pid == _lease.PID and self._at._st.hold is hold
 
     def release(self) -> None:
         """Release this level; the lock directory goes with the last level."""
@@ -217,7 +217,7 @@ class AcquiredLock:
     def verify(self) -> None:
         """Raise :class:`LockCompromisedError` unless this level is still held and the
         lock still ours (see :meth:`DirectoryLock.verify`)."""
-        if self._hold.pid != os.getpid():
+        if self._hold.pid != _lease.PID:
             raise LockCompromisedError(
                 self.path,
                 "the lock belongs to the parent process: a forked child holds none of "
@@ -367,7 +367,7 @@ class DirectoryLock(contextlib.ContextDecorator):
             hold is not None
             and hold.thread == me
             and st.held is not None
-            and hold.pid == os.getpid()
+            and hold.pid == _lease.PID
         )
 
     def acquire(
@@ -417,7 +417,7 @@ class DirectoryLock(contextlib.ContextDecorator):
                 and hold is not None
                 and hold.thread == thread
                 and hold.count
-                and hold.pid == os.getpid()
+                and hold.pid == _lease.PID
             ):
                 hold.count += 1
                 return hold
@@ -488,7 +488,7 @@ class DirectoryLock(contextlib.ContextDecorator):
         """Release one level of ``hold``; the directory goes with the last level."""
         st = self._st
         with st.cond:
-            if st.hold is not hold or hold.count == 0 or hold.pid != os.getpid():
+            if st.hold is not hold or hold.count == 0 or hold.pid != _lease.PID:
                 return  # not ours (any more): a forked child, or released already
             hold.count -= 1
             if hold.count:
@@ -559,7 +559,7 @@ class DirectoryLock(contextlib.ContextDecorator):
         hold, held = st.hold, st.held
         if held is None or hold is None or hold.thread != threading.get_ident():
             raise LockCompromisedError(at.path, "the lock is not held by this thread")
-        if hold.pid != os.getpid():
+        if hold.pid != _lease.PID:
             raise LockCompromisedError(
                 at.path, "the lock belongs to the parent process: a forked child holds none"
             )
