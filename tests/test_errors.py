@@ -13,6 +13,7 @@ from statestore import (
     DurabilityError,
     LockCompromisedError,
     LockError,
+    LockPermissionError,
     LockTimeout,
     MigrationError,
     NestedTransactionError,
@@ -45,6 +46,7 @@ BUILTINS = {
     LockTimeout: TimeoutError,
     LockCompromisedError: RuntimeError,
     LockError: OSError,
+    LockPermissionError: PermissionError,  # a LockError made with EACCES/EPERM
     StateNotFoundError: FileNotFoundError,
     StateReadError: OSError,
     StateCorruptError: ValueError,

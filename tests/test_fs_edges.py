@@ -176,7 +176,7 @@ def test_read_only_folder_as_another_user(shared: Path) -> None:
     )
     assert results["load"]["value"] == repr(Counter(count=5, note="root's"))
     for name in ("update", "update-change"):
-        _typed(results[name], "LockError", errno.EACCES)
+        _typed(results[name], "LockPermissionError", errno.EACCES)  # a LockError
         assert "permission denied" in results[name]["message"]
         assert results[name]["elapsed"] < 2, "a permission error must not wait for the timeout"
     _typed(results["save"], "StateWriteError", errno.EACCES)
@@ -412,7 +412,7 @@ def test_lock_folder_owned_by_another_user_is_a_permission_error(
         PATH=str(path),
     )
     for name in ("update", "acquire"):
-        _typed(results[name], "LockError", errno.EACCES)
+        _typed(results[name], "LockPermissionError", errno.EACCES)  # a LockError
         assert results[name]["elapsed"] < 2, "a permission error must not wait for the timeout"
         assert "permission denied" in results[name]["message"]
     assert results["load"]["value"] == repr(Counter(count=5, note="root's"))

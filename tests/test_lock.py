@@ -73,8 +73,8 @@ def test_reentrant_in_a_thread_and_shared_between_objects(tmp_path: Path) -> Non
     with a, a, b:
         assert a.is_held and b.is_held
     assert os.listdir(tmp_path) == []
-    with pytest.raises(RuntimeError, match="does not hold"):
-        a.release()
+    a.release()  # holding nothing: harmless, as with filelock (tests/test_lock_threads.py)
+    assert not a.is_held and os.listdir(tmp_path) == []
 
 
 def test_threads_serialise_without_two_inside(tmp_path: Path) -> None:

@@ -9,12 +9,13 @@
 Counter(count=1)
 """
 
-from ._async import AsyncStateStore
+from ._async import AsyncDirectoryLock, AsyncStateStore
 from ._errors import (
     CrossDeviceError,
     DurabilityError,
     LockCompromisedError,
     LockError,
+    LockPermissionError,
     LockTimeout,
     MigrationError,
     NestedTransactionError,
@@ -27,13 +28,15 @@ from ._errors import (
     StateValidationError,
     StateWriteError,
 )
-from ._lock import DirectoryLock, LockOwner
+from ._lock import AcquiredLock, DirectoryLock, LockOwner
 from ._migrate import MigrationReport
 from ._store import StateStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AcquiredLock",
+    "AsyncDirectoryLock",
     "AsyncStateStore",
     "CrossDeviceError",
     "DirectoryLock",
@@ -41,6 +44,7 @@ __all__ = [
     "LockCompromisedError",
     "LockError",
     "LockOwner",
+    "LockPermissionError",
     "LockTimeout",
     "MigrationError",
     "MigrationReport",

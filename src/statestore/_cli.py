@@ -270,10 +270,13 @@ def _cmd_schema_internal(args: argparse.Namespace) -> int:
 
 
 def _lock_of(path: str) -> DirectoryLock:
-    """PATH is a lock directory (existing, or ending in .lock) or the state file it guards."""
+    """PATH is a lock directory (existing, or ending in .lock) or the state file it guards.
+
+    A state file's lock is the store's: beside the file a symlink points to.
+    """
     if os.path.isdir(path) or path.endswith(".lock"):
         return DirectoryLock(path)
-    return DirectoryLock(path + ".lock")
+    return DirectoryLock.for_file(path)
 
 
 def _cmd_lock_status(args: argparse.Namespace) -> int:

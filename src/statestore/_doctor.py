@@ -25,8 +25,9 @@ link to one) or is larger than the default ``max_size`` is reported as
 unreadable, without being opened or read to the end.
 
 Every change to a state file or its temporary files is made under that file's
-lock (``<file>.lock``), so a doctor never races a live writer; a file whose
-lock stays busy is left alone and reported.
+lock (``<file>.lock``, beside the file a symlink points to: the store's own
+lock), so a doctor never races a live writer; a file whose lock stays busy is
+left alone and reported.
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ _QUARANTINED_RE: Final = re.compile(r"(?P<target>.+)\.[0-9]{8}T[0-9]{6}Z(?:-[0-9
 
 @contextmanager
 def _locked(folder: str, target: str) -> Iterator[None]:
-    lock = DirectoryLock(os.path.join(folder, target) + ".lock", timeout=LOCK_WAIT)
+    # The store's lock of that file: beside the file a symlink points to.
+    lock = DirectoryLock.for_file(os.path.join(folder, target), timeout=LOCK_WAIT)
     with lock:
         yield
 

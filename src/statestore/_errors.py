@@ -9,6 +9,7 @@ survives pickling (so it crosses process pools intact)::
     ├── LockTimeout                 (TimeoutError)   the lock stayed busy
     ├── LockCompromisedError        (RuntimeError)   our lock was broken while held
     ├── LockError                   (OSError)        the lock folder is unusable
+    │   └── LockPermissionError     (PermissionError) EACCES / EPERM on the lock
     ├── StateNotFoundError          (FileNotFoundError)
     ├── StateReadError              (OSError)        the file cannot be read
     │   └── StateMissingError                        missing, but it existed: no default
@@ -53,6 +54,7 @@ __all__ = [
     "DurabilityError",
     "LockCompromisedError",
     "LockError",
+    "LockPermissionError",
     "LockTimeout",
     "MigrationError",
     "NestedTransactionError",
@@ -130,6 +132,11 @@ class LockTimeout(StateStoreError, TimeoutError):
         self.alive = alive
         super().__init__(path, message or self._describe())
 
+    @property
+    def lock_file(self) -> str:
+        """The lock's path (filelock's name for :attr:`path`)."""
+        return self.path
+
     def _describe(self) -> str:
         text = f"could not acquire the lock within {self.timeout:g} s"
         if self.holder is None:
@@ -161,7 +168,26 @@ class LockCompromisedError(StateStoreError, RuntimeError):
 
 
 class LockError(_OSErrorMixin):
-    """The lock folder could not be created, read or removed (permissions, read-only disk)."""
+    """The lock folder could not be created, read or removed (permissions, read-only disk).
+
+    Built with ``errno`` EACCES or EPERM it is a :class:`LockPermissionError`,
+    which is also a :class:`PermissionError` (as ``OSError(EACCES, ...)`` is).
+    """
+
+    def __new__(
+        cls,
+        path: str | os.PathLike[str],
+        message: str = "",
+        *,
+        errno: int | None = None,
+    ) -> LockError:
+        if cls is LockError and errno in (_errno.EACCES, _errno.EPERM):
+            cls = LockPermissionError
+        return super().__new__(cls, path, message)
+
+
+class LockPermissionError(LockError, PermissionError):
+    """A :class:`LockError` for want of permission: ``except PermissionError`` catches it."""
 
 
 class StateNotFoundError(StateStoreError, FileNotFoundError):

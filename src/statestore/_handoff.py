@@ -15,6 +15,13 @@ reader; once it dies, opening the pipe for writing fails with ``ENXIO`` and
 the entry is pruned by whoever notices. Waiters that are woken late, or never
 (a holder killed with SIGKILL releases nothing), still poll the lock with a
 capped timeout, so the queue can delay nobody by more than that cap.
+
+A queue folder exists only while somebody waits: the waiter that leaves last
+(or the releaser that prunes the last dead entry) removes it with ``rmdir``,
+which removes nothing but an empty folder, and a joiner that finds it gone
+makes it again. Only the library's own names are ever removed (the waiter's
+own pipe, a pipe whose reader is gone, the empty folder): never a recursive
+delete.
 """
 
 from __future__ import annotations
@@ -32,9 +39,20 @@ import time
 __all__ = ["WaitQueue"]
 
 
+_roots: dict[tuple[int, str | None], str | None] = {}
+
+
 def _runtime_root() -> str | None:
     """A private folder for this user's queues, or None when none is safe to use."""
     uid = os.getuid() if hasattr(os, "getuid") else 0
+    where = (uid, os.environ.get("XDG_RUNTIME_DIR"))
+    if where not in _roots:
+        _roots.clear()
+        _roots[where] = _make_root(uid)
+    return _roots[where]
+
+
+def _make_root(uid: int) -> str | None:
     # A memory file system when there is one: joining and leaving the queue are
     # file-system operations on every contended acquire, and on a disk they would
     # queue behind the journal commits of everybody's fsyncs.
@@ -65,18 +83,21 @@ class WaitQueue:
         self._resolved = False
 
     def _folder(self) -> str | None:
+        """Where this path's queue lives (made by :meth:`join`, not here)."""
         if not self._resolved:
             root = _runtime_root() if hasattr(os, "mkfifo") else None
             if root is not None:
                 key = hashlib.sha256(self._lock_path.encode()).hexdigest()[:32]
-                folder = os.path.join(root, key)
-                try:
-                    os.makedirs(folder, mode=0o700, exist_ok=True)
-                    self._dir = folder
-                except OSError:
-                    self._dir = None
+                self._dir = os.path.join(root, key)
             self._resolved = True
         return self._dir
+
+    def tidy(self) -> None:
+        """Remove the queue folder if nobody waits in it any more (``rmdir``: only if empty)."""
+        folder = self._folder()
+        if folder is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
     def _entries(self) -> list[str]:
         folder = self._folder()
@@ -97,12 +118,30 @@ class WaitQueue:
             return None
         name = f"w{time.monotonic_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
         path = os.path.join(folder, name)
+        for _ in range(3):  # the last waiter to leave may remove the folder meanwhile
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(folder, 0o700)
+                os.mkfifo(path, 0o600)
+                break
+            except FileNotFoundError:
+                # The folder went (the last waiter left), or the root did: look again.
+                _roots.clear()
+                self._resolved = False
+                folder = self._folder()
+                if folder is None:
+                    return None
+                path = os.path.join(folder, name)
+            except OSError:
+                return None
+        else:
+            return None
         try:
-            os.mkfifo(path, 0o600)
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            self.tidy()
             return None
         return Ticket(self, name, path, fd)
 
@@ -145,9 +184,12 @@ class WaitQueue:
 
     def wake_first(self) -> None:
         """Wake the oldest live waiter (called right after the lock is released)."""
-        for name in self._entries():
+        names = self._entries()
+        for name in names:
             if self._signal(name):
                 return
+        if names:  # only dead entries, now pruned
+            self.tidy()
 
 
 class Ticket:
@@ -187,3 +229,4 @@ class Ticket:
             os.unlink(self._path)
         with contextlib.suppress(OSError):
             os.close(self._fd)
+        self._queue.tidy()  # the last one out removes the (then empty) folder

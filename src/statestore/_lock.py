@@ -43,6 +43,11 @@ Protocol (``docs/locking.md`` has the full story, ``spec/`` a checked model):
 Claims and moving instances aside live in ``_claim.py``; the per-process state
 of lock paths and the heartbeat thread in ``_lease.py``; the owner record in
 ``_owner.py``.
+
+The public API's own rules (a held lock is a handle, not a thread; reentrancy
+per thread; a waiter leaves cleanly however its wait ends; releasing nothing
+is harmless; a file's lock follows its symlinks at every acquire) are stated
+in :class:`DirectoryLock`'s docstring.
 """
 
 from __future__ import annotations
@@ -51,15 +56,16 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import math
 import os
 import random
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 from . import _lease
 from ._claim import (
@@ -85,7 +91,7 @@ from ._owner import (
     write_owner,
 )
 
-__all__ = ["DEFAULT_LEASE", "DirectoryLock", "LockOwner"]
+__all__ = ["DEFAULT_LEASE", "AcquiredLock", "DirectoryLock", "LockOwner", "WaitAbandoned", "wait_time"]
 
 log = logging.getLogger("statestore")
 
@@ -102,13 +108,34 @@ BACKOFF_CAP: Final = 0.1
 QUEUE_PATIENCE: Final = 1.0
 #: How often a waiter that may be abandoned (see ``DirectoryLock._acquire``) asks.
 GIVE_UP_POLL: Final = 0.2
+#: The longest single wait on a condition: threading refuses timeouts past an OS limit
+#: (``timeout=inf`` would overflow), so long waits are cut into slices.
+MAX_WAIT_SLICE: Final = 60.0
 
 
-class WaitAbandoned(Exception):
-    """The waiter gave up before it got the lock (internal: the asyncio API's cancel)."""
+class WaitAbandoned(LockTimeout):
+    """The waiter gave up before it got the lock: its ``cancel_check()`` returned true.
 
-    def __init__(self, path: str) -> None:
-        super().__init__(f"{path}: stopped waiting for the lock")
+    A :class:`LockTimeout`, as in filelock, so ``except LockTimeout`` covers both
+    ways of not getting the lock.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        message: str = "",
+        *,
+        timeout: float = 0.0,
+        holder: Mapping[str, Any] | None = None,
+        alive: bool | None = None,
+    ) -> None:
+        super().__init__(
+            path,
+            message or "stopped waiting for the lock: cancel_check() returned true",
+            timeout=timeout,
+            holder=holder,
+            alive=alive,
+        )
 
 
 @dataclass
@@ -127,120 +154,101 @@ def _canonical(path: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
-class DirectoryLock:
-    """A lock shared by processes (and threads), made of the directory ``path``.
+def _real_path(file: str) -> str:
+    """``file`` with every symlink resolved; a link that cannot be read is an error.
 
-    >>> with DirectoryLock("/tmp/app/state.json.lock"):  # doctest: +SKIP
-    ...     ...  # one holder at a time, across processes and hosts
+    (``os.path.realpath`` alone takes an unreadable link for a plain name, which
+    would name another lock.) A file or folder that does not exist yet is fine,
+    and so is a loop of links: reading the file then says what is wrong.
+    """
+    try:
+        try:
+            return os.path.realpath(file, strict=True)
+        except OSError as e:
+            if not isinstance(e, FileNotFoundError) and e.errno != errno.ELOOP:
+                raise
+            return os.path.realpath(file)
+    except OSError as e:
+        raise LockError(
+            file,
+            f"cannot resolve the state file's path to find its lock ({e.strerror or e})",
+            errno=e.errno,
+        ) from e
 
-    ``timeout`` is how long :meth:`acquire` waits by default; ``lease`` how long
-    the lock stays valid without a heartbeat (the holder refreshes it every
-    third of that). The lock is reentrant within a thread: acquiring it again
-    counts, and every DirectoryLock object on the same path shares the count.
+
+def wait_time(timeout: float | None, default: float, blocking: bool = True) -> float:
+    """Seconds to wait: ``timeout`` (``default`` when None); negative or ``inf``: forever."""
+    if not blocking:
+        return 0.0
+    seconds = float(default if timeout is None else timeout)
+    if math.isnan(seconds):
+        raise ValueError("timeout must be a number of seconds (negative: wait forever), not NaN")
+    return math.inf if seconds < 0 else seconds
+
+
+class AcquiredLock:
+    """One level of a :class:`DirectoryLock`, as :meth:`DirectoryLock.acquire` returns it.
+
+    ``with lock.acquire(timeout=5):`` holds the lock for the block and no
+    longer (entering does not acquire again; leaving releases this level).
+    :meth:`release` may be called from any thread, once; again, or after a
+    ``fork()`` in the child, it does nothing. ``path`` is the lock directory
+    this level holds, ``file`` (for :meth:`DirectoryLock.for_file`) the state
+    file as it was resolved when the lock was taken.
     """
 
+    __slots__ = ("_at", "_hold", "_origin", "_released", "file", "lock", "path", "thread")
+
     def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        timeout: float = 10.0,
-        lease: float = DEFAULT_LEASE,
+        self, origin: DirectoryLock, at: DirectoryLock, hold: _lease.Hold, file: str | None
     ) -> None:
-        if lease <= 0:
-            raise ValueError("lease must be positive")
-        self.path = os.path.abspath(os.fspath(path))
-        self.timeout = timeout
-        self.lease = float(lease)
-        self._key = _canonical(self.path)
-        _check_lock_path(path)
+        self.lock = origin
+        self.path = at.path
+        self.file = file
+        self.thread = threading.get_ident()
+        self._origin = origin
+        self._at = at
+        self._hold = hold
+        self._released = False
 
     def __repr__(self) -> str:
-        return f"DirectoryLock({self.path!r}, timeout={self.timeout!r}, lease={self.lease!r})"
-
-    # ----------------------------------------------------------------- public API
+        state = "held" if self.is_held else "released"
+        return f"<AcquiredLock {self.path!r} {state}>"
 
     @property
     def is_held(self) -> bool:
-        """Whether the calling thread holds this lock."""
-        st = _lease.state(self._key)
-        return st.thread == threading.get_ident() and st.held is not None
-
-    def acquire(self, timeout: float | None = None) -> DirectoryLock:
-        """Wait until this thread holds the lock, or raise :class:`LockTimeout`."""
-        return self._acquire(timeout, None)
-
-    def _acquire(
-        self, timeout: float | None, gave_up: Callable[[], bool] | None
-    ) -> DirectoryLock:
-        """:meth:`acquire`, raising :class:`WaitAbandoned` once ``gave_up()`` is true.
-
-        For the asyncio API: a task cancelled while its worker thread waits here
-        must not leave that thread waiting (and the interpreter, at exit) for
-        the rest of the timeout. ``gave_up`` is asked at least every
-        :data:`GIVE_UP_POLL` seconds.
-        """
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        st = _lease.state(self._key)
-        me = threading.get_ident()
-        with st.cond:
-            if st.thread == me:
-                st.count += 1
-                return self
-            # Other threads of this process wait here, not on the file system.
-            if st.thread is None and not st.waiting:
-                st.thread = me
-            else:
-                st.waiting.append(me)
-                while st.thread != me:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        st.waiting.remove(me)
-                        held = st.held
-                        raise LockTimeout(
-                            self.path,
-                            timeout=timeout,
-                            holder=held.owner.describe() if held else None,
-                            alive=True,
-                        )
-                    if gave_up is not None:
-                        if gave_up():
-                            st.waiting.remove(me)
-                            raise WaitAbandoned(self.path)
-                        remaining = min(remaining, GIVE_UP_POLL)
-                    st.cond.wait(remaining)
-        try:
-            held = self._acquire_dir(deadline, timeout, st.queue, gave_up)
-        except BaseException:
-            st.pass_turn()
-            raise
-        if not st.swept:
-            st.swept = True
-            sweep_aside(self.path)
-        with st.cond:
-            st.held = held
-            st.count = 1
-        _lease.heartbeat(_refresh_held).start(held.next_refresh)
-        return self
+        """Whether this level is still held (by this process)."""
+        hold = self._hold
+        return not self._released and hold.pid == _lease.PID and self._at._st.hold is hold
 
     def release(self) -> None:
-        """Release one level of the lock; the directory goes when the count reaches 0."""
-        st = _lease.state(self._key)
-        with st.cond:
-            if st.thread != threading.get_ident() or st.count == 0:
-                raise RuntimeError(f"{self.path}: release() of a lock this thread does not hold")
-            st.count -= 1
-            if st.count:
+        """Release this level; the lock directory goes with the last level."""
+        origin = self._origin
+        with origin._taken_lock:
+            if self._released:
                 return
-            held, st.held = st.held, None
-        try:
-            if held is not None:
-                self._release_dir(held, st.queue)
-        finally:
-            st.pass_turn()
+            self._released = True
+            with contextlib.suppress(ValueError):
+                origin._taken.remove(self)
+        self._at._release_hold(self._hold)
+
+    def verify(self) -> None:
+        """Raise :class:`LockCompromisedError` unless this level is still held and the
+        lock still ours (see :meth:`DirectoryLock.verify`)."""
+        if self._hold.pid != _lease.PID:
+            raise LockCompromisedError(
+                self.path,
+                "the lock belongs to the parent process: a forked child holds none of "
+                "its parent's locks; nothing was written",
+            )
+        st = self._at._st
+        held = st.held
+        if self._released or st.hold is not self._hold or held is None:
+            raise LockCompromisedError(self.path, "this lock was released; nothing was written")
+        self._at._verify_held(held)
 
     def __enter__(self) -> DirectoryLock:
-        return self.acquire()
+        return self.lock
 
     def __exit__(
         self,
@@ -250,9 +258,310 @@ class DirectoryLock:
     ) -> None:
         self.release()
 
+
+class DirectoryLock(contextlib.ContextDecorator):
+    """A lock shared by processes (and threads), made of the directory ``path``.
+
+    >>> with DirectoryLock("/tmp/app/state.json.lock"):  # doctest: +SKIP
+    ...     ...  # one holder at a time, across processes and hosts
+
+    ``timeout`` is how long :meth:`acquire` waits by default (negative or
+    ``float("inf")``: forever); ``lease`` how long the lock stays valid without
+    a heartbeat (the holder refreshes it every third of that). The object is
+    also a decorator: the function runs under the lock.
+
+    Rules of the public API (``docs/locking.md``, "Threads"):
+
+    * **A held lock is a handle, not a thread.** :meth:`acquire` returns an
+      :class:`AcquiredLock`; whoever has it releases it, from any thread. A
+      ``with`` block entered on one thread and left on another releases what
+      it took. The store's locked operations go through handles, so a
+      transaction that ends on another thread never leaks its lock.
+    * **Reentrancy is per thread.** A thread that holds the lock may acquire it
+      again without waiting (through any DirectoryLock object on the same
+      path); each level is released on its own, the directory goes with the
+      last. Other threads wait their turn in memory, first come first served.
+    * **Waiting ends cleanly, however it ends.** A timeout, ``cancel_check()``
+      returning true or raising, a ``KeyboardInterrupt`` or any other exception
+      while queued removes the waiter from the queue (a turn already handed to
+      it is passed on), so nobody waits for a waiter that left and a later
+      :meth:`acquire` really takes the lock. Waits are sliced, so no timeout,
+      ``inf`` included, can overflow a system call.
+    * **Release is harmless when there is nothing to release**: :meth:`release`
+      on a thread that holds no level taken through this object, a second
+      :meth:`AcquiredLock.release`, or one in a forked child, does nothing.
+    * **A lock built by** :meth:`for_file` **follows the file**: each acquire
+      resolves the state file's real path again and takes ``<real path>.lock``;
+      its handle releases that same directory, wherever the link points by then.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 10.0,
+        lease: float = DEFAULT_LEASE,
+    ) -> None:
+        self._setup(os.fspath(path), timeout, lease, None)
+
+    def _setup(self, path: str, timeout: float, lease: float, follows: str | None) -> None:
+        _check_lock_path(path)
+        if lease <= 0:
+            raise ValueError("lease must be positive")
+        if math.isnan(float(timeout)):
+            raise ValueError("timeout must be a number of seconds (negative: wait forever), not NaN")
+        self.path = os.path.abspath(path)
+        self.timeout = timeout
+        self.lease = float(lease)
+        self._key = _canonical(self.path)
+        # Keeps this path's per-process state alive as long as this object lives.
+        self._st = _lease.state(self._key)
+        #: For :meth:`for_file`: the state file whose lock this is, and the lock at
+        #: its last resolution.
+        self._follows = follows
+        self._inner: DirectoryLock | None = None
+        #: Levels taken through this object and not yet released, oldest first.
+        self._taken: list[AcquiredLock] = []
+        self._taken_lock = threading.Lock()
+
+    @classmethod
+    def for_file(
+        cls,
+        file: str | os.PathLike[str],
+        *,
+        timeout: float = 10.0,
+        lease: float = DEFAULT_LEASE,
+    ) -> DirectoryLock:
+        """The lock of the state file ``file``: ``<real path of file>.lock``.
+
+        Beside the file a symlink points to, so that stores opened through a link
+        and through its target share one lock; resolved again at every acquire,
+        so a link switched meanwhile (a deploy's ``current``) takes the lock of
+        the file it now names. ``path`` is the lock as last resolved.
+        """
+        file = os.path.abspath(os.fspath(file))
+        lock = cls.__new__(cls)
+        lock._setup(os.path.realpath(file) + ".lock", timeout, lease, file)
+        return lock
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What the lock is, not what this process holds: a copy elsewhere holds nothing.
+        return {"path": self.path, "timeout": self.timeout, "lease": self.lease,
+                "follows": self._follows}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._setup(state["path"], state["timeout"], state["lease"], state["follows"])
+
+    def __repr__(self) -> str:
+        if self._follows is not None:
+            return (
+                f"DirectoryLock.for_file({self._follows!r}, timeout={self.timeout!r}, "
+                f"lease={self.lease!r})"
+            )
+        return f"DirectoryLock({self.path!r}, timeout={self.timeout!r}, lease={self.lease!r})"
+
+    # ----------------------------------------------------------------- public API
+
+    def _at(self) -> DirectoryLock:
+        """The lock to act on: this one, or (:meth:`for_file`) the one beside the file now."""
+        if self._follows is None:
+            return self
+        path = _real_path(self._follows) + ".lock"
+        inner = self._inner
+        if inner is None or inner.path != path:
+            inner = DirectoryLock(path, timeout=self.timeout, lease=self.lease)
+            self._inner = inner
+            self.path, self._key, self._st = inner.path, inner._key, inner._st
+        return inner
+
+    @property
+    def is_held(self) -> bool:
+        """Whether the calling thread holds this lock."""
+        me = threading.get_ident()
+        if any(h.thread == me and h.is_held for h in self._taken):
+            return True
+        st = self._at()._st
+        hold = st.hold
+        return (
+            hold is not None
+            and hold.thread == me
+            and st.held is not None
+            and hold.pid == _lease.PID
+        )
+
+    def acquire(
+        self,
+        timeout: float | None = None,
+        *,
+        blocking: bool = True,
+        cancel_check: Callable[[], bool] | None = None,
+    ) -> AcquiredLock:
+        """Wait until this thread holds the lock, or raise :class:`LockTimeout`.
+
+        ``timeout`` in seconds (None: the lock's own; negative or ``inf``:
+        forever); ``blocking=False`` tries once. ``cancel_check`` is called while
+        waiting (at least every :data:`GIVE_UP_POLL` seconds): when it returns
+        true the wait ends with :class:`WaitAbandoned` (a LockTimeout).
+
+        Returns the :class:`AcquiredLock` for this level: ``with
+        lock.acquire(timeout=5):`` releases it at the end of the block.
+        """
+        wait = wait_time(timeout, self.timeout, blocking)
+        return self._take(wait, cancel_check, threading.get_ident(), None)
+
+    def _acquire(self, timeout: float | None, gave_up: Callable[[], bool] | None) -> AcquiredLock:
+        """:meth:`acquire` with a ``cancel_check`` (kept for the asyncio store)."""
+        return self.acquire(timeout, cancel_check=gave_up)
+
+    def _take(
+        self, wait: float, gave_up: Callable[[], bool] | None, thread: int | None, task: object
+    ) -> AcquiredLock:
+        """Take one level: reentrant for ``thread`` (None: for nobody), held for ``task``."""
+        at = self._at()
+        hold = at._turn(wait, gave_up, thread, task)
+        handle = AcquiredLock(self, at, hold, at.path[:-5] if self._follows is not None else None)
+        with self._taken_lock:
+            self._taken.append(handle)
+        return handle
+
+    def _turn(
+        self, wait: float, gave_up: Callable[[], bool] | None, thread: int | None, task: object
+    ) -> _lease.Hold:
+        st = self._st
+        deadline = time.monotonic() + wait
+        with st.cond:
+            hold = st.hold
+            if (
+                thread is not None
+                and hold is not None
+                and hold.thread == thread
+                and hold.count
+                and hold.pid == _lease.PID
+            ):
+                hold.count += 1
+                return hold
+            mine = _lease.Hold(thread, task)
+            # Other threads of this process wait here, not on the file system.
+            if hold is None and not st.waiting:
+                st.hold = mine
+            else:
+                st.waiting.append(mine)
+                log.debug("waiting for lock %s: another thread of this process holds it", self.path)
+                try:
+                    while st.hold is not mine:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            held = st.held
+                            raise LockTimeout(
+                                self.path,
+                                timeout=wait,
+                                holder=held.owner.describe() if held else None,
+                                alive=True,
+                            )
+                        if gave_up is not None:
+                            # Asked without the state's mutex: a cancel_check may take
+                            # its time, or look at the lock, without stalling a release.
+                            st.cond.release()
+                            try:
+                                stop = gave_up()
+                            finally:
+                                st.cond.acquire()
+                            if stop:
+                                raise WaitAbandoned(self.path, timeout=wait)
+                            if st.hold is mine:
+                                break
+                            remaining = min(remaining, GIVE_UP_POLL)
+                        st.cond.wait(min(remaining, MAX_WAIT_SLICE))
+                except BaseException:
+                    # Whatever ended the wait (a timeout, KeyboardInterrupt, an error in
+                    # gave_up): leave the queue, and pass on a turn handed to us meanwhile.
+                    if st.hold is mine:
+                        st.pass_turn_locked()
+                    else:
+                        with contextlib.suppress(ValueError):
+                            st.waiting.remove(mine)
+                    raise
+        try:
+            held = self._acquire_dir(deadline, wait, st.queue, gave_up)
+        except BaseException:
+            st.pass_turn()
+            raise
+        try:
+            with st.cond:
+                st.held = held
+                mine.count = 1
+            _lease.mark_held(st, True)
+            if _lease.first_sweep(self._key):
+                sweep_aside(self.path)
+            _lease.heartbeat(_refresh_held).start(held.next_refresh)
+        except BaseException:
+            # Interrupted here: give back what we took (the directory is ours either way).
+            with st.cond:
+                st.held, mine.count = held, 1
+            self._release_hold(mine)
+            raise
+        log.debug("acquired lock %s", self.path)
+        return mine
+
+    def _release_hold(self, hold: _lease.Hold) -> None:
+        """Release one level of ``hold``; the directory goes with the last level."""
+        st = self._st
+        with st.cond:
+            if st.hold is not hold or hold.count == 0 or hold.pid != _lease.PID:
+                return  # not ours (any more): a forked child, or released already
+            hold.count -= 1
+            if hold.count:
+                return
+            held, st.held = st.held, None
+        _lease.mark_held(st, False)
+        try:
+            if held is not None:
+                self._release_dir(held, st.queue)
+        finally:
+            st.pass_turn()
+        log.debug("released lock %s", self.path)
+
+    def _mine(self, fallback: bool) -> AcquiredLock | None:
+        """The newest level this thread took through this object (or, with
+        ``fallback``, the newest of any thread: a block entered on another one)."""
+        me = threading.get_ident()
+        with self._taken_lock:
+            for handle in reversed(self._taken):
+                if handle.thread == me:
+                    return handle
+            return self._taken[-1] if fallback and self._taken else None
+
+    def release(self) -> None:
+        """Release one level this thread took through this object.
+
+        Nothing happens when it holds none (as with filelock). To release from
+        another thread, call :meth:`AcquiredLock.release` on what acquire() returned.
+        """
+        handle = self._mine(fallback=False)
+        if handle is None:
+            log.debug("release() of lock %s, which this thread does not hold: nothing to do", self.path)
+            return
+        handle.release()
+
+    def __enter__(self) -> DirectoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The level this block took: this thread's newest, or, for a block entered
+        # on another thread (a generator resumed elsewhere), the newest of all.
+        handle = self._mine(fallback=True)
+        if handle is not None:
+            handle.release()
+
     def owner(self) -> LockOwner | None:
         """The current owner record, or None when the lock is free or being created."""
-        return self._observe().owner
+        return self._at()._observe().owner
 
     def verify(self) -> None:
         """Raise :class:`LockCompromisedError` unless this thread still holds the lock.
@@ -260,10 +569,22 @@ class DirectoryLock:
         Called by the store right before it publishes a save: a holder that was
         suspended past its lease must not write over the next holder's work.
         """
-        st = _lease.state(self._key)
-        held = st.held
-        if held is None or st.thread != threading.get_ident():
-            raise LockCompromisedError(self.path, "the lock is not held by this thread")
+        handle = self._mine(fallback=False)
+        if handle is not None and handle.is_held:
+            handle.verify()
+            return
+        at = self._at()
+        st = at._st
+        hold, held = st.hold, st.held
+        if held is None or hold is None or hold.thread != threading.get_ident():
+            raise LockCompromisedError(at.path, "the lock is not held by this thread")
+        if hold.pid != _lease.PID:
+            raise LockCompromisedError(
+                at.path, "the lock belongs to the parent process: a forked child holds none"
+            )
+        at._verify_held(held)
+
+    def _verify_held(self, held: Held) -> None:
         if held.lost:
             raise LockCompromisedError(self.path, held.lost)
         now = time.time()
@@ -305,18 +626,20 @@ class DirectoryLock:
         Returns the owner record of the lock that was broken, or None when there
         was nothing to break. A live lock without ``force`` raises :class:`LockError`.
         """
-        seen = self._observe()
+        at = self._at()
+        seen = at._observe()
         if seen.ino is None:
             return None
         if not seen.stale and not force:
             raise LockError(
-                self.path,
+                at.path,
                 f"the lock is live ({seen.reason}); use force to break it anyway",
                 errno=errno.EBUSY,
             )
-        if not self._break(seen, force=force):
+        log.debug("breaking lock %s (%s%s)", at.path, "forced; " if force else "", seen.reason)
+        if not at._break(seen, force=force):
             raise LockError(
-                self.path, "the lock changed while breaking it; look again", errno=errno.EAGAIN
+                at.path, "the lock changed while breaking it; look again", errno=errno.EAGAIN
             )
         return seen.owner
 

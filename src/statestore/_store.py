@@ -92,6 +92,17 @@ _active: set[tuple[int, str]] = set()
 _active_lock = threading.Lock()
 
 
+def _forget_transactions_after_fork() -> None:
+    """A forked child is inside none of its parent's transactions (it holds no lock)."""
+    global _active_lock
+    _active_lock = threading.Lock()
+    _active.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_transactions_after_fork)
+
+
 _SCHEMA_LINE: Final = f'  "{SCHEMA_KEY}": '.encode()
 
 _gc_lock = threading.Lock()
@@ -447,8 +458,10 @@ class StateStore(Generic[ModelT]):
             file = os.path.abspath(os.fspath(path))
             if lock is None:
                 # Next to the file a symlink points to, so that stores opened through
-                # the link and through the target share one lock.
-                lock = DirectoryLock(os.path.realpath(file) + ".lock", timeout=timeout)
+                # the link and through the target share one lock; resolved again for
+                # every locked operation, so that a link switched meanwhile takes the
+                # lock of the file the operation really reads and writes.
+                lock = DirectoryLock.for_file(file, timeout=timeout)
             elif not isinstance(lock, DirectoryLock):
                 lock = DirectoryLock(lock, timeout=timeout)
             self.lock: DirectoryLock | None = lock

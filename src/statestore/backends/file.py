@@ -42,7 +42,7 @@ from typing import Final
 
 from .._atomic import DEFAULT_MAX_SIZE, read_bytes, resolve_target, sweep_temp_files, write_atomic
 from .._errors import StateMissingError, StateWriteError
-from .._lock import DirectoryLock
+from .._lock import AcquiredLock, DirectoryLock
 
 __all__ = [
     "EDITOR_BACKUP_SUFFIX",
@@ -85,13 +85,23 @@ def _names(path: str) -> list[str]:
 
 
 class FileSession:
-    """The locked half of :class:`FileStorage`."""
+    """The locked half of :class:`FileStorage`.
 
-    def __init__(self, storage: FileStorage) -> None:
+    It reads and writes the file its lock was taken for (for the store's own
+    lock: the state file as resolved when the lock was taken, so a symlink
+    switched meanwhile cannot send the write to a file this lock does not guard).
+    """
+
+    def __init__(self, storage: FileStorage, held: AcquiredLock) -> None:
         self._storage = storage
+        self._held = held
+        self.path = held.file or storage.path
 
     def read(self) -> bytes | None:
-        return self._storage.read()
+        s = self._storage
+        data = read_bytes(self.path, s.max_size)
+        # Missing: the storage's rule decides whether it is new (see the module doc).
+        return data if data is not None else s._missing()
 
     def write(self, data: bytes) -> None:
         s = self._storage
@@ -104,7 +114,7 @@ class FileSession:
                 "again; give the store a larger max_size. The old file is unchanged.",
                 errno=errno.EFBIG,
             )
-        write_atomic(s.path, data, durable=s.durable, before_replace=s.lock.verify)
+        write_atomic(self.path, data, durable=s.durable, before_replace=self._held.verify)
 
     def backup_location(self, label: str) -> str:
         return f"{self._storage.path}.{label}.bak"
@@ -237,12 +247,14 @@ class FileStorage:
 
     @contextmanager
     def session(self, timeout: float) -> Iterator[FileSession]:
-        self.lock.acquire(timeout)
+        # The handle, not the thread, holds the lock: a session left on another
+        # thread (a transaction ended by a thread pool) still releases it.
+        held = self.lock.acquire(timeout)
         try:
             if not self._swept:
                 # Once per store and process: temp files of writers that died.
                 sweep_temp_files(self.path)
                 self._swept = True
-            yield FileSession(self)
+            yield FileSession(self, held)
         finally:
-            self.lock.release()
+            held.release()
