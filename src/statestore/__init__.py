@@ -27,6 +27,7 @@ from ._errors import (
     StateStoreError,
     StateValidationError,
     StateWriteError,
+    WaitAbandoned,
 )
 from ._lock import AcquiredLock, DirectoryLock, LockOwner
 from ._migrate import MigrationReport
@@ -58,4 +59,5 @@ __all__ = [
     "StateStoreError",
     "StateValidationError",
     "StateWriteError",
+    "WaitAbandoned",
 ]

@@ -7,6 +7,7 @@ survives pickling (so it crosses process pools intact)::
 
     StateStoreError
     ├── LockTimeout                 (TimeoutError)   the lock stayed busy
+    │   └── WaitAbandoned                            cancel_check() ended the wait
     ├── LockCompromisedError        (RuntimeError)   our lock was broken while held
     ├── LockError                   (OSError)        the lock folder is unusable
     │   └── LockPermissionError     (PermissionError) EACCES / EPERM on the lock
@@ -66,6 +67,7 @@ __all__ = [
     "StateStoreError",
     "StateValidationError",
     "StateWriteError",
+    "WaitAbandoned",
 ]
 
 
@@ -438,6 +440,31 @@ def _locate(
         before = text[: offsets[at]]
         located.append((before.count("\n") + 1, len(before) - before.rfind("\n")))
     return located
+
+
+class WaitAbandoned(LockTimeout):
+    """The waiter gave up before it got the lock: its ``cancel_check()`` returned true.
+
+    A :class:`LockTimeout`, as in filelock, so ``except LockTimeout`` covers both
+    ways of not getting the lock.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        message: str = "",
+        *,
+        timeout: float = 0.0,
+        holder: Mapping[str, Any] | None = None,
+        alive: bool | None = None,
+    ) -> None:
+        super().__init__(
+            path,
+            message or "stopped waiting for the lock: cancel_check() returned true",
+            timeout=timeout,
+            holder=holder,
+            alive=alive,
+        )
 
 
 # Shown as ``statestore.<Name>``, the name they are imported by. Pickles name the

@@ -78,7 +78,7 @@ from ._claim import (
     sweep_aside,
     take_claim,
 )
-from ._errors import LockCompromisedError, LockError, LockTimeout
+from ._errors import LockCompromisedError, LockError, LockTimeout, WaitAbandoned
 from ._handoff import WaitQueue
 from ._lease import Held
 from ._owner import (
@@ -112,30 +112,6 @@ GIVE_UP_POLL: Final = 0.2
 #: (``timeout=inf`` would overflow), so long waits are cut into slices.
 MAX_WAIT_SLICE: Final = 60.0
 
-
-class WaitAbandoned(LockTimeout):
-    """The waiter gave up before it got the lock: its ``cancel_check()`` returned true.
-
-    A :class:`LockTimeout`, as in filelock, so ``except LockTimeout`` covers both
-    ways of not getting the lock.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        message: str = "",
-        *,
-        timeout: float = 0.0,
-        holder: Mapping[str, Any] | None = None,
-        alive: bool | None = None,
-    ) -> None:
-        super().__init__(
-            path,
-            message or "stopped waiting for the lock: cancel_check() returned true",
-            timeout=timeout,
-            holder=holder,
-            alive=alive,
-        )
 
 
 @dataclass
