@@ -38,8 +38,8 @@ from statestore import (
     LockTimeout,
     StateStore,
     StateValidationError,
+    _lease,
 )
-from statestore import _lease
 from statestore._claim import move_aside, remove_tree
 from statestore._owner import LockOwner, _proc_stat, identity, new_owner
 
@@ -87,8 +87,9 @@ class Script(Interposer):
     def done(self) -> bool:
         return self.fired == len(self.rules)
 
-    def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Any:
+    def call(
+        self, name: str, real: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         self.calls.append(name)
         rule = None
         if not self.done:
@@ -120,8 +121,9 @@ class HeartbeatStall(Interposer):
         assert len(beats) == 1, "no heartbeat thread: acquire a lock first"
         self._thread = beats[0].ident
 
-    def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Any:
+    def call(
+        self, name: str, real: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         self.stopped.set()
         assert self.go.wait(30), "the heartbeat was never resumed"
         return real(*args, **kwargs)
@@ -156,13 +158,19 @@ def dead_pid() -> int:
     return child.pid
 
 
-def record_of(pid: int, start_time: int | None, *, expires_in: float = 30.0,
-              **changes: Any) -> LockOwner:
+def record_of(
+    pid: int, start_time: int | None, *, expires_in: float = 30.0, **changes: Any
+) -> LockOwner:
     """An owner record as another process would have written it."""
     now = time.time()
     return dataclasses.replace(
-        new_owner(30.0), token=secrets.token_hex(16), pid=pid, start_time=start_time,
-        acquired_at=now, expires_at=now + expires_in, **changes,
+        new_owner(30.0),
+        token=secrets.token_hex(16),
+        pid=pid,
+        start_time=start_time,
+        acquired_at=now,
+        expires_at=now + expires_in,
+        **changes,
     )
 
 
@@ -466,7 +474,9 @@ def test_heartbeat_believes_a_new_expiry_only_after_settling(
 
 
 def test_release_without_a_claim_checks_its_token_first(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other: Process,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    other: Process,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Release while the lease runs, step F1 of ``spec/lock.pml`` ("F1: not

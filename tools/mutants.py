@@ -75,179 +75,325 @@ P = "tests/test_protocol_steps.py::"
 MUTATIONS: tuple[Mutation, ...] = (
     # ---- the nine that survived the whole suite at 831d08f
     Mutation(
-        "breaker skips the re-check after its claim", L,
-        (("                now = self._observe()\n                same = now.ino",
-          "                now = seen\n                same = now.ino"),),
+        "breaker skips the re-check after its claim",
+        L,
+        (
+            (
+                "                now = self._observe()\n                same = now.ino",
+                "                now = seen\n                same = now.ino",
+            ),
+        ),
         P + "test_breaker_re_inspects_after_taking_its_claim",
     ),
     Mutation(
-        "creator skips the post-publish settle", L,
-        (("            state = self._settle(dirfd, ino, patience=2 * CLAIM_GRACE)",
-          '            state = "ours"'),),
+        "creator skips the post-publish settle",
+        L,
+        (
+            (
+                "            state = self._settle(dirfd, ino, patience=2 * CLAIM_GRACE)",
+                '            state = "ours"',
+            ),
+        ),
         P + "test_creator_settles_after_publishing_its_record",
     ),
     Mutation(
-        "verify() ignores an expired lease", L,
-        (("        if now >= held.owner.expires_at:\n            raise LockCompromisedError(",
-          "        if False:\n            raise LockCompromisedError("),),
+        "verify() ignores an expired lease",
+        L,
+        (
+            (
+                "        if now >= held.owner.expires_at:\n            raise LockCompromisedError(",
+                "        if False:\n            raise LockCompromisedError(",
+            ),
+        ),
         P + "test_verify_refuses_once_the_lease_has_run_out",
     ),
     Mutation(
-        "refresh believes a new expiry without settling", L,
-        (("            state = self._settle(held.dirfd, held.ino, patience=0.0)",
-          '            state = "ours"'),),
+        "refresh believes a new expiry without settling",
+        L,
+        (
+            (
+                "            state = self._settle(held.dirfd, held.ino, patience=0.0)",
+                '            state = "ours"',
+            ),
+        ),
         P + "test_heartbeat_believes_a_new_expiry_only_after_settling",
     ),
     Mutation(
-        "fast release without the token check", L,
-        (('        if self._lost(held):\n            log.warning("lock %s was lost before '
-          'release (lease expired)", self.path)\n            return None\n',
-          "        if False:\n            return None\n"),),
+        "fast release without the token check",
+        L,
+        (
+            (
+                '        if self._lost(held):\n            log.warning("lock %s was lost before '
+                'release (lease expired)", self.path)\n            return None\n',
+                "        if False:\n            return None\n",
+            ),
+        ),
         P + "test_release_without_a_claim_checks_its_token_first",
     ),
     Mutation(
-        "owner record written without O_EXCL", L,
-        (("                OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644,",
-          "                OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644,"),),
+        "owner record written without O_EXCL",
+        L,
+        (
+            (
+                "                OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | "
+                "os.O_CLOEXEC, 0o644,",
+                "                OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644,",
+            ),
+        ),
         P + "test_owner_record_is_created_exclusively",
     ),
     Mutation(
-        "liveness ignores the boot id", O,
+        "liveness ignores the boot id",
+        O,
         (("    if boot_id and me.boot_id and boot_id != me.boot_id:\n        return False\n", ""),),
         P + "test_another_boot_is_not_judged_alive_by_its_pid",
     ),
     Mutation(
-        "liveness ignores the pid namespace", O,
+        "liveness ignores the pid namespace",
+        O,
         (("    if pid_ns and me.pid_ns and pid_ns != me.pid_ns:\n        return None\n", ""),),
         P + "test_another_pid_namespace_is_not_judged_by_its_pid",
     ),
     Mutation(
-        "garbage collector never re-enabled", S,
-        (("                if _gc_was_enabled:\n                    gc.enable()",
-          "                pass"),),
+        "garbage collector never re-enabled",
+        S,
+        (
+            (
+                "                if _gc_was_enabled:\n                    gc.enable()",
+                "                pass",
+            ),
+        ),
         P + "test_collector_is_on_again_after_every_store_call",
     ),
     # ---- the lock: more steps
     Mutation(
-        "settle ignores claims", L,
-        (("            if not live_claim(dirfd):\n                return \"ours\"",
-          '            return "ours"'),),
+        "settle ignores claims",
+        L,
+        (
+            (
+                '            if not live_claim(dirfd):\n                return "ours"',
+                '            return "ours"',
+            ),
+        ),
         P + "test_creator_settles_after_publishing_its_record",
     ),
     Mutation(
-        "breaker skips the inode check of its descriptor", L,
-        (("            if (st.st_dev, st.st_ino) != seen.ino:\n                return False",
-          "            if False:\n                return False"),),
+        "breaker skips the inode check of its descriptor",
+        L,
+        (
+            (
+                "            if (st.st_dev, st.st_ino) != seen.ino:\n                return False",
+                "            if False:\n                return False",
+            ),
+        ),
     ),
     Mutation(
-        "release through the claim drops the token check", L,
-        (("            return held.token_mark not in read_owner_at(self.path)",
-          "            read_owner_at(self.path)\n            return False"),),
+        "_lost() drops the token comparison (both releases)",
+        L,
+        (
+            (
+                "            return held.token_mark not in read_owner_at(self.path)",
+                "            read_owner_at(self.path)\n            return False",
+            ),
+        ),
         P + "test_release_without_a_claim_checks_its_token_first",
     ),
     Mutation(
-        "verify() drops the token comparison", L,
-        (("                ours = held.token_mark in read_owner_at(self.path)",
-          "                ours = bool(read_owner_at(self.path))"),),
+        "verify() drops the token comparison",
+        L,
+        (
+            (
+                "                ours = held.token_mark in read_owner_at(self.path)",
+                "                ours = bool(read_owner_at(self.path))",
+            ),
+        ),
     ),
     Mutation(
-        "a lock without a record is stale at once (no creation grace)", L,
-        (("                ino, None, None, age > CREATE_GRACE,\n                f\"no owner record",
-          "                ino, None, None, True,\n                f\"no owner record"),),
+        "a lock without a record is stale at once (no creation grace)",
+        L,
+        (
+            (
+                "                ino, None, None, age > CREATE_GRACE,\n"
+                '                f"no owner record',
+                '                ino, None, None, True,\n                f"no owner record',
+            ),
+        ),
         "tests/test_lock.py::test_missing_owner_record_is_a_lock_being_created",
     ),
     Mutation(
-        "no clock-skew allowance for other hosts", L,
-        (("        expiry = owner.expires_at + (CLOCK_SKEW if alive is None else 0.0)",
-          "        expiry = owner.expires_at"),),
+        "no clock-skew allowance for other hosts",
+        L,
+        (
+            (
+                "        expiry = owner.expires_at + (CLOCK_SKEW if alive is None else 0.0)",
+                "        expiry = owner.expires_at",
+            ),
+        ),
         "tests/test_lock.py::test_other_host_is_broken_only_after_its_lease_and_skew",
     ),
     Mutation(
-        "release wakes no waiter", L,
+        "release wakes no waiter",
+        L,
         (("                queue.wake_first()", "                pass"),),
     ),
     # ---- claims
     Mutation(
-        "claims taken over by age (spec: CLAIM_TAKEOVER)", C,
-        (("        if alive is False or (alive is None and stale):",
-          "        if alive is False or stale:"),),
+        "claims taken over by age (spec: CLAIM_TAKEOVER)",
+        C,
+        (
+            (
+                "        if alive is False or (alive is None and stale):",
+                "        if alive is False or stale:",
+            ),
+        ),
         "tests/test_lock.py::test_a_claim_of_a_live_process_is_never_taken_over",
     ),
     Mutation(
-        "a dead breaker's claim is never taken over", C,
-        (("        if alive is False or (alive is None and stale):",
-          "        if alive is None and stale:"),),
+        "a dead breaker's claim is never taken over",
+        C,
+        (
+            (
+                "        if alive is False or (alive is None and stale):",
+                "        if alive is None and stale:",
+            ),
+        ),
         "tests/test_lock.py::test_a_claim_left_by_a_dead_breaker_is_taken_over_at_once",
     ),
     Mutation(
-        "live_claim ignores every claim", C,
-        (("        if claim_maker_alive(tag) is not False:\n            return True",
-          "        if False:\n            return True"),),
+        "live_claim ignores every claim",
+        C,
+        (
+            (
+                "        if claim_maker_alive(tag) is not False:\n            return True",
+                "        if False:\n            return True",
+            ),
+        ),
         P + "test_heartbeat_believes_a_new_expiry_only_after_settling",
     ),
     # ---- liveness
     Mutation(
-        "a reused pid is taken for its old process (start time ignored)", O,
+        "a reused pid is taken for its old process (start time ignored)",
+        O,
         (("    return not (start_time is not None and start != start_time)", "    return True"),),
         "tests/test_lock.py::test_reused_pid_with_another_start_time_is_dead",
     ),
     Mutation(
-        "a zombie holder counts as alive", O,
+        "a zombie holder counts as alive",
+        O,
         (('    if state in ("Z", "X"):', "    if False:"),),
         "tests/test_lock.py::test_holder_killed_with_sigkill_is_replaced_within_a_second",
     ),
     Mutation(
-        "identity not recomputed after fork", O,
-        (("    if _identity is None or _identity.pid != pid:", "    if _identity is None:"),
-         ("    global _identity\n    _identity = None\n", "    global _identity\n")),
+        "identity not recomputed after fork",
+        O,
+        (
+            ("    if _identity is None or _identity.pid != pid:", "    if _identity is None:"),
+            ("    global _identity\n    _identity = None\n", "    global _identity\n"),
+        ),
+    ),
+    # ---- the same two liveness steps, in the rule where another boot waits for its
+    # lease (not in 831d08f: reported as "snippet not found" until that rule lands)
+    Mutation(
+        "liveness ignores the boot id (rule: another boot waits)",
+        O,
+        (
+            (
+                "    if host != me.host or not (boot_id and boot_id == me.boot_id):\n"
+                "        return None",
+                "    if host != me.host:\n        return None",
+            ),
+        ),
+        P + "test_another_boot_is_not_judged_alive_by_its_pid",
+    ),
+    Mutation(
+        "liveness ignores the pid namespace (rule: another boot waits)",
+        O,
+        (("    if not (pid_ns and pid_ns == me.pid_ns):\n        return None\n", ""),),
+        P + "test_another_pid_namespace_is_not_judged_by_its_pid",
     ),
     # ---- the write path
     Mutation(
-        "no fsync of the temporary file", A,
-        (('                what = "fsync"\n                _fsync(fd)',
-          '                what = "fsync"'),),
+        "no fsync of the temporary file",
+        A,
+        (
+            (
+                '                what = "fsync"\n                _fsync(fd)',
+                '                what = "fsync"',
+            ),
+        ),
         "tests/test_faults.py::test_power_loss_at_any_point_of_a_durable_save_leaves_old_or_new",
     ),
     Mutation(
-        "folder fsync before the rename instead of after", A,
-        (("        os.replace(tmp, target)\n",
-          "        _fsync_dir(folder)\n        os.replace(tmp, target)\n"),
-         ("        try:\n            _fsync_dir(folder)\n        except OSError as e:",
-          "        try:\n            pass\n        except OSError as e:")),
+        "folder fsync before the rename instead of after",
+        A,
+        (
+            (
+                "        os.replace(tmp, target)\n",
+                "        _fsync_dir(folder)\n        os.replace(tmp, target)\n",
+            ),
+            (
+                "        try:\n            _fsync_dir(folder)\n        except OSError as e:",
+                "        try:\n            pass\n        except OSError as e:",
+            ),
+        ),
         "tests/test_faults.py::test_power_loss_at_any_point_of_a_durable_save_leaves_old_or_new",
     ),
     Mutation(
-        "temporary file created without O_EXCL", A,
-        (("        try:\n            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | "
-          "os.O_CLOEXEC, 0o666)\n        except FileNotFoundError:",
-          "        try:\n            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | "
-          "os.O_CLOEXEC, 0o666)\n        except FileNotFoundError:"),),
+        "temporary file created without O_EXCL",
+        A,
+        (
+            (
+                "        try:\n"
+                "            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | "
+                "os.O_CLOEXEC, 0o666)\n        except FileNotFoundError:",
+                "        try:\n            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | "
+                "os.O_CLOEXEC, 0o666)\n        except FileNotFoundError:",
+            ),
+        ),
     ),
     Mutation(
-        "no pre-commit check before the rename", A,
+        "no pre-commit check before the rename",
+        A,
         (("            before_replace()", "            pass"),),
         "tests/test_lock.py::test_a_broken_lock_is_noticed_before_the_commit",
     ),
     Mutation(
-        "a symbolic link is replaced, not followed", A,
-        (("            link = os.readlink(path)",
-          '            raise OSError(errno.EINVAL, "not followed")'),),
+        "a symbolic link is replaced, not followed",
+        A,
+        (
+            (
+                "            link = os.readlink(path)",
+                '            raise OSError(errno.EINVAL, "not followed")',
+            ),
+        ),
     ),
     Mutation(
-        "the file backend never verifies the lock", F,
+        "the file backend never verifies the lock",
+        F,
         (("before_replace=s.lock.verify)", "before_replace=None)"),),
         "tests/test_lock.py::test_a_broken_lock_is_noticed_before_the_commit",
     ),
     # ---- the store
     Mutation(
-        "fast path takes files that may hold NaN", S,
-        (('        if not raw.startswith(b"{\\n") or _may_hold_constants(raw):',
-          '        if not raw.startswith(b"{\\n"):'),),
+        "fast path takes files that may hold NaN",
+        S,
+        (
+            (
+                '        if not raw.startswith(b"{\\n") or _may_hold_constants(raw):',
+                '        if not raw.startswith(b"{\\n"):',
+            ),
+        ),
     ),
     Mutation(
-        "a large file of the same length is taken as unchanged", S,
-        (("            return self.digest.startswith(_length(data)) and _digest(data) == self.digest",
-          "            return self.digest.startswith(_length(data))"),),
+        "a large file of the same length is taken as unchanged",
+        S,
+        (
+            (
+                "            return self.digest.startswith(_length(data)) and "
+                "_digest(data) == self.digest",
+                "            return self.digest.startswith(_length(data))",
+            ),
+        ),
     ),
 )
 
@@ -272,11 +418,15 @@ def make_env(work: Path, python: str) -> tuple[str, dict[str, str]]:
     subprocess.run([python, "-m", "venv", "--without-pip", str(venv)], check=True)
     out = subprocess.run(
         [python, "-c", "import site, sys; print('\\n'.join(site.getsitepackages()))"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split()
     inner = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     # Path lines only: the .pth files of those folders (an editable install of the
     # working tree) are not processed, so the working tree's src is never imported.
@@ -307,7 +457,10 @@ def check_import(python: str, env: dict[str, str], repo: Path) -> None:
     for extra in ({}, {"PYTHONPATH": str(repo / "tests")}):  # as a child with its own path
         where = subprocess.run(
             [python, "-c", "import statestore; print(statestore.__file__)"],
-            env={**env, **extra}, cwd=repo / "tests", capture_output=True, text=True,
+            env={**env, **extra},
+            cwd=repo / "tests",
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         if not where.startswith(str(repo)):
             sys.exit(f"the copy is not what gets imported ({where!r}); refusing to run")
@@ -323,13 +476,18 @@ class Result:
     seconds: float
 
 
-def run_tests(python: str, env: dict[str, str], repo: Path, selection: Sequence[str],
-              timeout: float) -> Result:
+def run_tests(
+    python: str, env: dict[str, str], repo: Path, selection: Sequence[str], timeout: float
+) -> Result:
     started = time.monotonic()
     try:
         proc = subprocess.run(
             [python, "-m", "pytest", *PYTEST_FLAGS, *selection],
-            cwd=repo, env=env, capture_output=True, text=True, timeout=timeout,
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         return Result("timeout", f"over {timeout:.0f} s", time.monotonic() - started)
@@ -346,18 +504,29 @@ def run_tests(python: str, env: dict[str, str], repo: Path, selection: Sequence[
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("selection", nargs="*", help="pytest arguments (default: %(default)s)",
-                        default=list(DEFAULT_SELECTION))
+    parser.add_argument(
+        "selection",
+        nargs="*",
+        help="pytest arguments (default: %(default)s)",
+        default=list(DEFAULT_SELECTION),
+    )
     parser.add_argument("--only", help="numbers of the mutations to run, e.g. 1,2,9")
-    parser.add_argument("--pins", action="store_true",
-                        help="run each mutation against only the test that pins it, and "
-                        "that test without the mutation")
+    parser.add_argument(
+        "--pins",
+        action="store_true",
+        help="run each mutation against only the test that pins it, and "
+        "that test without the mutation",
+    )
     parser.add_argument("--list", action="store_true", help="list the mutations and stop")
-    parser.add_argument("--python", default=sys.executable,
-                        help="the interpreter whose packages run the tests")
+    parser.add_argument(
+        "--python", default=sys.executable, help="the interpreter whose packages run the tests"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the run of the selection without any mutation")
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the run of the selection without any mutation",
+    )
     args = parser.parse_args(argv)
 
     chosen = list(enumerate(MUTATIONS, 1))
@@ -378,8 +547,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_import(python, env, fresh_copy(work))
         if not args.pins and not args.no_baseline:
             base = run_tests(python, env, fresh_copy(work), args.selection, args.timeout)
-            print(f"baseline (no mutation): {base.outcome} in {base.seconds:.0f} s "
-                  f"{base.detail}", file=sys.stderr, flush=True)
+            print(
+                f"baseline (no mutation): {base.outcome} in {base.seconds:.0f} s {base.detail}",
+                file=sys.stderr,
+                flush=True,
+            )
             if base.outcome != "survived":
                 print("the selection fails without any mutation: fix that first", file=sys.stderr)
                 return 2
@@ -395,29 +567,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.pins:  # the same test, unmutated: it must pass
                     control = run_tests(python, env, repo, selection, args.timeout)
                 target.write_text(mutated)
-                rows.append((i, m, run_tests(python, env, repo, selection, args.timeout),
-                             control))
+                rows.append((i, m, run_tests(python, env, repo, selection, args.timeout), control))
             _, _, res, ctl = rows[-1]
-            print(f"{i:3} {res.outcome:9} {res.seconds:5.0f} s  {m.name}  {res.detail}"
-                  + (f"  [without it: {ctl.outcome}]" if ctl else ""),
-                  file=sys.stderr, flush=True)
+            print(
+                f"{i:3} {res.outcome:9} {res.seconds:5.0f} s  {m.name}  {res.detail}"
+                + (f"  [without it: {ctl.outcome}]" if ctl else ""),
+                file=sys.stderr,
+                flush=True,
+            )
 
     print()
     if args.pins:
         print("| # | mutation | file | pinned by | fails with it | passes without |")
         print("| ---: | --- | --- | --- | --- | --- |")
         for i, m, res, ctl in rows:
-            print(f"| {i} | {m.name} | `{m.file.rpartition('/')[2]}` | `{(m.pin or '').split('::')[-1]}` "
-                  f"| {'yes' if res.outcome == 'caught' else res.outcome} "
-                  f"| {'yes' if ctl and ctl.outcome == 'survived' else (ctl.outcome if ctl else '-')} |")
+            pin = (m.pin or "").split("::")[-1]
+            fails = "yes" if res.outcome == "caught" else res.outcome
+            passes = "-" if ctl is None else "yes" if ctl.outcome == "survived" else ctl.outcome
+            print(
+                f"| {i} | {m.name} | `{m.file.rpartition('/')[2]}` | `{pin}` | {fails} | {passes} |"
+            )
     else:
         print(f"selection: {' '.join(args.selection)}")
         print("| # | mutation | file | result | first failing test | s |")
         print("| ---: | --- | --- | --- | --- | ---: |")
         for i, m, res, _ in rows:
-            print(f"| {i} | {m.name} | `{m.file.rpartition('/')[2]}` | {res.outcome} "
-                  f"| {res.detail.split('::')[-1] if res.outcome == 'caught' else res.detail} "
-                  f"| {res.seconds:.0f} |")
+            print(
+                f"| {i} | {m.name} | `{m.file.rpartition('/')[2]}` | {res.outcome} "
+                f"| {res.detail.split('::')[-1] if res.outcome == 'caught' else res.detail} "
+                f"| {res.seconds:.0f} |"
+            )
         caught = sum(1 for _, _, r, _ in rows if r.outcome == "caught")
         print(f"\n{caught} of {len(rows)} caught")
     survivors = sum(1 for _, _, r, _ in rows if r.outcome != "caught")
