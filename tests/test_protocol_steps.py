@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -35,13 +37,11 @@ from statestore import (
     DirectoryLock,
     LockCompromisedError,
     LockError,
+    LockOwner,
     LockTimeout,
     StateStore,
     StateValidationError,
-    _lease,
 )
-from statestore._claim import move_aside, remove_tree
-from statestore._owner import LockOwner, _proc_stat, identity, new_owner
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,14 +139,41 @@ class Process:
     start_time: int
 
 
+def start_time_of(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat: what an owner record carries as ``start_time``."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text[text.rfind(")") + 2 :].split()[19])
+
+
+@dataclass(frozen=True)
+class Here:
+    host: str
+    boot_id: str
+    pid_ns: int
+
+
+def here() -> Here:
+    """This host, kernel boot and pid namespace, read where the lock reads them."""
+    return Here(
+        socket.gethostname(),
+        Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        os.stat("/proc/self/ns/pid").st_ino,
+    )
+
+
+def move_aside(path: Path) -> str:
+    """A breaker's (or a releaser's) one-step removal: rename to a unique name beside it."""
+    aside = f"{path}.{secrets.token_hex(6)}.broken"
+    os.rename(path, aside)
+    return aside
+
+
 @pytest.fixture
 def other() -> Iterator[Process]:
     """Another live process on this host (the other holder, breaker or creator)."""
     child = subprocess.Popen(["sleep", "120"])
     try:
-        stat = _proc_stat(child.pid)
-        assert stat is not None
-        yield Process(child.pid, stat[1])
+        yield Process(child.pid, start_time_of(child.pid))
     finally:
         child.kill()
         child.wait()
@@ -162,16 +189,19 @@ def record_of(
     pid: int, start_time: int | None, *, expires_in: float = 30.0, **changes: Any
 ) -> LockOwner:
     """An owner record as another process would have written it."""
-    now = time.time()
-    return dataclasses.replace(
-        new_owner(30.0),
+    now, me = time.time(), here()
+    owner = LockOwner(
         token=secrets.token_hex(16),
         pid=pid,
+        host=me.host,
+        boot_id=me.boot_id,
         start_time=start_time,
+        pid_ns=me.pid_ns,
         acquired_at=now,
         expires_at=now + expires_in,
-        **changes,
+        lease=30.0,
     )
+    return dataclasses.replace(owner, **changes)
 
 
 def plant(lock_dir: Path, owner: LockOwner) -> None:
@@ -181,13 +211,13 @@ def plant(lock_dir: Path, owner: LockOwner) -> None:
 
 
 def another_boot() -> str:
-    mine = identity().boot_id
-    assert mine is not None
+    mine = here().boot_id
     return mine[:-1] + ("1" if mine.endswith("0") else "0")
 
 
 def claim_tag(proc: Process) -> str:
-    me = identity()
+    """A claim as ``proc`` makes it: a symbolic link whose target names its maker."""
+    me = here()
     return json.dumps([me.host, me.boot_id, proc.pid, proc.start_time, me.pid_ns])
 
 
@@ -278,10 +308,10 @@ def _creator_meets_a_breaker(
         os.symlink(claim_tag(other), "claim", dir_fd=fd)
 
     def breaker_moves_it_and_takes_the_lock() -> None:
-        moved.append(move_aside(str(lock_dir), "broken"))
+        moved.append(move_aside(lock_dir))
         plant(lock_dir, successor)
         if window == "between-looks":
-            remove_tree(moved.pop())
+            shutil.rmtree(moved.pop())
 
     script = Script().at("open", is_record_create, before=breaker_claims)
     if window == "claim-seen":
@@ -297,7 +327,7 @@ def _creator_meets_a_breaker(
         for fd in breaker_fd:
             os.close(fd)
         for aside in moved:
-            remove_tree(aside)
+            shutil.rmtree(aside)
         if lock.is_held:
             lock.release()
     assert script.done, script.calls
@@ -359,8 +389,8 @@ def test_owner_record_is_created_exclusively(
     successor = record_of(other.pid, other.start_time)
 
     def broken_and_taken_by_another() -> None:
-        aside = move_aside(str(lock_dir), "broken")  # empty: judged stale, broken
-        remove_tree(aside)
+        aside = move_aside(lock_dir)  # empty: judged stale, broken
+        shutil.rmtree(aside)
         plant(lock_dir, successor)
 
     script = Script().at("mkdir", is_lock_path(lock_dir), after=broken_and_taken_by_another)
@@ -415,7 +445,10 @@ def test_verify_refuses_once_the_lease_has_run_out(
 
 
 def test_heartbeat_believes_a_new_expiry_only_after_settling(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other: Process
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    other: Process,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Heartbeat, "then check that it is still ours before trusting the new
     expiry" in ``spec/lock.pml`` (``L == own[me] && CLAIMED(own[me]) -> skip``;
@@ -424,50 +457,52 @@ def test_heartbeat_believes_a_new_expiry_only_after_settling(
     The holder's heartbeat stalls past the lease; a breaker inspects (expired),
     claims, and re-inspects (still expired) before the heartbeat's write lands.
     The heartbeat writes, sees the claim, and keeps its old expiry
-    (``_refresh_locked``: the ``_settle`` after ``write_owner``); once the
-    breaker has moved the lock away it marks the lock lost. A heartbeat that
-    believes what it wrote holds a lease on a lock another process takes.
+    (``_refresh_locked``: the ``_settle`` after ``write_owner``), so the holder
+    still knows its lease ran out; once the breaker has moved the lock away the
+    heartbeat finds the lock lost. A heartbeat that believes what it wrote holds
+    a lease on a lock that another process takes.
     """
     lock_dir = tmp_path / "x.lock"
     stall = HeartbeatStall()
     stall.install(monkeypatch)
     lock = DirectoryLock(lock_dir, lease=LEASE)
     lock.acquire()
-    held = _lease.state(lock._key).held
-    assert held is not None
     breaker_fd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY)
     aside: str | None = None
     try:
         stall.stop()
         _wait_until_expired(lock)
-        old_expiry = held.owner.expires_at
-        breaker = DirectoryLock(lock_dir)
-        assert breaker._observe().stale  # inspection: the lease ran out
-        os.symlink(claim_tag(other), "claim", dir_fd=breaker_fd)  # claim
-        assert breaker._observe().stale  # re-inspection: still the same stale lock
-        stall.resume()  # the heartbeat's write lands now, with the claim in place
-        deadline = time.monotonic() + 5
-        while LockOwner.from_json((lock_dir / "owner.json").read_bytes()).expires_at == old_expiry:
-            assert time.monotonic() < deadline, "the heartbeat never wrote"
-            time.sleep(0.001)
-        aside = move_aside(str(lock_dir), "broken")  # the breaker decides
-        deadline = time.monotonic() + 2
-        while held.lost is None:
-            assert time.monotonic() < deadline, (
-                f"the heartbeat believed its new expiry on a lock being broken "
-                f"({held.owner.expires_at - old_expiry:+.3f} s)"
-            )
-            time.sleep(0.001)
-        assert "broken" in held.lost
-        assert held.owner.expires_at == old_expiry
-        with pytest.raises(LockCompromisedError):
+        seen = lock.owner()
+        assert seen is not None and seen.expires_at < time.time()  # the breaker's inspection
+        os.symlink(claim_tag(other), "claim", dir_fd=breaker_fd)  # its claim
+        again = lock.owner()
+        assert again == seen and again.expires_at < time.time()  # its re-inspection
+        with caplog.at_level(logging.WARNING, logger="statestore"):
+            stall.resume()  # the heartbeat's write lands now, with the claim in place
+            deadline = time.monotonic() + 5
+            while (now := lock.owner()) is None or now.expires_at == seen.expires_at:
+                assert time.monotonic() < deadline, "the heartbeat never wrote"
+                time.sleep(0.001)
+            # Written, not believed: the lease we hold is still the one that ran out.
+            with pytest.raises(LockCompromisedError, match="lease ran out"):
+                lock.verify()
+            aside = move_aside(lock_dir)  # the breaker decides: it moves the lock away
+            plant(lock_dir, record_of(other.pid, other.start_time))  # and takes the lock
+            deadline = time.monotonic() + 2
+            while not any(
+                r.threadName == "statestore-heartbeat" and str(lock_dir) in r.getMessage()
+                for r in caplog.records
+            ):
+                assert time.monotonic() < deadline, "the heartbeat never found the lock lost"
+                time.sleep(0.001)
+        with pytest.raises(LockCompromisedError, match="broken by another process"):
             lock.verify()
     finally:
         stall.resume()
         os.close(breaker_fd)
         lock.release()
         if aside is not None:
-            remove_tree(aside)
+            shutil.rmtree(aside)
 
 
 # -------------------------------------------------------------------- release
@@ -533,10 +568,8 @@ def test_another_pid_namespace_is_not_judged_by_its_pid(tmp_path: Path) -> None:
     its lease runs (``process_alive``: the ``pid_ns`` comparison), however its
     pid looks in our namespace.
     """
-    me = identity()
-    assert me.pid_ns is not None
     lock_dir = tmp_path / "x.lock"
-    plant(lock_dir, record_of(dead_pid(), 1, pid_ns=me.pid_ns + 7919))
+    plant(lock_dir, record_of(dead_pid(), 1, pid_ns=here().pid_ns + 7919))
     assert _judged(lock_dir) == ("waits", None)
     assert (tmp_path / "x.lock" / "owner.json").exists()
 
@@ -551,7 +584,7 @@ def test_another_boot_is_not_judged_alive_by_its_pid(tmp_path: Path, other: Proc
     lock_dir = tmp_path / "x.lock"
     plant(lock_dir, record_of(other.pid, other.start_time))
     assert _judged(lock_dir) == ("waits", True)  # control: the same record, our boot
-    remove_tree(str(lock_dir))
+    shutil.rmtree(str(lock_dir))
     plant(lock_dir, record_of(other.pid, other.start_time, boot_id=another_boot()))
     assert _judged(lock_dir) in (("broken", None), ("waits", None))
 

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # --root changes it
 DEFAULT_SELECTION = (
     "tests/test_protocol_steps.py",  # first: fast, and it pins most of the steps
     "tests/test_lock.py",
@@ -503,6 +503,7 @@ def run_tests(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global ROOT
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "selection",
@@ -523,11 +524,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument(
+        "--root",
+        type=Path,
+        default=ROOT,
+        help="the tree to copy and mutate (default: this repository)",
+    )
+    parser.add_argument(
         "--no-baseline",
         action="store_true",
         help="skip the run of the selection without any mutation",
     )
     args = parser.parse_args(argv)
+    ROOT = args.root.resolve()
 
     chosen = list(enumerate(MUTATIONS, 1))
     if args.only:
@@ -558,7 +566,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, m in chosen:
             repo = fresh_copy(work)
             target = repo / m.file
-            mutated, why = apply(target.read_text(), m.edits)
+            if target.exists():
+                mutated, why = apply(target.read_text(), m.edits)
+            else:
+                mutated, why = None, "file not found"
             if mutated is None:
                 rows.append((i, m, Result(why, "", 0.0), None))
             else:
