@@ -433,7 +433,7 @@ def test_verify_refuses_once_the_lease_has_run_out(
         lock.verify()  # a positive control: live and ours
         stall.stop()
         _wait_until_expired(lock)
-        assert stall.stopped.is_set()  # the heartbeat is stuck in its refresh
+        assert stall.stopped.wait(5)  # the heartbeat is stuck in its refresh
         owner = lock.owner()
         assert owner is not None and owner.expires_at < time.time()
         assert sorted(os.listdir(tmp_path / "x.lock")) == ["owner.json"]  # not broken
@@ -587,6 +587,30 @@ def test_another_boot_is_not_judged_alive_by_its_pid(tmp_path: Path, other: Proc
     shutil.rmtree(str(lock_dir))
     plant(lock_dir, record_of(other.pid, other.start_time, boot_id=another_boot()))
     assert _judged(lock_dir) in (("broken", None), ("waits", None))
+
+
+def test_a_forked_child_records_its_own_identity(tmp_path: Path) -> None:
+    """``dead[ipid[k]]`` of ``STALE(k)`` (``spec/lock.pml``) needs ``ipid[k]`` to
+    be the process that made ``k``: a child forked after its parent looked up its
+    identity records its own pid and start time (``_owner.identity`` is
+    recomputed after a fork). Otherwise a lock left by a dead child names its
+    live parent and blocks everyone until the lease runs out.
+    """
+    with DirectoryLock(tmp_path / "parent.lock"):
+        pass  # the parent knows who it is now
+    lock_dir = tmp_path / "x.lock"
+    pid = os.fork()
+    if pid == 0:  # the child takes the lock and dies holding it
+        try:
+            DirectoryLock(lock_dir).acquire(timeout=5)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert lock_dir.is_dir()
+    broken = DirectoryLock(lock_dir).break_lock()  # a dead holder: no force needed
+    assert broken is not None and broken.pid == pid
+    assert not lock_dir.exists()
 
 
 @pytest.mark.xfail(

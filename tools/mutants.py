@@ -290,6 +290,7 @@ MUTATIONS: tuple[Mutation, ...] = (
             ("    if _identity is None or _identity.pid != pid:", "    if _identity is None:"),
             ("    global _identity\n    _identity = None\n", "    global _identity\n"),
         ),
+        P + "test_a_forked_child_records_its_own_identity",
     ),
     # ---- the same two liveness steps, in the rule where another boot waits for its
     # lease (not in 831d08f: reported as "snippet not found" until that rule lands)
