@@ -778,13 +778,17 @@ class DirectoryLock(contextlib.ContextDecorator):
         """
         give_up = time.monotonic() + patience
         while True:
+            # Claims first, then the path: a breaker claims before it renames, so "no
+            # claim, then still ours at L" leaves it no gap. The other order misses a
+            # breaker that claims, renames and deletes between the two looks.
+            claimed = live_claim(dirfd)
             try:
                 st = os.lstat(self.path)
             except FileNotFoundError:
                 return "moved"
             if (st.st_dev, st.st_ino) != ino:
                 return "moved"
-            if not live_claim(dirfd):
+            if not claimed:
                 return "ours"
             if time.monotonic() >= give_up:
                 return "claimed"
