@@ -293,7 +293,7 @@ def _creator_meets_a_breaker(
 
     ``window``: "claim-seen" moves it after the creator's first look at its claims
     and deletes it later; "between-looks" moves and deletes it (claim included, as
-    ``_break`` does) right after the creator's first ``stat`` of the lock path.
+    ``_break`` does) right after the creator's first ``lstat`` of the lock path.
     """
     lock_dir = tmp_path / "x.lock"
     breaker_fd: list[int] = []
@@ -317,7 +317,9 @@ def _creator_meets_a_breaker(
     if window == "claim-seen":
         script.at("listdir", after=breaker_moves_it_and_takes_the_lock)
     else:
-        script.at("stat", is_lock_path(lock_dir), after=breaker_moves_it_and_takes_the_lock)
+        # The creator's look at the lock path (``_settle`` uses lstat: a link planted
+        # at the path must not pass for its target).
+        script.at("lstat", is_lock_path(lock_dir), after=breaker_moves_it_and_takes_the_lock)
     script.install(monkeypatch)
     lock = DirectoryLock(lock_dir)
     try:
