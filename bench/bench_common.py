@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 SIZES: dict[str, int] = {"1KB": 1024, "100KB": 100 * 1024, "1MB": 1024 * 1024}
 
+
 class Item(BaseModel):
     """One record of the payload: state files mostly hold lists of records (tasks, jobs,
     sessions), and every record is a model with a few fields."""
@@ -56,7 +57,7 @@ def size_label(nbytes: int) -> str:
 def make_doc(target_bytes: int, counter: int = 0) -> Doc:
     """A document whose compact JSON is close to ``target_bytes`` (never above it by much)."""
     empty = len(Doc(counter=counter).model_dump_json())
-    per_item = len(_item(10 ** 5).model_dump_json()) + 1  # ids up to 6 digits
+    per_item = len(_item(10**5).model_dump_json()) + 1  # ids up to 6 digits
     count = max(0, (target_bytes - empty) // per_item)
     doc = Doc(counter=counter, items=[_item(i) for i in range(count)])
     short = target_bytes - len(doc.model_dump_json())

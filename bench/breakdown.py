@@ -109,7 +109,4 @@ def scenario_breakdown(
         rows = [[name, ms(value), ratio(value, floor)] for name, value in medians.items()]
         parts = sum(value for name, value in medians.items() if name.startswith("step: "))
         rows.append(["sum of steps", ms(parts), ratio(parts, floor)])
-        report.add(
-            f"### {slabel}\n\n"
-            + table(["operation", "median ms", "x floor"], rows)
-        )
+        report.add(f"### {slabel}\n\n" + table(["operation", "median ms", "x floor"], rows))

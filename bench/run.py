@@ -675,9 +675,7 @@ def scenario_contention(args: argparse.Namespace, workdir: str, report: Report, 
     report.add(text + scaling)
 
 
-def scaling_runs(
-    args: argparse.Namespace, workdir: str, pool: Pool, notes: list[str]
-) -> str:
+def scaling_runs(args: argparse.Namespace, workdir: str, pool: Pool, notes: list[str]) -> str:
     """statestore's throughput at 1 and at 8 processes, alternated: the ratio of two runs
     made seconds apart, repeated, is far steadier on a shared machine than the ratio of
     two rows of the table above, made minutes apart."""

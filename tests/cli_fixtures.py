@@ -28,9 +28,7 @@ def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-settings = StateStore(
-    Settings, "placeholder/settings.json", version=2, migrations={1: _v1_to_v2}
-)
+settings = StateStore(Settings, "placeholder/settings.json", version=2, migrations={1: _v1_to_v2})
 settings_v1 = StateStore(Settings, "placeholder/settings.json")
 
 

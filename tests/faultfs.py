@@ -30,9 +30,30 @@ import pytest
 #: ``os`` functions that touch the file system (``os.makedirs`` and ``os.path``
 #: go through ``os.mkdir`` / ``os.stat`` / ``os.lstat``, so they are covered).
 OS_FUNCTIONS = (
-    "open", "read", "write", "fsync", "fdatasync", "close", "replace", "rename",
-    "unlink", "remove", "rmdir", "mkdir", "fchmod", "chmod", "stat", "lstat", "fstat",
-    "listdir", "scandir", "readlink", "mkfifo", "utime", "link", "symlink",
+    "open",
+    "read",
+    "write",
+    "fsync",
+    "fdatasync",
+    "close",
+    "replace",
+    "rename",
+    "unlink",
+    "remove",
+    "rmdir",
+    "mkdir",
+    "fchmod",
+    "chmod",
+    "stat",
+    "lstat",
+    "fstat",
+    "listdir",
+    "scandir",
+    "readlink",
+    "mkfifo",
+    "utime",
+    "link",
+    "symlink",
 )
 #: statestore modules that call the builtin ``open`` (reading the state file,
 #: the lock's owner record, /proc).
@@ -58,7 +79,9 @@ class Interposer:
 
         for module in OPEN_USERS:
             monkeypatch.setattr(
-                sys.modules[module], "open", self._wrap("builtin-open", builtins.open),
+                sys.modules[module],
+                "open",
+                self._wrap("builtin-open", builtins.open),
                 raising=False,
             )
 
@@ -83,8 +106,9 @@ class Interposer:
         finally:
             self._thread = None
 
-    def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Any:
+    def call(
+        self, name: str, real: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         return real(*args, **kwargs)
 
 
@@ -105,8 +129,9 @@ class Countdown(Interposer):
         self.calls = []
         self.fired = None
 
-    def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Any:
+    def call(
+        self, name: str, real: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         self.count += 1
         self.calls.append(name)
         if self.count != self.fail_at:
@@ -192,8 +217,9 @@ class Recorder(Interposer):
             return None
         return name
 
-    def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Any:
+    def call(
+        self, name: str, real: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         if name == "open":
             where = self._watched(args[0], kwargs)
             flags = args[1] if len(args) > 1 else kwargs.get("flags", 0)
@@ -266,7 +292,7 @@ def _write_outcomes(data: bytes) -> list[tuple[str, bytes]]:
 def _overlay(base: bytes, offset: int, data: bytes) -> bytes:
     if len(base) < offset:
         base += bytes(offset - len(base))
-    return base[:offset] + data + base[offset + len(data):]
+    return base[:offset] + data + base[offset + len(data) :]
 
 
 @dataclass
@@ -276,8 +302,12 @@ class _ModelFile:
 
 
 def crash_outcomes(
-    initial: dict[str, bytes], ops: list[Op], inodes: dict[str, int], name: str,
-    *, limit: int = 200_000,
+    initial: dict[str, bytes],
+    ops: list[Op],
+    inodes: dict[str, int],
+    name: str,
+    *,
+    limit: int = 200_000,
 ) -> list[tuple[int, dict[bytes | None, str]]]:
     """For each crash point (after 0, 1, ... len(ops) operations), every content
     the file ``name`` may have after a power loss, with one way to get there.
@@ -295,7 +325,9 @@ def crash_outcomes(
 
     A content of ``None`` means the name does not exist.
     """
-    files: dict[int, _ModelFile] = {inodes[n]: _ModelFile(synced=data) for n, data in initial.items()}
+    files: dict[int, _ModelFile] = {
+        inodes[n]: _ModelFile(synced=data) for n, data in initial.items()
+    }
     synced_names = dict(inodes)
     pending_names: list[Op] = []
     result = []
@@ -338,15 +370,20 @@ def _apply_names(names: dict[str, int], ops: Iterable[Op]) -> dict[str, int]:
 
 
 def _outcomes_now(
-    files: dict[int, _ModelFile], synced_names: dict[str, int], pending_names: list[Op],
-    name: str, limit: int,
+    files: dict[int, _ModelFile],
+    synced_names: dict[str, int],
+    pending_names: list[Op],
+    name: str,
+    limit: int,
 ) -> dict[bytes | None, str]:
     seen: dict[bytes | None, str] = {}
     count = 0
     for keep in itertools.product((False, True), repeat=len(pending_names)):
-        kept = [op for op, k in zip(pending_names, keep) if k]
+        kept = [op for op, k in zip(pending_names, keep, strict=True) if k]
         names = _apply_names(synced_names, kept)
-        how_names = "names: " + (", ".join(_describe(op) for op in kept) or "none of the un-synced changes")
+        how_names = "names: " + (
+            ", ".join(_describe(op) for op in kept) or "none of the un-synced changes"
+        )
         if name not in names:
             seen.setdefault(None, how_names)
             continue
@@ -356,7 +393,7 @@ def _outcomes_now(
             if count > limit:
                 raise AssertionError("too many crash states to enumerate; shrink the trace")
             content = f.synced
-            for (offset, _), (_, part) in zip(f.pending, choice):
+            for (offset, _), (_, part) in zip(f.pending, choice, strict=True):
                 if part:
                     content = _overlay(content, offset, part)
             how = how_names + "; data: " + (", ".join(h for h, _ in choice) or "all synced")
@@ -425,8 +462,9 @@ def crash_server() -> None:
     ``once <path> <report>`` (a :func:`once_child`, waited for) -> ``status <wait status>``;
     ``reap <n>`` -> ``status <wait status>``.
     """
-    import statestore  # noqa: F401  (imported here, before any fork)
     from conftest import Counter  # noqa: F401
+
+    import statestore  # noqa: F401  (imported here, before any fork)
 
     out = sys.stdout
     for line in sys.stdin:

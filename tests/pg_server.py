@@ -86,11 +86,34 @@ def start() -> Server | str:
     data = os.path.join(folder, "data")
     port = _free_port()
     steps = [
-        [*prefix, initdb, "-D", data, "-U", "postgres", "--auth-local=trust",
-         "--auth-host=scram-sha-256", "-E", "UTF8",
-         "--no-sync", "--locale=C"],
-        [*prefix, pg_ctl, "-D", data, "-l", os.path.join(folder, "server.log"), "-w",
-         "-t", "60", "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+        [
+            *prefix,
+            initdb,
+            "-D",
+            data,
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        ],
+        [
+            *prefix,
+            pg_ctl,
+            "-D",
+            data,
+            "-l",
+            os.path.join(folder, "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
     ]
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True, check=False)
@@ -101,13 +124,29 @@ def start() -> Server | str:
     # The tests' own role logs in over TCP with a password (a wrong one must fail,
     # as on a real server); the set-up here uses the folder's socket, trusted.
     setup = (
-        f"CREATE ROLE {ROLE} LOGIN PASSWORD '{ROLE}';\n"
-        f"CREATE DATABASE {DATABASE} OWNER {ROLE};\n"
+        f"CREATE ROLE {ROLE} LOGIN PASSWORD '{ROLE}';\nCREATE DATABASE {DATABASE} OWNER {ROLE};\n"
     )
     done = subprocess.run(
-        [*prefix, psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", folder, "-p", str(port),
-         "-U", "postgres", "-d", "postgres"],
-        input=setup, capture_output=True, text=True, check=False,
+        [
+            *prefix,
+            psql,
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            folder,
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ],
+        input=setup,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
         server.stop()

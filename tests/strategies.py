@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -46,9 +46,13 @@ _TEXT = st.characters(codec="utf-8")  # no lone surrogates: they are not UTF-8
 
 
 def json_scalars() -> st.SearchStrategy[Any]:
-    return st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(
-        allow_nan=False, allow_infinity=False
-    ) | st.text(_TEXT, max_size=20)
+    return (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(_TEXT, max_size=20)
+    )
 
 
 def json_keys() -> st.SearchStrategy[str]:
@@ -58,8 +62,7 @@ def json_keys() -> st.SearchStrategy[str]:
 def json_values(max_leaves: int = 12) -> st.SearchStrategy[Any]:
     return st.recursive(
         json_scalars(),
-        lambda inner: st.lists(inner, max_size=4)
-        | st.dictionaries(json_keys(), inner, max_size=4),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(json_keys(), inner, max_size=4),
         max_leaves=max_leaves,
     )
 
@@ -94,9 +97,11 @@ class Step:
             out.pop(self.key, None)
         elif self.kind == "append":
             old = out.get(self.key)
-            out[self.key] = [*old, copy.deepcopy(self.arg)] if isinstance(old, list) else [
-                copy.deepcopy(self.arg)
-            ]
+            out[self.key] = (
+                [*old, copy.deepcopy(self.arg)]
+                if isinstance(old, list)
+                else [copy.deepcopy(self.arg)]
+            )
         else:  # pragma: no cover - the strategy draws only the kinds above
             raise AssertionError(self.kind)
         return out
@@ -180,38 +185,103 @@ _NOT_NUMBERS = st.sampled_from(["", "x", "3x", "one", "[]"])
 def _catalogue() -> list[FieldKind]:
     numeric_text = _SMALL.map(str)
     return [
-        FieldKind("int", int, 0, _SMALL, numeric_text | _SMALL.map(float) | st.booleans(),
-                  _NOT_NUMBERS | st.just(1.5) | st.none() | st.just([1])),
-        FieldKind("int>=0", Annotated[int, Field(ge=0)], 0, st.integers(0, 2**40),
-                  st.integers(0, 2**40).map(str),
-                  st.integers(-(2**40), -1) | st.integers(-(2**40), -1).map(str)),
-        FieldKind("float", float, 0.0, _FLOATS, _SMALL | numeric_text | _FLOATS.map(repr),
-                  _NOT_NUMBERS | st.none() | st.just({})),
-        FieldKind("str", str, "", _WORDS, st.nothing(),
-                  _SMALL | st.none() | st.just(["x"]) | st.booleans()),
-        FieldKind("str<=5", Annotated[str, Field(max_length=5)], "", st.text(_TEXT, max_size=5),
-                  st.nothing(), st.text(_TEXT, min_size=6, max_size=12)),
-        FieldKind("bool", bool, False, st.booleans(),
-                  st.sampled_from([0, 1, "true", "false", "yes", "no", "on", "off", "1", "0"]),
-                  st.sampled_from(["maybe", 2, -1, 0.5, None, "2"])),
-        FieldKind("list[int]", list[int], [], st.lists(_SMALL, max_size=4),
-                  st.lists(_SMALL, max_size=4).map(tuple)
-                  | st.lists(numeric_text, min_size=1, max_size=4),
-                  st.just("not a list") | st.lists(_NOT_NUMBERS, min_size=1, max_size=3)),
-        FieldKind("dict[str,int]", dict[str, int], {},
-                  st.dictionaries(_WORDS, _SMALL, max_size=3),
-                  st.dictionaries(_WORDS, numeric_text, min_size=1, max_size=3),
-                  st.dictionaries(_WORDS, _NOT_NUMBERS, min_size=1, max_size=3) | st.just([1])),
-        FieldKind("Optional[int]", Optional[int], None, st.none() | _SMALL,  # noqa: UP045
-                  numeric_text, _NOT_NUMBERS | st.just([])),
-        FieldKind("Literal", Literal["a", "b"], "a", st.sampled_from(["a", "b"]), st.nothing(),
-                  st.sampled_from(["c", "", "A"]) | _SMALL),
-        FieldKind("Sub", Sub, Sub(), st.builds(Sub, a=_SMALL, b=_WORDS),
-                  st.fixed_dictionaries({"a": numeric_text}, optional={"b": _WORDS}),
-                  st.just(3) | st.fixed_dictionaries({"a": _NOT_NUMBERS})),
-        FieldKind("list[Sub]", list[Sub], [], st.lists(st.builds(Sub, a=_SMALL), max_size=3),
-                  st.lists(st.fixed_dictionaries({"a": _SMALL}), min_size=1, max_size=3),
-                  st.just([{"a": "x"}]) | st.just({"a": 1})),
+        FieldKind(
+            "int",
+            int,
+            0,
+            _SMALL,
+            numeric_text | _SMALL.map(float) | st.booleans(),
+            _NOT_NUMBERS | st.just(1.5) | st.none() | st.just([1]),
+        ),
+        FieldKind(
+            "int>=0",
+            Annotated[int, Field(ge=0)],
+            0,
+            st.integers(0, 2**40),
+            st.integers(0, 2**40).map(str),
+            st.integers(-(2**40), -1) | st.integers(-(2**40), -1).map(str),
+        ),
+        FieldKind(
+            "float",
+            float,
+            0.0,
+            _FLOATS,
+            _SMALL | numeric_text | _FLOATS.map(repr),
+            _NOT_NUMBERS | st.none() | st.just({}),
+        ),
+        FieldKind(
+            "str",
+            str,
+            "",
+            _WORDS,
+            st.nothing(),
+            _SMALL | st.none() | st.just(["x"]) | st.booleans(),
+        ),
+        FieldKind(
+            "str<=5",
+            Annotated[str, Field(max_length=5)],
+            "",
+            st.text(_TEXT, max_size=5),
+            st.nothing(),
+            st.text(_TEXT, min_size=6, max_size=12),
+        ),
+        FieldKind(
+            "bool",
+            bool,
+            False,
+            st.booleans(),
+            st.sampled_from([0, 1, "true", "false", "yes", "no", "on", "off", "1", "0"]),
+            st.sampled_from(["maybe", 2, -1, 0.5, None, "2"]),
+        ),
+        FieldKind(
+            "list[int]",
+            list[int],
+            [],
+            st.lists(_SMALL, max_size=4),
+            st.lists(_SMALL, max_size=4).map(tuple)
+            | st.lists(numeric_text, min_size=1, max_size=4),
+            st.just("not a list") | st.lists(_NOT_NUMBERS, min_size=1, max_size=3),
+        ),
+        FieldKind(
+            "dict[str,int]",
+            dict[str, int],
+            {},
+            st.dictionaries(_WORDS, _SMALL, max_size=3),
+            st.dictionaries(_WORDS, numeric_text, min_size=1, max_size=3),
+            st.dictionaries(_WORDS, _NOT_NUMBERS, min_size=1, max_size=3) | st.just([1]),
+        ),
+        FieldKind(
+            "Optional[int]",
+            int | None,
+            None,
+            st.none() | _SMALL,
+            numeric_text,
+            _NOT_NUMBERS | st.just([]),
+        ),
+        FieldKind(
+            "Literal",
+            Literal["a", "b"],
+            "a",
+            st.sampled_from(["a", "b"]),
+            st.nothing(),
+            st.sampled_from(["c", "", "A"]) | _SMALL,
+        ),
+        FieldKind(
+            "Sub",
+            Sub,
+            Sub(),
+            st.builds(Sub, a=_SMALL, b=_WORDS),
+            st.fixed_dictionaries({"a": numeric_text}, optional={"b": _WORDS}),
+            st.just(3) | st.fixed_dictionaries({"a": _NOT_NUMBERS}),
+        ),
+        FieldKind(
+            "list[Sub]",
+            list[Sub],
+            [],
+            st.lists(st.builds(Sub, a=_SMALL), max_size=3),
+            st.lists(st.fixed_dictionaries({"a": _SMALL}), min_size=1, max_size=3),
+            st.just([{"a": "x"}]) | st.just({"a": 1}),
+        ),
     ]
 
 
@@ -230,7 +300,7 @@ def models(max_fields: int = 5) -> st.SearchStrategy[tuple[type[BaseModel], list
     ) -> tuple[type[BaseModel], list[FieldKind]]:
         fields: dict[str, Any] = {
             f"f{i}": (k.annotation, Field(k.default, alias=f"F{i}" if a else None))
-            for i, (k, a) in enumerate(zip(kinds, aliased))
+            for i, (k, a) in enumerate(zip(kinds, aliased, strict=False))
         }
         model = create_model(  # type: ignore[call-overload]
             "Generated", __config__=ConfigDict(extra=extra), **fields

@@ -91,9 +91,21 @@ def live_lock(tmp_path: Path) -> Iterator[tuple[Path, int]]:
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["show"], ["validate"], ["migrate"], ["schema"], ["schema", "export"],
-     ["schema", "check"], ["schema", "internal"], ["lock"], ["lock", "status"],
-     ["lock", "break"], ["doctor"], ["demo"]],
+    [
+        [],
+        ["show"],
+        ["validate"],
+        ["migrate"],
+        ["schema"],
+        ["schema", "export"],
+        ["schema", "check"],
+        ["schema", "internal"],
+        ["lock"],
+        ["lock", "status"],
+        ["lock", "break"],
+        ["doctor"],
+        ["demo"],
+    ],
     ids=lambda c: " ".join(c) or "statestore",
 )
 def test_help_everywhere(capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
@@ -115,14 +127,23 @@ def test_top_level_help_lists_commands_and_exit_codes(capsys: pytest.CaptureFixt
         ([], "the following arguments are required: COMMAND"),
         (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
         (["schema"], "the following arguments are required: COMMAND"),
-        (["schema", "check", "cli_fixtures:settings"],
-         "the following arguments are required: --out"),
+        (
+            ["schema", "check", "cli_fixtures:settings"],
+            "the following arguments are required: --out",
+        ),
         (["schema", "export", "cli_fixtures:settings", "--draft", "04"], "invalid choice: '04'"),
         (["lock", "break"], "the following arguments are required: PATH"),
         (["demo", "-n", "0"], "argument --processes/-n: must be at least 1"),
     ],
-    ids=["no-command", "unknown", "schema-alone", "check-without-out", "bad-draft",
-         "break-without-path", "demo-zero"],
+    ids=[
+        "no-command",
+        "unknown",
+        "schema-alone",
+        "check-without-out",
+        "bad-draft",
+        "break-without-path",
+        "demo-zero",
+    ],
 )
 def test_argparse_usage_errors_exit_2(
     capsys: pytest.CaptureFixture[str], argv: list[str], message: str
@@ -136,16 +157,24 @@ def test_argparse_usage_errors_exit_2(
 @pytest.mark.parametrize(
     ("ref", "message"),
     [
-        ("nocolon", "'nocolon' is not a store reference; write module:attribute or "
-         "path/to/file.py:attribute, e.g. myapp.state:store"),
-        ("no_such_module_xyz:store", "no_such_module_xyz:store: no module named "
-         "'no_such_module_xyz'"),
-        ("cli_fixtures:missing", "cli_fixtures:missing: 'cli_fixtures' has no attribute "
-         "'missing'"),
-        ("cli_fixtures:not_a_store", "cli_fixtures:not_a_store: expected a StateStore or a "
-         "pydantic model, found int"),
-        ("cli_fixtures:Settings", "cli_fixtures:Settings is a model, not a store: name the "
-         "file with --path"),
+        (
+            "nocolon",
+            "'nocolon' is not a store reference; write module:attribute or "
+            "path/to/file.py:attribute, e.g. myapp.state:store",
+        ),
+        (
+            "no_such_module_xyz:store",
+            "no_such_module_xyz:store: no module named 'no_such_module_xyz'",
+        ),
+        ("cli_fixtures:missing", "cli_fixtures:missing: 'cli_fixtures' has no attribute 'missing'"),
+        (
+            "cli_fixtures:not_a_store",
+            "cli_fixtures:not_a_store: expected a StateStore or a pydantic model, found int",
+        ),
+        (
+            "cli_fixtures:Settings",
+            "cli_fixtures:Settings is a model, not a store: name the file with --path",
+        ),
     ],
     ids=["no-colon", "no-module", "no-attribute", "not-a-store", "model-without-path"],
 )
@@ -182,7 +211,9 @@ def write(path: Path, text: str) -> Path:
 def test_show_prints_the_migrated_state(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = write(tmp_path / "s.json", '{"name": "lamp", "colour": "blue"}')
     assert run(capsys, "show", "cli_fixtures:settings", "--path", str(path)) == (
-        0, '{\n  "name": "lamp",\n  "color": "blue",\n  "size": 1,\n  "tags": []\n}\n', ""
+        0,
+        '{\n  "name": "lamp",\n  "color": "blue",\n  "size": 1,\n  "tags": []\n}\n',
+        "",
     )
     assert path.read_text() == '{"name": "lamp", "colour": "blue"}'  # in memory only
 
@@ -190,13 +221,17 @@ def test_show_prints_the_migrated_state(capsys: pytest.CaptureFixture[str], tmp_
 def test_show_with_a_model_reference(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = write(tmp_path / "c.json", '{"count": 5}')
     assert run(capsys, "show", "cli_fixtures:Counter", "--path", str(path)) == (
-        0, '{\n  "count": 5\n}\n', ""
+        0,
+        '{\n  "count": 5\n}\n',
+        "",
     )
 
 
 def test_show_uses_the_store_s_default(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert run(capsys, "show", "cli_fixtures:counter", "--path", str(tmp_path / "none.json")) == (
-        0, '{\n  "count": 0\n}\n', ""
+        0,
+        '{\n  "count": 0\n}\n',
+        "",
     )
 
 
@@ -205,12 +240,16 @@ def test_show_errors_are_one_line_on_stderr(
 ) -> None:
     missing = tmp_path / "missing.json"
     assert run(capsys, "show", "cli_fixtures:settings", "--path", str(missing)) == (
-        1, "", f"statestore: error: {missing}: no state file; save() one first, or give the "
+        1,
+        "",
+        f"statestore: error: {missing}: no state file; save() one first, or give the "
         "store a default\n",
     )
     bad = write(tmp_path / "bad.json", '{"name": 1, "size": 0}')
     assert run(capsys, "show", "cli_fixtures:settings_v1", "--path", str(bad)) == (
-        1, "", f"statestore: error: {bad}: 2 validation error(s) against the model: name (line 1, "
+        1,
+        "",
+        f"statestore: error: {bad}: 2 validation error(s) against the model: name (line 1, "
         "column 2): Input should be a valid string; size (line 1, column 13): Input should be "
         "greater than or equal to 1; fix those fields in the document, or, if the model changed "
         "on purpose, give the store a new version and a migration; the document was left "
@@ -241,8 +280,9 @@ def test_unexpected_errors_name_their_type(
 ) -> None:
     path = write(tmp_path / "x.json", '{"value": 1}')
     assert run(capsys, "show", "cli_fixtures:exploding", "--path", str(path)) == (
-        1, "", "statestore: error: RuntimeError: validator exploded (--debug shows the "
-        "traceback)\n",
+        1,
+        "",
+        "statestore: error: RuntimeError: validator exploded (--debug shows the traceback)\n",
     )
 
 
@@ -255,15 +295,19 @@ def test_validate_ok(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None
         cli_fixtures.Settings(name="x")
     )
     assert run(capsys, "validate", "cli_fixtures:settings", "--path", str(path)) == (
-        0, f"{path}: ok\n", ""
+        0,
+        f"{path}: ok\n",
+        "",
     )
 
 
 def test_validate_an_older_version(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = write(tmp_path / "s.json", '{"name": "lamp", "colour": "blue"}')
     assert run(capsys, "validate", "cli_fixtures:settings", "--path", str(path)) == (
-        0, f"{path}: ok at version 1; loads as version 2 (run 'statestore migrate' to upgrade "
-        "the file)\n", "",
+        0,
+        f"{path}: ok at version 1; loads as version 2 (run 'statestore migrate' to upgrade "
+        "the file)\n",
+        "",
     )
 
 
@@ -289,14 +333,23 @@ def test_validate_lists_errors_with_positions(
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('{\n  "name": "a",,\n}', ":2:15: not valid JSON (Expecting property name enclosed in "
-         "double quotes at line 2, column 15); the file was left untouched; edit it to fix this, "
-         "or put back a copy, then load it again"),
-        ("", ":1:1: the file is empty; the file was left untouched; edit it to fix this, or put "
-         "back a copy, then load it again"),
-        ('{"schema_version": 7, "name": "a"}', ": the file is at schema version 7, newer than "
-         "this program's version 2: it was written by a newer release. Upgrade this program; "
-         "the file was not changed"),
+        (
+            '{\n  "name": "a",,\n}',
+            ":2:15: not valid JSON (Expecting property name enclosed in "
+            "double quotes at line 2, column 15); the file was left untouched; "
+            "edit it to fix this, or put back a copy, then load it again",
+        ),
+        (
+            "",
+            ":1:1: the file is empty; the file was left untouched; edit it to fix this, or put "
+            "back a copy, then load it again",
+        ),
+        (
+            '{"schema_version": 7, "name": "a"}',
+            ": the file is at schema version 7, newer than "
+            "this program's version 2: it was written by a newer release. Upgrade this program; "
+            "the file was not changed",
+        ),
     ],
     ids=["syntax", "empty", "newer"],
 )
@@ -305,7 +358,9 @@ def test_validate_reports_unreadable_files(
 ) -> None:
     path = write(tmp_path / "s.json", text)
     assert run(capsys, "validate", "cli_fixtures:settings", "--path", str(path)) == (
-        1, f"{path}{message}\n", ""
+        1,
+        f"{path}{message}\n",
+        "",
     )
 
 
@@ -313,14 +368,18 @@ def test_validate_a_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: P
     path = tmp_path / "none.json"
     # With a default the program works without the file: say what applies.
     assert run(capsys, "validate", "cli_fixtures:counter", "--path", str(path)) == (
-        0, f"{path}: no such file yet; the store's default applies (the first update or "
-        "save creates it)\n", ""
+        0,
+        f"{path}: no such file yet; the store's default applies (the first update or "
+        "save creates it)\n",
+        "",
     )
     assert not path.exists()
     # Without one, loading fails until a first save.
     assert run(capsys, "validate", "cli_fixtures:settings", "--path", str(path)) == (
-        1, f"{path}: no such file, and the store has no default: loading it fails until a "
-        "first save creates it\n", ""
+        1,
+        f"{path}: no such file, and the store has no default: loading it fails until a "
+        "first save creates it\n",
+        "",
     )
 
 
@@ -343,15 +402,22 @@ def test_migrate_dry_run_then_for_real(capsys: pytest.CaptureFixture[str], tmp_p
     path = write(tmp_path / "s.json", original)
     args = ["migrate", "cli_fixtures:settings", "--path", str(path)]
     assert run(capsys, *args, "--dry-run") == (
-        0, f"{path}: would upgrade from version 1 to 2 (1->2); backup would go to "
-        f"{path}.v1.bak\n", "",
+        0,
+        f"{path}: would upgrade from version 1 to 2 (1->2); backup would go to {path}.v1.bak\n",
+        "",
     )
     assert path.read_text() == original and not Path(f"{path}.v1.bak").exists()
     assert run(capsys, *args) == (
-        0, f"{path}: upgraded from version 1 to 2 (1->2); backup at {path}.v1.bak\n", ""
+        0,
+        f"{path}: upgraded from version 1 to 2 (1->2); backup at {path}.v1.bak\n",
+        "",
     )
     assert json.loads(path.read_text()) == {
-        "schema_version": 2, "name": "lamp", "color": "blue", "size": 1, "tags": [],
+        "schema_version": 2,
+        "name": "lamp",
+        "color": "blue",
+        "size": 1,
+        "tags": [],
     }
     assert Path(f"{path}.v1.bak").read_text() == original
     assert run(capsys, *args) == (0, f"{path}: already at version 2; nothing to do\n", "")
@@ -360,7 +426,9 @@ def test_migrate_dry_run_then_for_real(capsys: pytest.CaptureFixture[str], tmp_p
 def test_migrate_a_missing_file_fails(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "none.json"
     assert run(capsys, "migrate", "cli_fixtures:settings", "--path", str(path)) == (
-        1, "", f"statestore: error: {path}: there is no state file to migrate\n"
+        1,
+        "",
+        f"statestore: error: {path}: there is no state file to migrate\n",
     )
 
 
@@ -370,8 +438,13 @@ def test_migrate_a_missing_file_fails(capsys: pytest.CaptureFixture[str], tmp_pa
 def test_schema_export(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out_dir = tmp_path / "schemas"
     code, out, err = run(
-        capsys, "schema", "export", "cli_fixtures:settings", "cli_fixtures:Counter",
-        "--out", str(out_dir),
+        capsys,
+        "schema",
+        "export",
+        "cli_fixtures:settings",
+        "cli_fixtures:Counter",
+        "--out",
+        str(out_dir),
     )
     assert (code, err) == (0, "")
     assert out == (
@@ -385,8 +458,19 @@ def test_schema_export(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
 
 
 def test_schema_export_draft_07(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert run(capsys, "schema", "export", "cli_fixtures:settings", "--out", str(tmp_path),
-               "--draft", "07")[0] == 0
+    assert (
+        run(
+            capsys,
+            "schema",
+            "export",
+            "cli_fixtures:settings",
+            "--out",
+            str(tmp_path),
+            "--draft",
+            "07",
+        )[0]
+        == 0
+    )
     text = (tmp_path / "settings.v2.schema.json").read_text(encoding="utf-8")
     assert text == dump_schema(cli_fixtures.settings.json_schema("07"))
     assert '"$schema": "http://json-schema.org/draft-07/schema#"' in text
@@ -395,8 +479,15 @@ def test_schema_export_draft_07(capsys: pytest.CaptureFixture[str], tmp_path: Pa
 def test_schema_export_refuses_two_stores_for_one_file(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, out, err = run(capsys, "schema", "export", "cli_fixtures:settings_v1",
-                         "cli_fixtures:Settings", "--out", str(tmp_path))
+    code, _, err = run(
+        capsys,
+        "schema",
+        "export",
+        "cli_fixtures:settings_v1",
+        "cli_fixtures:Settings",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 2
     assert err == (
         f"statestore: error: cli_fixtures:settings_v1 and cli_fixtures:Settings would both "
@@ -409,18 +500,24 @@ def test_schema_check_passes_and_fails(capsys: pytest.CaptureFixture[str], tmp_p
     target = tmp_path / "settings.v2.schema.json"
     export = f"statestore schema export {ref} --out {out_dir}"
     assert run(capsys, "schema", "check", ref, "--out", out_dir) == (
-        1, f"{target}: missing; export it with: {export}\n", ""
+        1,
+        f"{target}: missing; export it with: {export}\n",
+        "",
     )
     run(capsys, "schema", "export", ref, "--out", out_dir)
     assert run(capsys, "schema", "check", ref, "--out", out_dir) == (
-        0, f"{target}: up to date\n", ""
+        0,
+        f"{target}: up to date\n",
+        "",
     )
     target.write_text(target.read_text().replace('"minimum": 1', '"minimum": 0'))
     line = next(n for n, t in enumerate(target.read_text().splitlines(), 1) if '"minimum": 0' in t)
     assert run(capsys, "schema", "check", ref, "--out", out_dir) == (
-        1, f"{target}: the schema of version 2 changed (first difference at line {line}), but the "
+        1,
+        f"{target}: the schema of version 2 changed (first difference at line {line}), but the "
         f"version did not. Bump the store's version and add a migration; or, if version 2 was "
-        f"never released, re-export: {export}\n", "",
+        f"never released, re-export: {export}\n",
+        "",
     )
 
 
@@ -475,7 +572,8 @@ def test_schema_check_catches_a_model_change_without_a_version_bump(
     run(capsys, "schema", "export", "drift_app:store", "--out", "schemas")
     assert run(capsys, *check) == (0, "schemas/prefs.v2.schema.json: up to date\n", "")
     assert sorted(p.name for p in (tmp_path / "schemas").iterdir()) == [
-        "prefs.v1.schema.json", "prefs.v2.schema.json",
+        "prefs.v1.schema.json",
+        "prefs.v2.schema.json",
     ]
     monkeypatch.delitem(sys.modules, "drift_app")
 
@@ -484,7 +582,9 @@ def test_schema_internal_regenerates_the_committed_files(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     assert run(capsys, "schema", "internal", "--out", str(tmp_path)) == (
-        0, f"wrote {tmp_path}/lock-owner.v1.schema.json\n", ""
+        0,
+        f"wrote {tmp_path}/lock-owner.v1.schema.json\n",
+        "",
     )
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(internal_schemas()) == ["lock-owner.v1.schema.json"]
@@ -498,7 +598,9 @@ def test_schema_internal_regenerates_the_committed_files(
 def test_lock_status_free(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     assert run(capsys, "lock", "status", str(path)) == (
-        0, f"lock:     {path}.lock\nstate:    free\n", ""
+        0,
+        f"lock:     {path}.lock\nstate:    free\n",
+        "",
     )
 
 
@@ -548,7 +650,8 @@ def test_lock_without_owner_record(capsys: pytest.CaptureFixture[str], tmp_path:
     assert lines[0] == f"lock:     {lock}"
     assert re.fullmatch(
         r"state:    stale \(no owner record for 6\d\.\d s \(being created, or its creator "
-        r"died\)\)", lines[1]
+        r"died\)\)",
+        lines[1],
     )
     assert lines[2:] == [f"break it: statestore lock break {lock}"]
     code, out, _ = run(capsys, "lock", "break", str(lock))
@@ -559,7 +662,9 @@ def test_lock_without_owner_record(capsys: pytest.CaptureFixture[str], tmp_path:
 def test_lock_break_stale(capsys: pytest.CaptureFixture[str], stale_lock: tuple[Path, int]) -> None:
     lock, pid = stale_lock
     assert run(capsys, "lock", "break", str(lock.parent / "state.json")) == (
-        0, f"{lock}: broke the lock (holder pid {pid} on {HOST} is no longer running)\n", ""
+        0,
+        f"{lock}: broke the lock (holder pid {pid} on {HOST} is no longer running)\n",
+        "",
     )
     assert not lock.exists()
     assert run(capsys, "lock", "break", str(lock)) == (0, f"{lock}: free; nothing to break\n", "")
@@ -570,12 +675,16 @@ def test_lock_break_refuses_a_live_lock_without_force(
 ) -> None:
     lock, pid = live_lock
     assert run(capsys, "lock", "break", str(lock)) == (
-        1, "", f"statestore: error: {lock}: the lock is live (held by pid {pid} on {HOST}); use "
+        1,
+        "",
+        f"statestore: error: {lock}: the lock is live (held by pid {pid} on {HOST}); use "
         "--force to break it anyway\n",
     )
     assert (lock / "owner.json").exists()
     assert run(capsys, "lock", "break", str(lock), "--force") == (
-        0, f"{lock}: broke the lock (forced: held by pid {pid} on {HOST})\n", ""
+        0,
+        f"{lock}: broke the lock (forced: held by pid {pid} on {HOST})\n",
+        "",
     )
     assert not lock.exists()
 
@@ -639,8 +748,9 @@ def test_doctor_fix(capsys: pytest.CaptureFixture[str], stale_lock: tuple[Path, 
         "fixed     old.json.lock.0123456789ab.broken: removed",
         f"fixed     .good.json.{_host_tag()}-{pid}-0123456789ab.tmp: removed",
     ]
-    assert re.fullmatch(rf"fixed     broken.json: moved to \.quarantine/broken\.json\.{STAMP}",
-                        lines[8])
+    assert re.fullmatch(
+        rf"fixed     broken.json: moved to \.quarantine/broken\.json\.{STAMP}", lines[8]
+    )
     (kept,) = (folder / ".quarantine").iterdir()
     next_step = (
         "a store of broken.json now refuses to start (StateMissingError) rather than start "
@@ -650,10 +760,15 @@ def test_doctor_fix(capsys: pytest.CaptureFixture[str], stale_lock: tuple[Path, 
     assert lines[9:] == ["fixed 4 of 4 problem(s); 1 remain", f"next      broken.json: {next_step}"]
     # Quarantined, never deleted; healthy files, backups and live temp files untouched.
     assert kept.read_text() == '{"count": '
-    assert sorted(p.name for p in folder.iterdir()) == sorted([
-        ".quarantine", "good.json", "good.json.v1.bak", "notes.txt",
-        f".good.json.{_host_tag()}-{os.getpid()}-0123456789ab.tmp",
-    ])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [
+            ".quarantine",
+            "good.json",
+            "good.json.v1.bak",
+            "notes.txt",
+            f".good.json.{_host_tag()}-{os.getpid()}-0123456789ab.tmp",
+        ]
+    )
     assert run(capsys, "doctor", str(folder)) == (
         1,
         f"problem   .quarantine/{kept.name}: quarantined: broken.json is missing: {next_step}\n"
@@ -665,14 +780,14 @@ def test_doctor_fix(capsys: pytest.CaptureFixture[str], stale_lock: tuple[Path, 
     kept.unlink()
     assert run(capsys, "doctor", str(folder)) == (
         0,
-        "backup    good.json.v1.bak: backup of good.json at schema version 1\n"
-        "no problems found\n",
+        "backup    good.json.v1.bak: backup of good.json at schema version 1\nno problems found\n",
         "",
     )
 
 
 def test_doctor_leaves_files_of_a_live_holder_alone(
-    capsys: pytest.CaptureFixture[str], live_lock: tuple[Path, int],
+    capsys: pytest.CaptureFixture[str],
+    live_lock: tuple[Path, int],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from statestore import _doctor
@@ -700,7 +815,9 @@ def test_doctor_of_a_clean_folder(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 def test_doctor_needs_a_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert run(capsys, "doctor", str(tmp_path / "nope")) == (
-        2, "", f"statestore: error: {tmp_path / 'nope'}: not a folder\n"
+        2,
+        "",
+        f"statestore: error: {tmp_path / 'nope'}: not a folder\n",
     )
 
 
@@ -716,8 +833,12 @@ def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
 def test_python_dash_m(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "statestore", "lock", "status", str(tmp_path / "s.json")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert (proc.returncode, proc.stdout, proc.stderr) == (
-        0, f"lock:     {tmp_path}/s.json.lock\nstate:    free\n", ""
+        0,
+        f"lock:     {tmp_path}/s.json.lock\nstate:    free\n",
+        "",
     )

@@ -76,7 +76,9 @@ def test_a_closed_pipe_ends_quietly_with_status_0(app: Path) -> None:
     """`statestore show REF | head`: the reader leaves early; no "Broken pipe", exit 0."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "statestore", "show", f"{app}:store"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=app.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=app.parent,
     )
     assert proc.stdout is not None and proc.stderr is not None
     assert proc.stdout.read(10)  # much more than a pipe's buffer is coming
@@ -96,8 +98,15 @@ def test_with_path_keeps_everything_but_the_file(tmp_path: Path) -> None:
     class S(BaseModel):
         n: int = 0
 
-    store = StateStore(S, tmp_path / "a.json", default=S, version=3,
-                       migrations={1: dict, 2: dict}, max_size=4096, missing_wait=0.5)
+    store = StateStore(
+        S,
+        tmp_path / "a.json",
+        default=S,
+        version=3,
+        migrations={1: dict, 2: dict},
+        max_size=4096,
+        missing_wait=0.5,
+    )
     other = store.with_path(tmp_path / "b.json")
     assert other.path == tmp_path / "b.json" and other.lock is not None
     assert other.lock.path == str(tmp_path / "b.json.lock")

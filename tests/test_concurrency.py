@@ -46,8 +46,10 @@ def test_threads_in_one_process_lose_nothing(tmp_path: Path) -> None:
     def run() -> None:
         try:
             for _ in range(200):
+
                 def bump(s: Counter) -> None:
                     s.count += 1
+
                 store.update(bump)
         except BaseException as e:
             errors.append(e)

@@ -243,8 +243,8 @@ def test_kill_9_at_random_moments_never_breaks_or_loses_anything(tmp_path: Path)
         durations += times
     durations.sort()
     print(
-        f"{len(durations)} kills; {dict(seen)}; rounds: median {durations[len(durations) // 2]:.3f} s,"
-        f" max {durations[-1]:.2f} s"
+        f"{len(durations)} kills; {dict(seen)}; rounds: "
+        f"median {durations[len(durations) // 2]:.3f} s, max {durations[-1]:.2f} s"
     )
     assert len(durations) == ROUNDS // LOOPS * LOOPS
     # The kills did land in the middle of updates, not only between them.

@@ -27,7 +27,9 @@ from statestore import (
 )
 
 EXAMPLES = [
-    LockTimeout("/s/x.lock", timeout=2.0, holder={"pid": 42, "host": "box", "age": 3.5}, alive=True),
+    LockTimeout(
+        "/s/x.lock", timeout=2.0, holder={"pid": 42, "host": "box", "age": 3.5}, alive=True
+    ),
     LockCompromisedError("/s/x.lock", "our lease ran out"),
     LockError("/s/x.lock", "permission denied", errno=errno.EACCES),
     StateNotFoundError("/s/x.json", "no state file"),
@@ -79,7 +81,9 @@ def test_oserror_subclasses_keep_errno() -> None:
 
 
 def test_lock_timeout_names_the_holder() -> None:
-    e = LockTimeout("/s/x.lock", timeout=2.0, holder={"pid": 42, "host": "box", "age": 3.5}, alive=False)
+    e = LockTimeout(
+        "/s/x.lock", timeout=2.0, holder={"pid": 42, "host": "box", "age": 3.5}, alive=False
+    )
     text = str(e)
     assert "pid 42" in text and "'box'" in text and "3.5 s" in text and "not alive" in text
 

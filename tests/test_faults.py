@@ -26,8 +26,9 @@ from statestore import (
     StateStore,
     StateStoreError,
     StateWriteError,
+    _atomic,
+    _lock,
 )
-from statestore import _atomic, _lock
 from statestore._handoff import WaitQueue
 from statestore._owner import new_owner
 
@@ -194,7 +195,6 @@ def test_countdown_fault_at_every_call_of_a_save(
     # Every step of the save was hit: the fault was fired at least once per call.
     assert fail_at > 10, fs.calls
     assert sum(outcomes.values()) == fail_at - 1
-
 
 
 # ------------------------------------------------------------------ power loss

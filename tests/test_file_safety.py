@@ -63,6 +63,7 @@ def _write_state(path: Path, count: int, note: str = "") -> None:
 
 # ------------------------------------------------------- only regular files, bounded
 
+
 #: How each kind of "not a state file" is made at ``path``; and the words the error uses.
 def _fifo(path: Path) -> None:
     os.mkfifo(path)
@@ -104,8 +105,11 @@ KINDS: dict[str, tuple[Callable[[Path], None], str, int]] = {
     "folder": (_folder, "is a folder", errno.EISDIR),
     "socket": (_socket, "is a socket, not a regular file", errno.EINVAL),
     "link loop": (_loop, "is a loop of symbolic links", errno.ELOOP),
-    "too large": (_huge, f"more than the store's limit of {atomic.DEFAULT_MAX_SIZE} bytes",
-                  errno.EFBIG),
+    "too large": (
+        _huge,
+        f"more than the store's limit of {atomic.DEFAULT_MAX_SIZE} bytes",
+        errno.EFBIG,
+    ),
 }
 
 
@@ -147,9 +151,16 @@ def test_update_refuses_it_and_releases_the_lock(odd: tuple[Path, str, int]) -> 
         assert _snapshot(path.parent) == before  # nothing replaced, no lock left behind
     # Another process is not kept waiting: the lock is free.
     other = subprocess.run(
-        [sys.executable, "-c", "import sys; from statestore import DirectoryLock\n"
-         "DirectoryLock(sys.argv[1]).acquire(timeout=2); print('free')", str(lock)],
-        capture_output=True, text=True, timeout=8,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from statestore import DirectoryLock\n"
+            "DirectoryLock(sys.argv[1]).acquire(timeout=2); print('free')",
+            str(lock),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=8,
     )
     assert other.stdout == "free\n", other.stderr
 
@@ -157,7 +168,9 @@ def test_update_refuses_it_and_releases_the_lock(odd: tuple[Path, str, int]) -> 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("command", ["show", "validate"])
 def test_cli_refuses_it(
-    odd: tuple[Path, str, int], command: str, capsys: pytest.CaptureFixture[str],
+    odd: tuple[Path, str, int],
+    command: str,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.syspath_prepend(str(HERE))
@@ -243,8 +256,9 @@ def test_a_regular_file_swapped_for_a_fifo_after_the_stat_cannot_block(
     _write_state(path, 1)
 
     class Swap(Interposer):
-        def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> Any:
+        def call(
+            self, name: str, real: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> Any:
             result = real(*args, **kwargs)
             if name == "stat" and os.fspath(args[0]) == str(path):
                 path.unlink()
@@ -268,8 +282,9 @@ class CreationModes(Interposer):
         super().__init__()
         self.created: list[tuple[str, int]] = []
 
-    def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Any:
+    def call(
+        self, name: str, real: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         result = real(*args, **kwargs)
         flags = args[1] if name == "open" and len(args) > 1 else kwargs.get("flags", 0)
         if name == "open" and flags & os.O_CREAT:
@@ -410,8 +425,12 @@ def test_a_save_by_root_keeps_owner_and_group(shared: Path) -> None:
     assert _owner(Path(report.backup)) == (uid, gid, 0o600)
     # The app, as itself, still reads and updates its own file.
     app = StateStore(V2, path, version=2, lock=shared / "app.lock")
-    assert _as_user(uid, gid, [], lambda: app.update(
-        lambda s: s.model_copy(update={"count": s.count + 1}))) == "ok"
+    assert (
+        _as_user(
+            uid, gid, [], lambda: app.update(lambda s: s.model_copy(update={"count": s.count + 1}))
+        )
+        == "ok"
+    )
     assert json.loads(path.read_text())["count"] == 12
     assert _owner(path) == (uid, gid, 0o600)
 
@@ -462,8 +481,9 @@ def test_after_doctor_quarantines_a_file_the_store_refuses_to_start(tmp_path: Pa
     lines: list[str] = []
     assert doctor(str(tmp_path), repair=True, out=lines.append) == 1
     (copy,) = (tmp_path / ".quarantine").iterdir()
-    assert any(line.startswith("next      state.json: a store of state.json now refuses")
-               for line in lines), lines
+    assert any(
+        line.startswith("next      state.json: a store of state.json now refuses") for line in lines
+    ), lines
     store = StateStore(Counter, path, default=Counter)
     before = sorted(p.name for p in tmp_path.iterdir())
 
@@ -476,9 +496,13 @@ def test_after_doctor_quarantines_a_file_the_store_refuses_to_start(tmp_path: Pa
         with store.transaction():
             pass
 
-    for attempt in (store.load, lambda: store.update(_bump), in_transaction,
-                    lambda: store.save(Counter()),
-                    StateStore(Counter, path).load):  # without a default too
+    for attempt in (
+        store.load,
+        lambda: store.update(_bump),
+        in_transaction,
+        lambda: store.save(Counter()),
+        StateStore(Counter, path).load,
+    ):  # without a default too
         e = refused(attempt)
         assert e.path == str(path) and str(copy) in e.message and "mv " in e.message
         assert e.errno == errno.ENOENT
@@ -507,8 +531,12 @@ def test_deleting_the_quarantined_copy_is_the_deliberate_fresh_start(tmp_path: P
 
 def test_a_quarantined_copy_of_another_file_does_not_count(tmp_path: Path) -> None:
     (tmp_path / ".quarantine").mkdir()
-    for name in ("other.json.20260101T000000Z", "state.json.bak", "state.jsonx.20260101T000000Z",
-                 "state.json.20260101T000000"):
+    for name in (
+        "other.json.20260101T000000Z",
+        "state.json.bak",
+        "state.jsonx.20260101T000000Z",
+        "state.json.20260101T000000",
+    ):
         (tmp_path / ".quarantine" / name).write_text("{")
     store = StateStore(Counter, tmp_path / "state.json", default=Counter, missing_wait=60)
     assert store.load() == Counter()
@@ -524,8 +552,11 @@ def test_a_restored_file_makes_the_copy_history(tmp_path: Path) -> None:
     _write_state(path, 3)
     lines: list[str] = []
     assert doctor(str(tmp_path), repair=False, out=lines.append) == 0
-    assert re.fullmatch(r"kept      \.quarantine/state\.json\.[0-9T]+Z: a quarantined copy of "
-                        r"state\.json, which is back", lines[0]), lines
+    assert re.fullmatch(
+        r"kept      \.quarantine/state\.json\.[0-9T]+Z: a quarantined copy of "
+        r"state\.json, which is back",
+        lines[0],
+    ), lines
 
 
 # --------------------------------------------- an editor's save is not a fresh start
@@ -601,8 +632,9 @@ class EditorBetweenCalls(Interposer):
         self.every, self.start, self.burst, self.saves = every, start, burst, saves
         self.calls = self.step = 0
 
-    def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Any:
+    def call(
+        self, name: str, real: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         self.calls += 1
         due = self.calls >= self.start and (self.calls - self.start) % self.every == 0
         for _ in range(self.burst if due else 0):
@@ -665,8 +697,9 @@ class ScheduledEditor(Interposer):
             os.unlink(self.aside)
         self.step = (self.step + 1) % 3
 
-    def call(self, name: str, real: Callable[..., Any], args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Any:
+    def call(
+        self, name: str, real: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         if self.calls < len(self.schedule):
             for _ in range(self.schedule[self.calls]):
                 self._advance()
@@ -764,13 +797,18 @@ def test_updates_beside_a_rename_then_write_editor_loop(tmp_path: Path, exclusiv
     n = 150
     editor = subprocess.Popen(
         [sys.executable, "-c", EDITOR, str(path), str(stop), "1" if exclusive else "0"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         time.sleep(0.05)
         updaters = [
-            subprocess.Popen([sys.executable, "-c", UPDATER, str(path), str(n), str(HERE)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", UPDATER, str(path), str(n), str(HERE)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for _ in range(2)
         ]
         results = [p.communicate(timeout=100) for p in updaters]

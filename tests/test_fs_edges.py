@@ -130,7 +130,11 @@ def run_as_nobody(code: str, **names: str) -> dict[str, Any]:
     assigns = "".join(f"{k} = {v!r}\n" for k, v in names.items())
     script = ids + _PRELUDE + assigns + textwrap.dedent(code) + "\nprint(json.dumps(results))\n"
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/",
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
         timeout=90,
     )
     assert proc.returncode == 0, proc.stderr
@@ -172,7 +176,8 @@ def test_read_only_folder_as_another_user(shared: Path) -> None:
         elsewhere = StateStore(Counter, PATH, lock=LOCK, timeout=10)
         results["save"] = attempt(lambda: elsewhere.save(Counter(count=7)))
         """,
-        PATH=str(path), LOCK=str(locks / "state.lock"),
+        PATH=str(path),
+        LOCK=str(locks / "state.lock"),
     )
     assert results["load"]["value"] == repr(Counter(count=5, note="root's"))
     for name in ("update", "update-change"):
@@ -340,7 +345,9 @@ def test_symlinked_state_file_is_written_through(tmp_path: Path, kind: str, dang
         state.count += 10
 
     # The links are still links, unchanged; the target has the content.
-    assert {p: os.readlink(p) for p in (tmp_path / "data").iterdir() if p.is_symlink()} == links_before
+    assert {
+        p: os.readlink(p) for p in (tmp_path / "data").iterdir() if p.is_symlink()
+    } == links_before
     assert target.is_file() and not target.is_symlink()
     assert StateStore(Counter, target).load() == Counter(count=11 if dangling else 12, note="saved")
     assert store.load() == StateStore(Counter, target).load()

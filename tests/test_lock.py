@@ -25,8 +25,8 @@ from statestore import (
     LockTimeout,
     NestedTransactionError,
     StateStore,
+    _lock,
 )
-from statestore import _lock
 from statestore._owner import identity, new_owner
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +58,10 @@ def test_acquire_release_and_owner_record(tmp_path: Path) -> None:
         assert owner is not None
         me = identity()
         assert (owner.pid, owner.host, owner.boot_id, owner.start_time) == (
-            os.getpid(), socket.gethostname(), me.boot_id, me.start_time
+            os.getpid(),
+            socket.gethostname(),
+            me.boot_id,
+            me.start_time,
         )
         assert len(owner.token) == 32
         assert owner.expires_at - owner.acquired_at == pytest.approx(30.0)
@@ -109,7 +112,9 @@ def test_threads_serialise_without_two_inside(tmp_path: Path) -> None:
 
 def test_timeout_names_the_live_holder(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
-    holder = SPAWN.Process(target=workers.hold_lock, args=(str(tmp_path / "x.lock"), str(ready), 30))
+    holder = SPAWN.Process(
+        target=workers.hold_lock, args=(str(tmp_path / "x.lock"), str(ready), 30)
+    )
     holder.start()
     try:
         workers.wait_for(str(ready))
@@ -128,7 +133,9 @@ def test_timeout_names_the_live_holder(tmp_path: Path) -> None:
 
 def test_holder_killed_with_sigkill_is_replaced_within_a_second(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
-    holder = SPAWN.Process(target=workers.hold_lock, args=(str(tmp_path / "x.lock"), str(ready), 60))
+    holder = SPAWN.Process(
+        target=workers.hold_lock, args=(str(tmp_path / "x.lock"), str(ready), 60)
+    )
     holder.start()
     workers.wait_for(str(ready))
     os.kill(holder.pid, signal.SIGKILL)
@@ -145,8 +152,11 @@ def test_stale_lock_breaking_is_logged(tmp_path: Path, caplog: pytest.LogCapture
     write_record(tmp_path / "x.lock", pid=pid)
     with caplog.at_level(logging.WARNING, logger="statestore"), DirectoryLock(tmp_path / "x.lock"):
         pass
-    assert any(f"pid {pid}" in r.getMessage() and "no longer running" in r.getMessage()
-               for r in caplog.records if r.levelno == logging.WARNING)
+    assert any(
+        f"pid {pid}" in r.getMessage() and "no longer running" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )
 
 
 def test_reused_pid_with_another_start_time_is_dead(tmp_path: Path) -> None:
@@ -159,16 +169,17 @@ def test_reused_pid_with_another_start_time_is_dead(tmp_path: Path) -> None:
     assert time.monotonic() - started < 1
 
 
-def test_another_boot_waits_for_the_lease(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_another_boot_waits_for_the_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same host name, other boot id: a cloned machine or a container, not proof of death."""
     monkeypatch.setattr(_lock, "CLOCK_SKEW", 0.3)
     pid = dead_pid()
     now = time.time()
     write_record(
-        tmp_path / "x.lock", pid=pid, boot_id="00000000-dead-beef-0000-000000000000",
-        acquired_at=now, expires_at=now + 1.0,
+        tmp_path / "x.lock",
+        pid=pid,
+        boot_id="00000000-dead-beef-0000-000000000000",
+        acquired_at=now,
+        expires_at=now + 1.0,
     )
     with pytest.raises(LockTimeout) as info:
         DirectoryLock(tmp_path / "x.lock").acquire(timeout=0.3)
@@ -219,7 +230,9 @@ def test_missing_owner_record_is_a_lock_being_created(tmp_path: Path) -> None:
         pass
 
 
-@pytest.mark.parametrize("garbage", [b"", b"{", b"[]", b'{"format": "other"}', b"\xff\xfe"], ids=repr)
+@pytest.mark.parametrize(
+    "garbage", [b"", b"{", b"[]", b'{"format": "other"}', b"\xff\xfe"], ids=repr
+)
 def test_garbage_owner_record(tmp_path: Path, garbage: bytes) -> None:
     lock_dir = tmp_path / "x.lock"
     lock_dir.mkdir()
@@ -265,12 +278,16 @@ def test_many_processes_race_to_break_one_stale_lock(tmp_path: Path) -> None:
 def test_suspended_holder_loses_the_lock_and_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     ready, result = tmp_path / "ready", tmp_path / "result"
-    child = SPAWN.Process(target=workers.transact_slowly, args=(str(path), 1.0, str(ready), str(result)))
+    child = SPAWN.Process(
+        target=workers.transact_slowly, args=(str(path), 1.0, str(ready), str(result))
+    )
     child.start()
     try:
         workers.wait_for(str(ready), 30)
         os.kill(child.pid, signal.SIGSTOP)
-        store = StateStore(Counter, path, default=Counter, lock=DirectoryLock(str(path) + ".lock", lease=1.0))
+        store = StateStore(
+            Counter, path, default=Counter, lock=DirectoryLock(str(path) + ".lock", lease=1.0)
+        )
         started = time.monotonic()
         store.update(lambda s: Counter(count=41, note="from the next holder"))
         assert time.monotonic() - started < 5
@@ -298,9 +315,8 @@ def test_a_broken_lock_is_noticed_before_the_commit(tmp_path: Path) -> None:
 
 def test_break_lock_refuses_a_live_lock_without_force(tmp_path: Path) -> None:
     lock = DirectoryLock(tmp_path / "x.lock")
-    with lock:
-        with pytest.raises(LockError, match="live"):
-            DirectoryLock(tmp_path / "x.lock").break_lock()
+    with lock, pytest.raises(LockError, match="live"):
+        DirectoryLock(tmp_path / "x.lock").break_lock()
     assert DirectoryLock(tmp_path / "x.lock").break_lock() is None
 
 

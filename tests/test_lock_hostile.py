@@ -94,13 +94,19 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def tag(pid: object, *, boot_id: object = None, pid_ns: object = None,
-        start_time: object = None) -> str:
+def tag(
+    pid: object, *, boot_id: object = None, pid_ns: object = None, start_time: object = None
+) -> str:
     me = identity()
-    return json.dumps([
-        me.host, me.boot_id if boot_id is None else boot_id, pid, start_time,
-        me.pid_ns if pid_ns is None else pid_ns,
-    ])
+    return json.dumps(
+        [
+            me.host,
+            me.boot_id if boot_id is None else boot_id,
+            pid,
+            start_time,
+            me.pid_ns if pid_ns is None else pid_ns,
+        ]
+    )
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -188,14 +194,28 @@ def as_nobody(code: str, *, hidepid: bool = False, **names: object) -> dict[str,
     env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "PYTHONPATH")}
     env["PYTHONPATH"] = HERE
     assigns = "".join(f"{k} = {v!r}\n" for k, v in names.items())
-    script = (f"UID = {user.pw_uid}\nGID = {user.pw_gid}\n" + _PRELUDE + assigns
-              + textwrap.dedent(code) + "\nprint(json.dumps(results))\n")
+    script = (
+        f"UID = {user.pw_uid}\nGID = {user.pw_gid}\n"
+        + _PRELUDE
+        + assigns
+        + textwrap.dedent(code)
+        + "\nprint(json.dumps(results))\n"
+    )
     argv = [sys.executable, "-c", script]
     if hidepid:
         if shutil.which("unshare") is None:
             pytest.skip("needs unshare(1) to mount a private /proc")
-        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                'mount -t proc -o hidepid=2 proc /proc && exec "$@"', "sh", *argv]
+        argv = [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t proc -o hidepid=2 proc /proc && exec "$@"',
+            "sh",
+            *argv,
+        ]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd="/", timeout=90)
     if hidepid and proc.returncode != 0 and "mount" in proc.stderr and "results" not in proc.stdout:
         pytest.skip(f"this machine does not allow mounting /proc ({proc.stderr.strip()})")
@@ -306,8 +326,10 @@ def test_what_no_lock_made_is_an_error_at_once_from_acquire(not_a_lock: tuple[Pa
         DirectoryLock(lock, timeout=LONG).acquire()
     assert time.monotonic() - started < LONG / 3  # not after the grace or the timeout
     assert str(lock) in str(info.value) and word in str(info.value)
-    for call in (lambda: DirectoryLock(lock).break_lock(force=True),
-                 lambda: DirectoryLock(lock).owner()):
+    for call in (
+        lambda: DirectoryLock(lock).break_lock(force=True),
+        lambda: DirectoryLock(lock).owner(),
+    ):
         with pytest.raises(LockError):
             call()
 
@@ -433,9 +455,16 @@ def test_the_sweep_removes_only_proven_lock_instances(tmp_path: Path, private: P
     live = DirectoryLock(private / "other.lock")
     live.acquire()
     os.symlink(private / "other.lock", _aside(tmp_path, "released", "999999999999"))
-    before = (tree(private), {k: v for k, v in tree(tmp_path).items()
-                              if not k.startswith(("state.json.lock.aaaa", "state.json.lock.bbbb",
-                                                   "state.json.lock.cccc"))})
+    before = (
+        tree(private),
+        {
+            k: v
+            for k, v in tree(tmp_path).items()
+            if not k.startswith(
+                ("state.json.lock.aaaa", "state.json.lock.bbbb", "state.json.lock.cccc")
+            )
+        },
+    )
     try:
         StateStore(Counter, tmp_path / "state.json", default=Counter).update(_bump)
         live.verify()  # still held: its owner record was not taken apart
@@ -468,20 +497,27 @@ def test_a_link_planted_by_another_user_does_not_empty_the_victims_folder(
         results["read"] = attempt(lambda: os.listdir(PRIVATE))
         results["plant"] = attempt(plant)
         """,
-        SHARED=str(shared), PRIVATE=str(private),
+        SHARED=str(shared),
+        PRIVATE=str(private),
     )
     assert results["read"]["error"] == "PermissionError"
     assert "error" not in results["plant"], results["plant"]
     before = tree(private)
     # The victim's first lock of the path in a new process sweeps moved-aside names.
     subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             from conftest import Counter
             from statestore import StateStore
-            s = StateStore(Counter, {str(shared / 'state.json')!r}, default=Counter)
+            s = StateStore(Counter, {str(shared / "state.json")!r}, default=Counter)
             s.update(lambda c: c.model_copy(update={{"count": c.count + 1}}))
-        """)],
-        check=True, env={**os.environ, "PYTHONPATH": HERE}, cwd="/",
+        """),
+        ],
+        check=True,
+        env={**os.environ, "PYTHONPATH": HERE},
+        cwd="/",
     )
     assert tree(private) == before
     assert (shared / "state.json").exists()
@@ -718,9 +754,11 @@ def test_entries_named_almost_like_claims_do_not_crash_the_lock(tmp_path: Path, 
 # JSON Schema can say nothing of NaN or Infinity (not JSON), of a number Python will
 # not read, or of 12.0 (an integer to JSON Schema; the reader is stricter).
 IN_JSON = sorted(
-    k for k, v in BAD_FIELDS.items()
+    k
+    for k, v in BAD_FIELDS.items()
     if not any(isinstance(x, float) and not math.isfinite(x) for x in v.values())
-    and v.get("pid") != "<5000 digits>" and not isinstance(v.get("pid"), float)
+    and v.get("pid") != "<5000 digits>"
+    and not isinstance(v.get("pid"), float)
 )
 
 
@@ -765,8 +803,9 @@ def test_something_else_named_claim_in_a_stale_lock_does_not_block_it(
     lock = tmp_path / "x.lock"
     plant_record(lock, pid=dead_pid())
     claim = lock / "claim"
-    {"file": lambda: claim.write_text("x"), "dir": claim.mkdir,
-     "fifo": lambda: os.mkfifo(claim)}[kind]()
+    {"file": lambda: claim.write_text("x"), "dir": claim.mkdir, "fifo": lambda: os.mkfifo(claim)}[
+        kind
+    ]()
     started = time.monotonic()
     with DirectoryLock(lock, timeout=LONG):
         assert time.monotonic() - started < LONG / 3

@@ -38,8 +38,9 @@ from statestore import (
     LockTimeout,
     NestedTransactionError,
     StateStore,
+    _handoff,
+    _lease,
 )
-from statestore import _handoff, _lease
 from statestore._cli import main as cli_main
 from statestore._lock import WaitAbandoned, _canonical
 
@@ -70,7 +71,9 @@ def held_by_a_process(lock_path: Path | str) -> Iterator[Callable[[], None]]:
     """Hold the lock in another process; the yielded function releases it."""
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(lock_path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdin is not None and proc.stdout is not None
     assert proc.stdout.readline() == "held\n"
@@ -170,9 +173,8 @@ def test_the_lock_is_a_decorator(tmp_path: Path) -> None:
 
 def test_lock_timeout_names_lock_file(tmp_path: Path) -> None:
     lock = DirectoryLock(tmp_path / "x.lock")
-    with held_by_a_process(lock.path):
-        with pytest.raises(LockTimeout) as caught:
-            lock.acquire(timeout=0.1)
+    with held_by_a_process(lock.path), pytest.raises(LockTimeout) as caught:
+        lock.acquire(timeout=0.1)
     assert caught.value.lock_file == lock.path == caught.value.path
     assert pickle.loads(pickle.dumps(caught.value)).lock_file == lock.path
 
@@ -321,7 +323,9 @@ def test_keyboard_interrupt_while_waiting_for_another_process(tmp_path: Path) ->
             signal.signal(signal.SIGINT, previous)
         # Another thread of ours is not held up by the waiter that left.
         got: list[bool] = []
-        t = threading.Thread(target=lambda: got.append(bool(lock.acquire(timeout=5).release() or 1)))
+        t = threading.Thread(
+            target=lambda: got.append(bool(lock.acquire(timeout=5).release() or 1))
+        )
         t.start()
         time.sleep(0.1)
         release()
@@ -343,15 +347,13 @@ def test_cancel_check_raising_while_queued(tmp_path: Path) -> None:
             raise ValueError("cancel_check failed")
         return False
 
-    with lock:
-        with pytest.raises(ValueError, match="cancel_check failed"):
-            in_thread(lambda: lock.acquire(timeout=10, cancel_check=explode))
+    with lock, pytest.raises(ValueError, match="cancel_check failed"):
+        in_thread(lambda: lock.acquire(timeout=10, cancel_check=explode))
     _check_left_cleanly(lock, path)
     # ... and while waiting on the file system (another process holds it).
     calls = 0
-    with held_by_a_process(path):
-        with pytest.raises(ValueError, match="cancel_check failed"):
-            lock.acquire(timeout=10, cancel_check=explode)
+    with held_by_a_process(path), pytest.raises(ValueError, match="cancel_check failed"):
+        lock.acquire(timeout=10, cancel_check=explode)
     _check_left_cleanly(lock, path)
 
 
@@ -361,17 +363,15 @@ def test_cancel_check_ends_the_wait_as_a_lock_timeout(tmp_path: Path) -> None:
     stop = threading.Event()
     threading.Timer(0.2, stop.set).start()
     started = time.monotonic()
-    with lock:
-        with pytest.raises(WaitAbandoned) as caught:
-            in_thread(lambda: lock.acquire(timeout=float("inf"), cancel_check=stop.is_set))
+    with lock, pytest.raises(WaitAbandoned) as caught:
+        in_thread(lambda: lock.acquire(timeout=float("inf"), cancel_check=stop.is_set))
     assert isinstance(caught.value, LockTimeout)
     assert time.monotonic() - started < 5
     _check_left_cleanly(lock, path)
     stop.clear()
     threading.Timer(0.2, stop.set).start()
-    with held_by_a_process(path):
-        with pytest.raises(LockTimeout):
-            lock.acquire(timeout=-1, cancel_check=stop.is_set)
+    with held_by_a_process(path), pytest.raises(LockTimeout):
+        lock.acquire(timeout=-1, cancel_check=stop.is_set)
     _check_left_cleanly(lock, path)
 
 
@@ -665,9 +665,8 @@ def test_a_state_file_that_is_a_link_shares_its_targets_lock(tmp_path: Path) -> 
     link.symlink_to(target)
     via_target = StateStore(Counter, target, default=Counter)
     via_link = StateStore(Counter, link, default=Counter, timeout=0.2)
-    with via_target.transaction():
-        with pytest.raises(LockTimeout):
-            in_thread(lambda: via_link.update(_bump))
+    with via_target.transaction(), pytest.raises(LockTimeout):
+        in_thread(lambda: via_link.update(_bump))
     via_link.update(_bump)
     assert link.is_symlink() and via_target.load().count == 1
 
@@ -844,7 +843,9 @@ def test_queue_folders_go_with_the_last_waiter(tmp_path: Path) -> None:
     paths = [tmp_path / f"{i}.lock" for i in range(8)]
     for path in paths:
         with held_by_a_process(path) as release:
-            t = threading.Thread(target=lambda p=path: DirectoryLock(p).acquire(timeout=10).release())
+            t = threading.Thread(
+                target=lambda p=path: DirectoryLock(p).acquire(timeout=10).release()
+            )
             t.start()
             end = time.monotonic() + 5
             while not _queue_folders([path]) and time.monotonic() < end:
@@ -908,7 +909,10 @@ def test_a_permission_failure_is_a_permission_error(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     e = LockError(lock.path, "no", errno=errno.EPERM)
-    assert isinstance(e, PermissionError) and type(pickle.loads(pickle.dumps(e))) is LockPermissionError
+    assert (
+        isinstance(e, PermissionError)
+        and type(pickle.loads(pickle.dumps(e))) is LockPermissionError
+    )
     assert not isinstance(LockError(lock.path, "full", errno=errno.ENOSPC), PermissionError)
 
 

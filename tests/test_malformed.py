@@ -52,8 +52,13 @@ class Doc(BaseModel):
 
 
 SAMPLE = Doc(
-    count=3, ratio=0.25, name="état ✓", tags=["a", "b"], limits={"x": 1},
-    inner=Inner(label="in", weight=2.5), extra={"k": [1, 2.5, None, True, "s"]},
+    count=3,
+    ratio=0.25,
+    name="état ✓",
+    tags=["a", "b"],
+    limits={"x": 1},
+    inner=Inner(label="in", weight=2.5),
+    extra={"k": [1, 2.5, None, True, "s"]},
 )
 
 
@@ -64,7 +69,7 @@ def _valid_bytes() -> bytes:
 
 
 VALID = _valid_bytes()
-FIELDS = sorted(Doc.model_fields) + ["schema_version", "$schema"]
+FIELDS = [*sorted(Doc.model_fields), "schema_version", "$schema"]
 
 
 class Checker:
@@ -104,7 +109,9 @@ class Checker:
         model, error = self._attempt("load()", content, store.load)
         unchanged("load()")
         if error is not None:
-            assert isinstance(error, (StateCorruptError, StateValidationError, SchemaVersionError)), error
+            assert isinstance(
+                error, (StateCorruptError, StateValidationError, SchemaVersionError)
+            ), error
             assert error.path == str(self.path)
             # update(), save() and transaction() refuse it the same way, and write nothing.
             calls: list[Doc] = []
@@ -192,7 +199,10 @@ CORPUS: dict[str, tuple[bytes, str | None]] = {
     "deep in a field": (b'{"extra": ' + b"[" * DEEP + b"]" * DEEP + b"}", "StateCorruptError"),
     "unclosed deep": (b"[" * DEEP, "StateCorruptError"),
     "deep but parseable in Any": (b'{"extra": ' + b"[" * 500 + b"]" * 500 + b"}", None),
-    "deep in a typed field": (b'{"tags": ' + b"[" * 500 + b"]" * 500 + b"}", "StateValidationError"),
+    "deep in a typed field": (
+        b'{"tags": ' + b"[" * 500 + b"]" * 500 + b"}",
+        "StateValidationError",
+    ),
     "huge int": (b'{"count": 1' + b"0" * 400 + b"}", "valid, normalised"),
     "int beyond the digit limit": (b'{"count": 1' + b"0" * 5000 + b"}", "StateCorruptError"),
     "huge float": (b'{"count": 1e999}', "StateValidationError"),
@@ -300,13 +310,12 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
-documents = st.dictionaries(
-    st.sampled_from(FIELDS) | st.text(max_size=8), json_values, max_size=8
-)
+documents = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_values, max_size=8)
 
 SETTINGS = settings(
     max_examples=150,
@@ -324,7 +333,9 @@ def _encode(doc: Any, ascii_only: bool, indent: int | None) -> bytes:
 
 @SETTINGS
 @given(doc=documents, ascii_only=st.booleans(), indent=st.sampled_from([None, 0, 2]))
-def test_generated_documents(checker: Checker, doc: dict[str, Any], ascii_only: bool, indent: int | None) -> None:
+def test_generated_documents(
+    checker: Checker, doc: dict[str, Any], ascii_only: bool, indent: int | None
+) -> None:
     checker.check(_encode(doc, ascii_only, indent))
 
 

@@ -28,9 +28,7 @@ from statestore import (
 )
 from statestore.testing import fixture_files, upgrade_fixture, upgrade_fixtures, write_fixture
 
-PROPERTY = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def listing(folder: Path) -> dict[str, bytes | None]:
@@ -154,7 +152,7 @@ def test_update_upgrades_and_writes_the_current_version(tmp_path: Path, start: i
     assert saved.tags == ["desk", "warm", "touched"]
     doc = on_disk(path)
     assert doc["schema_version"] == VERSION
-    assert list(doc)[0] == "schema_version"
+    assert next(iter(doc)) == "schema_version"
     assert Settings.model_validate({k: v for k, v in doc.items() if k != "schema_version"}) == saved
 
 
@@ -177,15 +175,21 @@ def test_steps_run_in_order_once_each_on_plain_data(tmp_path: Path) -> None:
     store = StateStore(Trail, path, version=6, migrations={n: step(n) for n in range(2, 6)})
     assert store.load() == Trail(trail=[2, 3, 4, 5])
     # Each step got the previous step's output, without the store's own keys.
-    assert seen == [(2, {"trail": []}), (3, {"trail": [2]}), (4, {"trail": [2, 3]}),
-                    (5, {"trail": [2, 3, 4]})]
+    assert seen == [
+        (2, {"trail": []}),
+        (3, {"trail": [2]}),
+        (4, {"trail": [2, 3]}),
+        (5, {"trail": [2, 3, 4]}),
+    ]
 
 
 def test_a_document_without_the_key_is_version_1(tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_bytes(b'{"name": "lamp", "colour": "red", "size": 12, "labels": "desk, warm"}')
-    b.write_bytes(b'{"schema_version": 1, "name": "lamp", "colour": "red", "size": 12, '
-                  b'"labels": "desk, warm"}')
+    b.write_bytes(
+        b'{"schema_version": 1, "name": "lamp", "colour": "red", "size": 12, '
+        b'"labels": "desk, warm"}'
+    )
     assert settings_store(a).load() == settings_store(b).load() == LAMP
     assert settings_store(a).migrate().from_version == 1
 
@@ -296,9 +300,9 @@ def test_a_fixture_with_a_byte_order_mark_is_read_like_the_store_reads_it(
     fixture_dir: Path,
 ) -> None:
     (fixture_dir / "v2.json").write_bytes(b"\xef\xbb\xbf" + HISTORIC[2])
-    assert upgrade_fixture(Settings, fixture_dir / "v2.json", version=VERSION, migrations=STEPS) == (
-        LAMP
-    )
+    assert upgrade_fixture(
+        Settings, fixture_dir / "v2.json", version=VERSION, migrations=STEPS
+    ) == (LAMP)
 
 
 def test_an_empty_fixture_folder_is_reported(tmp_path: Path) -> None:
@@ -311,9 +315,7 @@ def test_a_broken_step_fails_the_fixture_check(fixture_dir: Path) -> None:
         return {**doc, "size": {"value": doc["size"]}}
 
     with pytest.raises(MigrationError, match=r"v1\.json|state\.json"):
-        upgrade_fixtures(
-            Settings, fixture_dir, version=VERSION, migrations={**STEPS, 2: lost_unit}
-        )
+        upgrade_fixtures(Settings, fixture_dir, version=VERSION, migrations={**STEPS, 2: lost_unit})
 
 
 def test_a_step_that_drops_data_is_caught_by_expected(fixture_dir: Path) -> None:
@@ -323,7 +325,10 @@ def test_a_step_that_drops_data_is_caught_by_expected(fixture_dir: Path) -> None
 
     with pytest.raises(AssertionError, match=r"v1\.json: upgraded to"):
         upgrade_fixtures(
-            Settings, fixture_dir, version=VERSION, migrations={**STEPS, 3: forget_tags},
+            Settings,
+            fixture_dir,
+            version=VERSION,
+            migrations={**STEPS, 3: forget_tags},
             expected=LAMP,
         )
 
@@ -345,12 +350,8 @@ def test_write_fixture_keeps_the_current_format(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize(
-    "which", ["previous-release", "first-release", "with-default"]
-)
-def test_a_newer_file_is_refused_and_never_written(
-    tmp_path: Path, entry: str, which: str
-) -> None:
+@pytest.mark.parametrize("which", ["previous-release", "first-release", "with-default"])
+def test_a_newer_file_is_refused_and_never_written(tmp_path: Path, entry: str, which: str) -> None:
     path = tmp_path / "state.json"
     if which == "first-release":  # a release from before migrations existed
         path.write_bytes(HISTORIC[4])
@@ -358,8 +359,10 @@ def test_a_newer_file_is_refused_and_never_written(
         found, ours = 4, 1
     else:
         path.write_bytes(NEWER)
-        store = settings_store(path, default=LAMP) if which == "with-default" else (
-            settings_store(path)
+        store = (
+            settings_store(path, default=LAMP)
+            if which == "with-default"
+            else (settings_store(path))
         )
         found, ours = 5, VERSION
     before = listing(tmp_path)
@@ -401,7 +404,7 @@ def test_schema_version_error_is_a_value_error_and_pickles(tmp_path: Path) -> No
 )
 def test_a_bad_version_key_is_refused(tmp_path: Path, value: str) -> None:
     path = tmp_path / "state.json"
-    data = ('{"schema_version": %s, "name": "lamp"}' % value).encode()
+    data = f'{{"schema_version": {value}, "name": "lamp"}}'.encode()
     path.write_bytes(data)
     for entry in ("load", "update", "migrate"):
         with pytest.raises(SchemaVersionError, match="schema_version"):
@@ -607,9 +610,20 @@ def test_a_failing_step_does_not_block_a_store_at_the_file_version(tmp_path: Pat
         (True, None, r"version must be an integer >= 1, not True"),
         ("2", None, r"version must be an integer >= 1, not '2'"),
     ],
-    ids=["gap", "gaps", "step-at-version", "step-above-version", "step-at-version-1",
-         "key-0", "key-str", "key-bool", "not-callable", "version-0", "version-bool",
-         "version-str"],
+    ids=[
+        "gap",
+        "gaps",
+        "step-at-version",
+        "step-above-version",
+        "step-at-version-1",
+        "key-0",
+        "key-str",
+        "key-bool",
+        "not-callable",
+        "version-0",
+        "version-bool",
+        "version-str",
+    ],
 )
 def test_a_bad_chain_is_refused_when_the_store_is_created(
     tmp_path: Path, version: Any, migrations: Any, named: str
@@ -692,6 +706,7 @@ def _race_update(path: str, ctl: str, name: str, times: int) -> None:
     Path(ctl, f"ready-{name}").touch()
     _wait_for(os.path.join(ctl, "start"))
     for _ in range(times):
+
         def bump(state: Tally) -> None:
             state.count += 1
             state.by[name] = state.by.get(name, 0) + 1

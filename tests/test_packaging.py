@@ -49,7 +49,8 @@ def test_wheel_holds_the_package_the_license_and_the_marker(dist: Path) -> None:
     assert "License-Expression: MIT" in text
     assert "Requires-Dist: pydantic>=2" in text
     runtime = [
-        line for line in text.splitlines()
+        line
+        for line in text.splitlines()
         if line.startswith("Requires-Dist:") and "extra ==" not in line
     ]
     assert len(runtime) == 2, runtime  # pydantic and typing-extensions only
@@ -59,7 +60,14 @@ def test_sdist_holds_sources_tests_and_license(dist: Path) -> None:
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for needed in ("LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml",
-                   "src/statestore/py.typed", "tests/conftest.py", "schemas"):
+    for needed in (
+        "LICENSE",
+        "README.md",
+        "CHANGELOG.md",
+        "pyproject.toml",
+        "src/statestore/py.typed",
+        "tests/conftest.py",
+        "schemas",
+    ):
         assert needed in names or any(n.startswith(needed + "/") for n in names), needed
     assert not [n for n in names if n.startswith((".venv/", ".git/"))]

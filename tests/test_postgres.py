@@ -228,9 +228,10 @@ def test_round_trip_through_the_store(
 def test_keys_and_odd_table_names_are_separate(admin: psycopg.Connection[Any], table: str) -> None:
     odd = table + ' "x"; drop'
     try:
-        with PostgresStorage(DSN, key="a", table=odd) as a, PostgresStorage(
-            DSN, key="b", table=odd
-        ) as b:
+        with (
+            PostgresStorage(DSN, key="a", table=odd) as a,
+            PostgresStorage(DSN, key="b", table=odd) as b,
+        ):
             StateStore(Counter, a, default=Counter).update(bump)
             StateStore(Counter, b, default=Counter).save(Counter(count=5))
             assert StateStore(Counter, a).load().count == 1
@@ -245,9 +246,7 @@ def test_processes_lose_no_update(table: str, tmp_path: Path) -> None:
     start = tmp_path / "start"
     ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(
-            target=pg_workers.increment, args=(DSN, table, "jobs", 25, str(start), 2)
-        )
+        ctx.Process(target=pg_workers.increment, args=(DSN, table, "jobs", 25, str(start), 2))
         for _ in range(4)
     ]
     for p in procs:
@@ -416,7 +415,7 @@ def test_connection_lost_inside_the_block_saves_nothing(
     store = StateStore(Counter, storage, default=Counter)
     store.save(Counter(count=1, note="old"))
     before = row(admin, table)
-    with pytest.raises(StateWriteError, match="Nothing was saved"):  # noqa: PT012
+    with pytest.raises(StateWriteError, match="Nothing was saved"):
         with store.transaction() as state:
             state.count = 50
             pid = admin.execute(
@@ -430,9 +429,7 @@ def test_connection_lost_inside_the_block_saves_nothing(
     assert store.update(bump).count == 2
 
 
-def test_stale_pooled_connections_are_replaced(
-    admin: psycopg.Connection[Any], table: str
-) -> None:
+def test_stale_pooled_connections_are_replaced(admin: psycopg.Connection[Any], table: str) -> None:
     app = f"statestore-test-{uuid.uuid4().hex[:8]}"
     with PostgresStorage(make_conninfo(DSN, application_name=app), key="jobs", table=table) as s:
         store = StateStore(Counter, s, default=Counter)
@@ -578,6 +575,7 @@ def test_commit_answer_lost(
     store = StateStore(Counter, storage, default=Counter)
     store.save(Counter(count=1))
     if not server_answers:
+
         def refuse() -> None:
             raise psycopg.OperationalError("connection refused")
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import pytest
 from hypothesis import given, settings
@@ -49,10 +49,10 @@ class Person(BaseModel):
     name: str
     age: int = Field(default=0, ge=0)
     home: Address = Address(street="Main", number=1)
-    work: Optional[Address] = None
+    work: Address | None = None
     point: tuple[int, str] = (0, "origin")
     history: tuple[float, ...] = ()
-    pet: Annotated[Union[Cat, Dog], Field(discriminator="kind")] = Cat()
+    pet: Annotated[Cat | Dog, Field(discriminator="kind")] = Cat()
     tags: frozenset[str] = frozenset({"b", "a", "c"})
     scores: dict[str, int] = {"z": 1, "a": 2}
     nick: str = Field(default="", alias="nickName", description="shown in the UI")
@@ -72,8 +72,14 @@ class Empty(BaseModel):
 MODELS: dict[str, type[BaseModel]] = {"person": Person, "node": Node, "empty": Empty}
 GOOD: dict[str, BaseModel] = {
     "person": Person(
-        name="Ada", age=36, work=Address(street="Lab", number=7), point=(3, "x"),
-        history=(1.5, 2.0), pet=Dog(good=False), tags=frozenset({"x"}), nickName="ada",
+        name="Ada",
+        age=36,
+        work=Address(street="Lab", number=7),
+        point=(3, "x"),
+        history=(1.5, 2.0),
+        pet=Dog(good=False),
+        tags=frozenset({"x"}),
+        nickName="ada",
     ),
     "node": Node(name="root", children=[Node(name="a", children=[Node(name="b")])]),
     "empty": Empty(),
@@ -138,8 +144,18 @@ def test_layout_is_canonical(tmp_path: Path) -> None:
     assert middle == sorted(middle)
     # Properties keep the model's order, after the two keys the store itself writes.
     assert list(schema["properties"]) == [
-        "$schema", "schema_version", "name", "age", "home", "work", "point", "history", "pet",
-        "tags", "scores", "nickName",
+        "$schema",
+        "schema_version",
+        "name",
+        "age",
+        "home",
+        "work",
+        "point",
+        "history",
+        "pet",
+        "tags",
+        "scores",
+        "nickName",
     ]
     assert schema["required"] == ["name", "schema_version"]
     assert schema["properties"]["schema_version"] == {
@@ -178,7 +194,11 @@ def test_same_model_same_bytes_in_other_processes(tmp_path: Path, draft: str) ->
         env = {**os.environ, "PYTHONHASHSEED": seed}
         out = subprocess.run(
             [sys.executable, "-c", code, str(Path(__file__).parent)],
-            env=env, capture_output=True, text=True, check=True, timeout=60,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
         ).stdout
         # The $id names the model's module, which is test_schema in both.
         assert out.replace("test_schema.Person", "MODULE") == here.replace(
@@ -215,7 +235,8 @@ def test_draft_07_conversion(tmp_path: Path) -> None:
         "default": {"number": 1, "street": "Main"},
     }
     assert schema["properties"]["pet"]["discriminator"]["mapping"] == {
-        "cat": "#/definitions/Cat", "dog": "#/definitions/Dog",
+        "cat": "#/definitions/Cat",
+        "dog": "#/definitions/Dog",
     }
 
 
@@ -246,7 +267,7 @@ def test_draft_07_refuses_what_it_cannot_express() -> None:
         a: int = 0
 
     assert document_schema(Closed, 1)["unevaluatedProperties"] is False
-    with pytest.raises(ValueError, match="unevaluatedProperties.*export it as 2020-12"):
+    with pytest.raises(ValueError, match=r"unevaluatedProperties.*export it as 2020-12"):
         document_schema(Closed, 1, draft="07")
 
 
@@ -334,9 +355,7 @@ def test_wrong_version_key_fails_the_schema(tmp_path: Path, draft: str) -> None:
     assert not check.is_valid({"schema_version": 2, "$schema": 5})
 
 
-_addresses = st.builds(
-    Address, street=st.text(max_size=5), number=st.integers(1, 2**40)
-)
+_addresses = st.builds(Address, street=st.text(max_size=5), number=st.integers(1, 2**40))
 _people = st.builds(
     Person,
     name=st.text(max_size=8),
@@ -377,9 +396,7 @@ class Settings(BaseModel):
 def test_editor_document_with_schema_key_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "settings.json"
     # As an editor leaves it: its own "$schema", no version key, different layout.
-    path.write_text(
-        '{"$schema": "./settings.schema.json", "theme": "dark"}', encoding="utf-8"
-    )
+    path.write_text('{"$schema": "./settings.schema.json", "theme": "dark"}', encoding="utf-8")
     store = StateStore(Settings, path)
     assert store.load() == Settings(theme="dark")
     store.update(lambda s: s.model_copy(update={"size": 14}))
@@ -423,8 +440,15 @@ def test_lock_owner_records_validate() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"token": ""}, {"pid": 0}, {"pid": "12"}, {"format": "other"}, {"format_version": 2},
-     {"expires_at": "soon"}, {"token": None}],
+    [
+        {"token": ""},
+        {"pid": 0},
+        {"pid": "12"},
+        {"format": "other"},
+        {"format_version": 2},
+        {"expires_at": "soon"},
+        {"token": None},
+    ],
     ids=lambda c: next(iter(c)) + "=" + json.dumps(next(iter(c.values()))),
 )
 def test_lock_owner_records_the_reader_rejects_fail_the_schema(change: dict[str, Any]) -> None:
@@ -447,9 +471,9 @@ def test_schemas_folder_is_up_to_date() -> None:
     """The drift check: regenerate the schemas of statestore's own records and compare."""
     expected = {name: dump_schema(schema) for name, schema in internal_schemas().items()}
     stale = [
-        name for name, text in expected.items()
-        if not (SCHEMAS / name).is_file()
-        or (SCHEMAS / name).read_text(encoding="utf-8") != text
+        name
+        for name, text in expected.items()
+        if not (SCHEMAS / name).is_file() or (SCHEMAS / name).read_text(encoding="utf-8") != text
     ]
     assert not stale, (
         f"schemas/ is out of date for {', '.join(stale)}. Regenerate it from the repository "

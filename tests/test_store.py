@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Counter, Strict, listing, temp_files
+from conftest import Counter, Strict, listing
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from statestore import (
@@ -293,7 +293,10 @@ def test_a_folder_where_the_file_should_be(state_path: Path) -> None:
     assert listing(state_path.parent) == ["state.json"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file; tests/test_fs_edges.py runs this as an unprivileged user")
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="root reads any file; tests/test_fs_edges.py runs this as an unprivileged user",
+)
 def test_unreadable_file(state_path: Path) -> None:
     state_path.write_bytes(VALID)
     state_path.chmod(0)

@@ -114,9 +114,18 @@ def test_a_coerced_assignment_is_saved_as_the_validated_value(state_path: Path) 
     assert store.load() == Settings(max_recent=3)
     # The CLI agrees, and so does the schema: no other reader sees "3".
     proc = subprocess.run(
-        [sys.executable, "-m", "statestore", "validate", "test_validated_bytes:Settings",
-         "--path", str(state_path)],
-        capture_output=True, text=True, cwd=os.path.dirname(__file__),
+        [
+            sys.executable,
+            "-m",
+            "statestore",
+            "validate",
+            "test_validated_bytes:Settings",
+            "--path",
+            str(state_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(__file__),
         env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)},
     )
     assert proc.returncode == 0, proc.stderr
@@ -276,8 +285,15 @@ def test_validate_assignment_models_coerce_at_assignment(state_path: Path) -> No
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_recent", "abc"), ("max_recent", 1.5), ("enabled", "maybe"), ("tags", ["x"]),
-     ("label", 3), ("limit", "none"), ("ratio", None)],
+    [
+        ("max_recent", "abc"),
+        ("max_recent", 1.5),
+        ("enabled", "maybe"),
+        ("tags", ["x"]),
+        ("label", 3),
+        ("limit", "none"),
+        ("ratio", None),
+    ],
 )
 def test_a_value_that_does_not_validate_names_the_field_and_writes_nothing(
     state_path: Path, field: str, value: Any
@@ -528,9 +544,7 @@ def test_secrets_are_refused_unless_the_model_writes_them(tmp_path: Path) -> Non
             return v.get_secret_value()
 
     class Annotated_(BaseModel):
-        token: Annotated[SecretStr, PlainSerializer(lambda v: v.get_secret_value())] = (
-            SecretStr("")
-        )
+        token: Annotated[SecretStr, PlainSerializer(lambda v: v.get_secret_value())] = SecretStr("")
 
     for model in (Revealed, Annotated_):
         store = StateStore(model, tmp_path / f"{model.__name__}.json", default=model)
@@ -701,8 +715,9 @@ def _apply(
     current = store.load()
     merged = {**dict(current), **changes}
     # model_construct takes aliases where a field has one, as validation does.
-    store.save(model.model_construct(**{model.model_fields[n].alias or n: v
-                                        for n, v in merged.items()}))
+    store.save(
+        model.model_construct(**{model.model_fields[n].alias or n: v for n, v in merged.items()})
+    )
     return None
 
 

@@ -33,8 +33,10 @@ def increment_store(store: StateStore[Counter], times: int, start: str, threads:
     def run() -> None:
         try:
             for _ in range(times):
+
                 def bump(s: Counter) -> None:
                     s.count += 1
+
                 store.update(bump)
         except BaseException as e:  # re-raised below
             errors.append(e)

@@ -80,7 +80,8 @@ def _host_tag() -> str:
     tag = _host_tags.get(key)
     if tag is None:  # one hash per host, boot and pid namespace, not one per save
         tag = _host_tags[key] = hashlib.sha256(
-            f"{me.host}\0{me.boot_id}\0{me.pid_ns}".encode()).hexdigest()[:8]
+            f"{me.host}\0{me.boot_id}\0{me.pid_ns}".encode()
+        ).hexdigest()[:8]
     return tag
 
 
@@ -126,7 +127,8 @@ def _not_regular(path: str, mode: int) -> StateReadError:
     kind = _file_kind(mode)
     if stat.S_ISDIR(mode):
         return StateReadError(
-            path, "is a folder, not a state file; move it away or choose another path",
+            path,
+            "is a folder, not a state file; move it away or choose another path",
             errno=errno.EISDIR,
         )
     return StateReadError(
@@ -191,13 +193,15 @@ def read_bytes(path: str, max_size: int = DEFAULT_MAX_SIZE) -> bytes | None:
         raise
     except PermissionError as e:
         raise StateReadError(
-            path, "permission denied while reading; check the file's owner and mode",
+            path,
+            "permission denied while reading; check the file's owner and mode",
             errno=e.errno,
         ) from e
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise StateReadError(
-                path, "is a loop of symbolic links, not a state file; remove or repair the link",
+                path,
+                "is a loop of symbolic links, not a state file; remove or repair the link",
                 errno=e.errno,
             ) from e
         raise StateReadError(path, f"cannot read: {e.strerror or e}", errno=e.errno) from e

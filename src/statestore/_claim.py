@@ -156,7 +156,8 @@ def remove_instance(aside: str, dirfd: int) -> None:
         if foreign:
             log.warning(
                 "lock directory %s holds entries statestore did not make (%s): left in place",
-                aside, ", ".join(foreign[:5]),
+                aside,
+                ", ".join(foreign[:5]),
             )
             return
         os.rmdir(aside)

@@ -104,8 +104,10 @@ def _import_file(ref: str, filename: str) -> Any:
 def _resolve(ref: str) -> StateStore[Any] | type[BaseModel]:
     module_name, sep, attr = ref.rpartition(":")
     if not (sep and module_name and attr):
-        raise UsageError(f"{ref!r} is not a store reference; write module:attribute or "
-                         "path/to/file.py:attribute, e.g. myapp.state:store")
+        raise UsageError(
+            f"{ref!r} is not a store reference; write module:attribute or "
+            "path/to/file.py:attribute, e.g. myapp.state:store"
+        )
     obj: Any
     if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
         obj = _import_file(ref, module_name)
@@ -179,16 +181,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not store.exists():
         what = "file" if isinstance(store.storage, FileStorage) else "document"
         if not store.has_default:
-            _out(f"{store.location}: no such {what}, and the store has no default: "
-                 "loading it fails until a first save creates it")
+            _out(
+                f"{store.location}: no such {what}, and the store has no default: "
+                "loading it fails until a first save creates it"
+            )
             return EXIT_FAILED
         try:
             store.load()  # the default is validated; a quarantined copy is refused
         except (StateStoreError, OSError) as e:
             _out(_one_line(str(e)))
             return EXIT_FAILED
-        _out(f"{store.location}: no such {what} yet; the store's default applies "
-             "(the first update or save creates it)")
+        _out(
+            f"{store.location}: no such {what} yet; the store's default applies "
+            "(the first update or save creates it)"
+        )
         return EXIT_OK
     try:
         store.load()
@@ -204,8 +210,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if found == store.version:
         _out(f"{store.location}: ok")
     else:
-        _out(f"{store.location}: ok at version {found}; loads as version {store.version} "
-             "(run 'statestore migrate' to upgrade the file)")
+        _out(
+            f"{store.location}: ok at version {found}; loads as version {store.version} "
+            "(run 'statestore migrate' to upgrade the file)"
+        )
     return EXIT_OK
 
 
@@ -251,13 +259,20 @@ def _cmd_schema_check(args: argparse.Namespace) -> int:
             continue
         failed = True
         line = next(
-            (n for n, (a, b) in enumerate(zip(committed.splitlines(), expected.splitlines()), 1)
-             if a != b),
+            (
+                n
+                for n, (a, b) in enumerate(
+                    zip(committed.splitlines(), expected.splitlines(), strict=False), 1
+                )
+                if a != b
+            ),
             min(len(committed.splitlines()), len(expected.splitlines())) + 1,
         )
-        _out(f"{path}: the schema of version {version} changed (first difference at line "
-             f"{line}), but the version did not. Bump the store's version and add a "
-             f"migration; or, if version {version} was never released, re-export: {export}")
+        _out(
+            f"{path}: the schema of version {version} changed (first difference at line "
+            f"{line}), but the version did not. Bump the store's version and add a "
+            f"migration; or, if version {version} was never released, re-export: {export}"
+        )
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -350,8 +365,12 @@ def _parser() -> argparse.ArgumentParser:
     # --debug is accepted before or after the command; SUPPRESS keeps a subcommand
     # from resetting the value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the traceback of an error")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error",
+    )
     parser = argparse.ArgumentParser(
         prog="statestore",
         description="Typed, crash-safe JSON state files shared by many processes.",
@@ -362,8 +381,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(owner: Any, name: str, text: str, run: Any = None, **kw: Any) -> Any:
-        p = owner.add_parser(name, help=text, description=kw.pop("description", text),
-                             parents=[common], **kw)
+        p = owner.add_parser(
+            name, help=text, description=kw.pop("description", text), parents=[common], **kw
+        )
         if run is not None:
             p.set_defaults(run=run)
         return p
@@ -374,60 +394,107 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command(sub, "show", "print the state (migrated in memory, validated) as JSON", _cmd_show)
     ref_and_path(p)
-    p = command(sub, "validate", "check that the file loads and validates (exit 1 if not)",
-                _cmd_validate, description="Exit 0 if the file loads and validates; else 1, "
-                "listing the errors as file:line:col where known.")
+    p = command(
+        sub,
+        "validate",
+        "check that the file loads and validates (exit 1 if not)",
+        _cmd_validate,
+        description="Exit 0 if the file loads and validates; else 1, "
+        "listing the errors as file:line:col where known.",
+    )
     ref_and_path(p)
-    p = command(sub, "migrate", "upgrade the file to the store's version, keeping a backup",
-                _cmd_migrate)
+    p = command(
+        sub, "migrate", "upgrade the file to the store's version, keeping a backup", _cmd_migrate
+    )
     ref_and_path(p)
     p.add_argument("--dry-run", action="store_true", help="say what would be done; write nothing")
 
     schema = command(sub, "schema", "export and check JSON Schemas")
     schema_sub = schema.add_subparsers(dest="schema_command", metavar="COMMAND", required=True)
     drafts = {"choices": DRAFTS, "metavar": "{2020-12,07}"}
-    p = command(schema_sub, "export", "write <name>.v<version>.schema.json for each store",
-                _cmd_schema_export)
+    p = command(
+        schema_sub,
+        "export",
+        "write <name>.v<version>.schema.json for each store",
+        _cmd_schema_export,
+    )
     p.add_argument("refs", nargs="+", metavar="REF", help=REF_HELP + " (one or more)")
     p.add_argument("--out", default=".", metavar="DIR", help="folder to write to (default: .)")
     p.add_argument("--draft", **drafts, help="JSON Schema dialect (default: 2020-12)")
-    p = command(schema_sub, "check", "exit 1 if an exported schema is missing or out of date",
-                _cmd_schema_check, description="For CI: exit 1 if the schema file of a store's "
-                "current version is missing, or differs from what the model gives now (the "
-                "schema of an exported version changed without a version bump).")
+    p = command(
+        schema_sub,
+        "check",
+        "exit 1 if an exported schema is missing or out of date",
+        _cmd_schema_check,
+        description="For CI: exit 1 if the schema file of a store's "
+        "current version is missing, or differs from what the model gives now (the "
+        "schema of an exported version changed without a version bump).",
+    )
     p.add_argument("refs", nargs="+", metavar="REF", help=REF_HELP + " (one or more)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the exported schemas")
     p.add_argument("--draft", **drafts, help="dialect (default: the one the file declares)")
-    p = command(schema_sub, "internal", "write the schemas of statestore's own records",
-                _cmd_schema_internal)
+    p = command(
+        schema_sub,
+        "internal",
+        "write the schemas of statestore's own records",
+        _cmd_schema_internal,
+    )
     p.add_argument("--out", default=".", metavar="DIR", help="folder to write to (default: .)")
 
     lock = command(sub, "lock", "inspect or break a state file's lock")
     lock_sub = lock.add_subparsers(dest="lock_command", metavar="COMMAND", required=True)
     where = "a state file, or its lock directory"
-    p = command(lock_sub, "status", "who holds the lock, or that it is free (exit 1 if stale)",
-                _cmd_lock_status)
+    p = command(
+        lock_sub,
+        "status",
+        "who holds the lock, or that it is free (exit 1 if stale)",
+        _cmd_lock_status,
+    )
     p.add_argument("path", metavar="PATH", help=where)
     p = command(lock_sub, "break", "break a stale lock", _cmd_lock_break)
     p.add_argument("path", metavar="PATH", help=where)
     p.add_argument("--force", action="store_true", help="break it even if its holder is alive")
 
-    p = command(sub, "doctor", "find (and --fix) what a crash left in a state folder", _cmd_doctor,
-                description="List state files that do not parse, stale locks, temporary files "
-                "of dead writers, and backups. Exit 1 if problems remain.")
+    p = command(
+        sub,
+        "doctor",
+        "find (and --fix) what a crash left in a state folder",
+        _cmd_doctor,
+        description="List state files that do not parse, stale locks, temporary files "
+        "of dead writers, and backups. Exit 1 if problems remain.",
+    )
     p.add_argument("dir", metavar="DIR", help="the state folder to look over (not its subfolders)")
-    p.add_argument("--fix", action="store_true", help="break stale locks, remove dead temp "
-                   "files, move unparseable files into DIR/.quarantine/")
+    p.add_argument(
+        "--fix",
+        action="store_true",
+        help="break stale locks, remove dead temp "
+        "files, move unparseable files into DIR/.quarantine/",
+    )
 
     p = command(
-        sub, "demo", "run N processes incrementing one counter and check that no update is lost",
-        _cmd_demo, description="Start N real processes that each increment one counter K times "
+        sub,
+        "demo",
+        "run N processes incrementing one counter and check that no update is lost",
+        _cmd_demo,
+        description="Start N real processes that each increment one counter K times "
         "through StateStore.update, then print the tally. Exit 1 if any update was lost.",
     )
-    p.add_argument("--processes", "-n", type=_at_least_1, default=4, metavar="N",
-                   help="how many processes to start (default: 4)")
-    p.add_argument("--updates", "-k", type=_at_least_1, default=250, metavar="K",
-                   help="increments per process (default: 250)")
+    p.add_argument(
+        "--processes",
+        "-n",
+        type=_at_least_1,
+        default=4,
+        metavar="N",
+        help="how many processes to start (default: 4)",
+    )
+    p.add_argument(
+        "--updates",
+        "-k",
+        type=_at_least_1,
+        default=250,
+        metavar="K",
+        help="increments per process (default: 250)",
+    )
     p.add_argument("--dir", metavar="D", help="folder for the state file (default: a temp folder)")
     return parser
 

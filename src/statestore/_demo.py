@@ -50,7 +50,7 @@ def _worker(path: str, updates: int, start: Any, results: Any) -> None:
         called = time.perf_counter()
         entered = [0.0]
 
-        def bump(state: DemoCounter) -> None:
+        def bump(state: DemoCounter, entered: list[float] = entered) -> None:
             entered[0] = time.perf_counter()
             state.count += 1
             state.last_pid = os.getpid()

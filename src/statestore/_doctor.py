@@ -58,12 +58,26 @@ _BACKUP_RE: Final = re.compile(r"(?P<target>.+)\.v(?P<version>[0-9]+)\.bak", re.
 # A lock directory renamed aside ("<lock>.<hex>.broken" / ".released") whose removal crashed.
 _ASIDE_RE: Final = re.compile(r".+\.lock\.[0-9a-f]+\.(?:broken|released)", re.DOTALL)
 _ORDER: Final = (
-    "unparseable", "unreadable", "quarantined", "stale lock", "leftover", "temp file", "lock",
-    "backup", "kept",
+    "unparseable",
+    "unreadable",
+    "quarantined",
+    "stale lock",
+    "leftover",
+    "temp file",
+    "lock",
+    "backup",
+    "kept",
 )
 _FIX_ORDER: Final = (
-    "stale lock", "leftover", "temp file", "unparseable", "unreadable", "quarantined", "lock",
-    "backup", "kept",
+    "stale lock",
+    "leftover",
+    "temp file",
+    "unparseable",
+    "unreadable",
+    "quarantined",
+    "lock",
+    "backup",
+    "kept",
 )
 #: Problems that --fix cannot repair: a person decides.
 _FOR_A_PERSON: Final = ("unreadable", "quarantined")
@@ -133,7 +147,8 @@ def scan(folder: str) -> list[Finding]:
             elif _ASIDE_RE.fullmatch(name):
                 found.append(
                     Finding(
-                        "leftover", name,
+                        "leftover",
+                        name,
                         "a lock directory set aside by a release or break that did not finish",
                         True,
                     )
@@ -177,9 +192,7 @@ def _quarantine_findings(folder: str) -> list[Finding]:
     except OSError:
         return []
     found: list[Finding] = []
-    originals = sorted(
-        {m["target"] for m in map(_QUARANTINED_RE.fullmatch, kept) if m is not None}
-    )
+    originals = sorted({m["target"] for m in map(_QUARANTINED_RE.fullmatch, kept) if m is not None})
     for name in originals:
         copies = quarantined_copies(os.path.join(folder, name))
         if not copies:
@@ -188,8 +201,7 @@ def _quarantine_findings(folder: str) -> list[Finding]:
         more = f" (and {len(copies) - 1} older)" if len(copies) > 1 else ""
         if os.path.lexists(os.path.join(folder, name)):
             found.append(
-                Finding("kept", newest, f"a quarantined copy of {name}{more}, which is back",
-                        False)
+                Finding("kept", newest, f"a quarantined copy of {name}{more}, which is back", False)
             )
         else:
             detail = f"{name} is missing{more}: " + _next_step(folder, name, copies[-1])
@@ -257,8 +269,10 @@ def fix(folder: str, findings: list[Finding], out: Callable[[str], None]) -> int
             did = _fix_one(folder, f, now)
         except LockTimeout as e:
             holder = f" by pid {e.holder.get('pid')}" if e.holder else ""
-            out(f"{'not fixed':<10}{f.name}: {f.target or f.name} is locked{holder}; "
-                "run doctor again later")
+            out(
+                f"{'not fixed':<10}{f.name}: {f.target or f.name} is locked{holder}; "
+                "run doctor again later"
+            )
         except (LockError, OSError) as e:
             reason = e.message if isinstance(e, LockError) else (e.strerror or str(e))
             out(f"{'not fixed':<10}{f.name}: {reason}")
@@ -283,8 +297,10 @@ def doctor(folder: str, *, repair: bool, out: Callable[[str], None]) -> int:
     if not repair:
         fixable = sum(f.problem and f.kind not in _FOR_A_PERSON for f in findings)
         if fixable:
-            out(f"{problems} problem(s); run 'statestore doctor {folder} --fix' to repair "
-                + ("them" if fixable == problems else f"{fixable} of them"))
+            out(
+                f"{problems} problem(s); run 'statestore doctor {folder} --fix' to repair "
+                + ("them" if fixable == problems else f"{fixable} of them")
+            )
         else:
             out(f"{problems} problem(s), which need a person (see above)")
         return 1
@@ -295,6 +311,8 @@ def doctor(folder: str, *, repair: bool, out: Callable[[str], None]) -> int:
     # Say what the programs will do next: a quarantined file is not a fresh start.
     for f in after:
         if f.kind == "quarantined" and f.problem and f.target is not None:
-            out(f"{'next':<10}{f.target}: " + _next_step(folder, f.target, os.path.join(
-                folder, f.name)))
+            out(
+                f"{'next':<10}{f.target}: "
+                + _next_step(folder, f.target, os.path.join(folder, f.name))
+            )
     return 1 if remaining else 0

@@ -344,7 +344,7 @@ class SchemaVersionError(StateStoreError, ValueError):
 
 
 class MigrationError(StateStoreError, ValueError):
-    """A migration step raised, returned something that is not a dict, or produced an invalid document."""
+    """A migration step raised, returned something not a dict, or made an invalid document."""
 
 
 class NestedTransactionError(StateStoreError, RuntimeError):

@@ -62,7 +62,7 @@ import random
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -91,7 +91,14 @@ from ._owner import (
     write_owner,
 )
 
-__all__ = ["DEFAULT_LEASE", "AcquiredLock", "DirectoryLock", "LockOwner", "WaitAbandoned", "wait_time"]
+__all__ = [
+    "DEFAULT_LEASE",
+    "AcquiredLock",
+    "DirectoryLock",
+    "LockOwner",
+    "WaitAbandoned",
+    "wait_time",
+]
 
 log = logging.getLogger("statestore")
 
@@ -111,7 +118,6 @@ GIVE_UP_POLL: Final = 0.2
 #: The longest single wait on a condition: threading refuses timeouts past an OS limit
 #: (``timeout=inf`` would overflow), so long waits are cut into slices.
 MAX_WAIT_SLICE: Final = 60.0
-
 
 
 @dataclass
@@ -285,7 +291,9 @@ class DirectoryLock(contextlib.ContextDecorator):
         if lease <= 0:
             raise ValueError("lease must be positive")
         if math.isnan(float(timeout)):
-            raise ValueError("timeout must be a number of seconds (negative: wait forever), not NaN")
+            raise ValueError(
+                "timeout must be a number of seconds (negative: wait forever), not NaN"
+            )
         self.path = os.path.abspath(path)
         self.timeout = timeout
         self.lease = float(lease)
@@ -322,8 +330,12 @@ class DirectoryLock(contextlib.ContextDecorator):
 
     def __getstate__(self) -> dict[str, Any]:
         # What the lock is, not what this process holds: a copy elsewhere holds nothing.
-        return {"path": self.path, "timeout": self.timeout, "lease": self.lease,
-                "follows": self._follows}
+        return {
+            "path": self.path,
+            "timeout": self.timeout,
+            "lease": self.lease,
+            "follows": self._follows,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._setup(state["path"], state["timeout"], state["lease"], state["follows"])
@@ -515,7 +527,9 @@ class DirectoryLock(contextlib.ContextDecorator):
         """
         handle = self._mine(fallback=False)
         if handle is None:
-            log.debug("release() of lock %s, which this thread does not hold: nothing to do", self.path)
+            log.debug(
+                "release() of lock %s, which this thread does not hold: nothing to do", self.path
+            )
             return
         handle.release()
 
@@ -667,13 +681,17 @@ class DirectoryLock(contextlib.ContextDecorator):
                     )
                 if gave_up is not None and gave_up():
                     raise WaitAbandoned(self.path)
-                delay = min(remaining, random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
+                delay = min(
+                    remaining, random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+                )
                 attempt += 1
                 if seen is not None and attempt in (1, 8):
                     log.debug(
-                        "waiting for lock %s (%s)", self.path,
+                        "waiting for lock %s (%s)",
+                        self.path,
                         f"held by pid {seen.owner.pid} on {seen.owner.host}"
-                        if seen.owner else seen.reason,
+                        if seen.owner
+                        else seen.reason,
                     )
                 if ticket is None:
                     time.sleep(delay)
@@ -731,7 +749,9 @@ class DirectoryLock(contextlib.ContextDecorator):
             # A reader that catches the record half-written treats it as a lock
             # "being created", so no temp file and rename are needed here.
             fd = os.open(
-                OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644,
+                OWNER_FILE,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                0o644,
                 dir_fd=dirfd,
             )
             recorded = True
@@ -828,7 +848,10 @@ class DirectoryLock(contextlib.ContextDecorator):
             self._foreign_check(ino, None)
             age = max(now - st.st_mtime, _lease.state(self._key).unrecorded_for(ino))
             return _Observation(
-                ino, None, None, age > CREATE_GRACE,
+                ino,
+                None,
+                None,
+                age > CREATE_GRACE,
                 f"no owner record for {age:.1f} s (being created, or its creator died)",
             )
         except PermissionError as e:
@@ -846,14 +869,21 @@ class DirectoryLock(contextlib.ContextDecorator):
         alive = holder_alive(owner)
         if alive is False:
             return _Observation(
-                ino, owner, False, True,
+                ino,
+                owner,
+                False,
+                True,
                 f"holder pid {owner.pid} on {owner.host} is no longer running",
             )
         expiry = owner.expires_at + (CLOCK_SKEW if alive is None else 0.0)
         if now > expiry:
             return _Observation(
-                ino, owner, alive, True,
-                f"lease of pid {owner.pid} on {owner.host} expired {now - owner.expires_at:.1f} s ago",
+                ino,
+                owner,
+                alive,
+                True,
+                f"lease of pid {owner.pid} on {owner.host} expired "
+                f"{now - owner.expires_at:.1f} s ago",
             )
         return _Observation(ino, owner, alive, False, f"held by pid {owner.pid} on {owner.host}")
 

@@ -44,7 +44,9 @@ class MigrationReport:
             return f"{self.path}: already at version {self.to_version}; nothing to do"
         verb = "would upgrade" if self.dry_run else "upgraded"
         steps = ", ".join(f"{n}->{n + 1}" for n in self.steps)
-        text = f"{self.path}: {verb} from version {self.from_version} to {self.to_version} ({steps})"
+        text = (
+            f"{self.path}: {verb} from version {self.from_version} to {self.to_version} ({steps})"
+        )
         if self.backup:
             text += f"; backup {'at' if not self.dry_run else 'would go to'} {self.backup}"
         return text

@@ -160,8 +160,10 @@ def _short(value: object) -> str:
 def _text(doc: dict[str, Any], key: str, least: int, most: int) -> str:
     value = doc[key]
     if not isinstance(value, str) or not least <= len(value) <= most:
-        raise ValueError(f"owner record field {key!r} is not a string of {least} to {most} "
-                         f"characters: {_short(value)}")
+        raise ValueError(
+            f"owner record field {key!r} is not a string of {least} to {most} "
+            f"characters: {_short(value)}"
+        )
     return value
 
 

@@ -58,21 +58,44 @@ SCHEMA_KEY: Final = "$schema"
 
 # Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
 # Everything else (default, const, enum, examples, ...) is data and is left alone.
-_ONE: Final = frozenset({
-    "additionalItems", "additionalProperties", "contains", "contentSchema", "else", "if",
-    "items", "not", "propertyNames", "then",
-})
+_ONE: Final = frozenset(
+    {
+        "additionalItems",
+        "additionalProperties",
+        "contains",
+        "contentSchema",
+        "else",
+        "if",
+        "items",
+        "not",
+        "propertyNames",
+        "then",
+    }
+)
 _LIST: Final = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
-_MAP: Final = frozenset({
-    "$defs", "definitions", "dependentSchemas", "patternProperties", "properties",
-})
+_MAP: Final = frozenset(
+    {
+        "$defs",
+        "definitions",
+        "dependentSchemas",
+        "patternProperties",
+        "properties",
+    }
+)
 _FIRST: Final = ("$schema", "$id")
 _LAST: Final = ("$defs", "definitions")
 # 2020-12 keywords that draft-07 cannot express: refuse rather than loosen the schema.
-_NOT_IN_07: Final = frozenset({
-    "$anchor", "$dynamicAnchor", "$dynamicRef", "$recursiveAnchor", "$recursiveRef",
-    "unevaluatedItems", "unevaluatedProperties",
-})
+_NOT_IN_07: Final = frozenset(
+    {
+        "$anchor",
+        "$dynamicAnchor",
+        "$dynamicRef",
+        "$recursiveAnchor",
+        "$recursiveRef",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+    }
+)
 
 
 def schema_name(model: type[BaseModel]) -> str:

@@ -468,7 +468,9 @@ class StateStore(Generic[ModelT]):
             #: Whether saves are fsynced (file stores), or as the storage makes them.
             self.durable = True if durable is None else durable
             self._storage: Storage = FileStorage(
-                file, lock, durable=self.durable,
+                file,
+                lock,
+                durable=self.durable,
                 max_size=DEFAULT_MAX_SIZE if max_size is None else max_size,
                 missing_wait=MISSING_WAIT if missing_wait is None else missing_wait,
             )
@@ -487,7 +489,9 @@ class StateStore(Generic[ModelT]):
             self.lock = None
             self.durable = bool(getattr(path, "durable", True))
             self._storage = path
-        self._key = os.path.realpath(self._storage.location) if self.lock else self._storage.location
+        self._key = (
+            os.path.realpath(self._storage.location) if self.lock else self._storage.location
+        )
         self._migrator = Migrator(version, migrations, self._storage.location)
         self._version_line = f'  "{VERSION_KEY}": {self.version}'.encode()
         # Whether the file's bytes can be validated as they are, the store's keys left
@@ -547,10 +551,17 @@ class StateStore(Generic[ModelT]):
         if not isinstance(storage, FileStorage):
             raise TypeError(f"{self.location}: with_path() applies to stores of files only")
         return StateStore(
-            self.model, path, default=self._default, timeout=self.timeout,
-            durable=self.durable, version=self.version, migrations=self._migrator.steps,
-            schema_ref=self.schema_ref, read_attempts=self._read_attempts,
-            read_delay=self._read_delay, max_size=storage.max_size,
+            self.model,
+            path,
+            default=self._default,
+            timeout=self.timeout,
+            durable=self.durable,
+            version=self.version,
+            migrations=self._migrator.steps,
+            schema_ref=self.schema_ref,
+            read_attempts=self._read_attempts,
+            read_delay=self._read_delay,
+            max_size=storage.max_size,
             missing_wait=storage.missing_wait,
         )
 
@@ -595,7 +606,9 @@ class StateStore(Generic[ModelT]):
             if result is not None:
                 loaded.model = result
             del result
-            self._check_type(loaded.model, f"update(): {getattr(fn, '__qualname__', 'fn')} returned")
+            self._check_type(
+                loaded.model, f"update(): {getattr(fn, '__qualname__', 'fn')} returned"
+            )
             data = self._frame(self._dump(loaded.model), loaded.schema)
             # Let a large model go before the copy that checks it is built: a parsed
             # model takes several times its JSON size.
@@ -621,7 +634,9 @@ class StateStore(Generic[ModelT]):
             except StateNotFoundError:
                 loaded = None
             if loaded is None or loaded.raw is None:  # the default does not count
-                raise StateNotFoundError(self._storage.location, "there is no state file to migrate")
+                raise StateNotFoundError(
+                    self._storage.location, "there is no state file to migrate"
+                )
             found, to = loaded.version, self.version
             steps = tuple(range(found, to))
             location = self._storage.location
@@ -633,9 +648,7 @@ class StateStore(Generic[ModelT]):
                     location, found, to, steps, session.backup_location(label), False, True
                 )
             self._commit(session, loaded.model, loaded)  # keeps the backup first
-            return MigrationReport(
-                location, found, to, steps, session.backup_location(label), True
-            )
+            return MigrationReport(location, found, to, steps, session.backup_location(label), True)
 
     def json_schema(
         self, draft: Draft = "2020-12", *, schema_id: str | None = None

@@ -125,9 +125,10 @@ def upgrade_fixture(
                 f"{source}: migrate() went from version {report.from_version} to "
                 f"{report.to_version}, expected {named} to {version}"
             )
-        if named < version:
-            if report.backup is None or Path(report.backup).read_bytes() != original:
-                raise AssertionError(f"{source}: migrate() kept no backup of the original bytes")
+        if named < version and (
+            report.backup is None or Path(report.backup).read_bytes() != original
+        ):
+            raise AssertionError(f"{source}: migrate() kept no backup of the original bytes")
         written = copy.read_bytes()
         if _declared_version(written, copy) != version:
             raise AssertionError(f"{source}: the migrated file does not declare version {version}")

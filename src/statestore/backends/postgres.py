@@ -373,9 +373,9 @@ class PostgresStorage:
         weakref.finalize(self, self._pool.close)
 
         t, b = self._table_id, self._backup_id
-        self._select = sql.SQL(
-            "SELECT convert_to(document, 'UTF8') FROM {} WHERE key = %s"
-        ).format(t)
+        self._select = sql.SQL("SELECT convert_to(document, 'UTF8') FROM {} WHERE key = %s").format(
+            t
+        )
         self._exists = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE key = %s)").format(t)
         self._upsert = sql.SQL(
             "INSERT INTO {} AS d (key, document, updated_at) "
