@@ -9,7 +9,7 @@
 Counter(count=1)
 """
 
-from ._async import AsyncDirectoryLock, AsyncStateStore
+from ._async import AsyncAcquiredLock, AsyncDirectoryLock, AsyncStateStore
 from ._errors import (
     CrossDeviceError,
     DurabilityError,
@@ -37,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AcquiredLock",
+    "AsyncAcquiredLock",
     "AsyncDirectoryLock",
     "AsyncStateStore",
     "CrossDeviceError",

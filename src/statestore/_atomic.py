@@ -1,6 +1,7 @@
 """Atomic, durable file replacement, and reading a file whole.
 
-The write path (``../shared/DESIGN.md`` has the reasons and the bug reports):
+The write path (each step with the bug report that taught it; ``docs/store.md``
+has the user's view):
 
 1. a temporary file in the target's own folder (same file system, so the rename
    is atomic), with a unique name (host, pid and random bits; fixed names
@@ -53,7 +54,6 @@ from ._owner import identity, process_alive
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
-    "TempFile",
     "abandoned_temp_files",
     "read_bytes",
     "resolve_target",

@@ -44,9 +44,7 @@ from typing import Final
 from ._owner import OWNER_FILE, RECORD_HEAD, claim_maker_alive, claim_tag
 
 __all__ = [
-    "CLAIM",
     "CLAIM_GRACE",
-    "claims",
     "drop_claim",
     "foreign_entries",
     "live_claim",
@@ -54,7 +52,6 @@ __all__ = [
     "remove_instance",
     "remove_leftover",
     "sweep_aside",
-    "take_apart",
     "take_claim",
 ]
 

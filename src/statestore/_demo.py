@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from ._store import StateStore
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["demo_main"]
 
 
 class DemoCounter(BaseModel):

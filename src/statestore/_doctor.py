@@ -50,7 +50,7 @@ from ._lock import DirectoryLock
 from ._store import StateStore
 from .backends.file import QUARANTINE, quarantined_copies
 
-__all__ = ["QUARANTINE", "Finding", "doctor", "fix", "scan"]
+__all__ = ["doctor"]
 
 #: How long --fix waits for a state file's lock before leaving the file alone.
 LOCK_WAIT: Final = 2.0

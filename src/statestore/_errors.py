@@ -68,6 +68,7 @@ __all__ = [
     "StateValidationError",
     "StateWriteError",
     "WaitAbandoned",
+    "write_error",
 ]
 
 

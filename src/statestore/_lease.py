@@ -40,7 +40,7 @@ from typing import Final
 from ._handoff import WaitQueue
 from ._owner import LockOwner
 
-__all__ = ["Heartbeat", "Held", "Hold", "PathState", "heartbeat", "state"]
+__all__ = ["PID", "Held", "Hold", "first_sweep", "heartbeat", "mark_held", "sizes", "state"]
 
 log = logging.getLogger("statestore")
 

@@ -42,10 +42,16 @@ from typing import Any, Final
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "LIMITS",
     "OWNER_FILE",
+    "RECORD_HEAD",
     "LockOwner",
+    "claim_maker_alive",
+    "claim_tag",
     "holder_alive",
     "identity",
+    "new_owner",
+    "process_alive",
     "read_owner_at",
     "write_owner",
 ]

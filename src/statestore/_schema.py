@@ -36,9 +36,7 @@ from ._owner import LIMITS as OWNER_LIMITS
 __all__ = [
     "DIALECTS",
     "DRAFTS",
-    "SCHEMA_KEY",
     "Draft",
-    "default_id",
     "document_schema",
     "draft_of",
     "dump_schema",

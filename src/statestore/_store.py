@@ -77,7 +77,7 @@ from ._schema import Draft, document_schema
 from .backends import Session, Storage
 from .backends.file import MISSING_WAIT, FileStorage
 
-__all__ = ["SCHEMA_KEY", "ModelT", "StateStore"]
+__all__ = ["ModelT", "StateStore"]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
