@@ -171,7 +171,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         L,
         (
             (
-                '            if not live_claim(dirfd):\n                return "ours"',
+                '            if not claimed:\n                return "ours"',
                 '            return "ours"',
             ),
         ),
