@@ -27,7 +27,8 @@ What a save writes (the rule of the serialise, check and publish path):
   (:func:`_check_model`): root models, the store's keys as a field's key,
   fields written under one key and read from another, excluded fields without
   a default, computed fields where extra keys are forbidden or kept, secrets
-  that pydantic writes masked.
+  that pydantic writes masked, bytes written in one encoding and read in
+  another (``ser_json_bytes`` without the same ``val_json_bytes``).
 
 Cost: a save whose values all have their fields' types is serialised once and
 validated once (plus the validation of the file as read); only a save that
@@ -263,7 +264,10 @@ def _check_model(model: object) -> None:
     - computed fields (written, but not inputs) in a model that forbids extra
       keys (every load would fail) or keeps them (each load would add a copy);
     - a secret field (``SecretStr``...) without a serialiser of the user's:
-      pydantic writes ``"**********"``, and the value would be lost.
+      pydantic writes ``"**********"``, and the value would be lost;
+    - a ``bytes`` field of a model whose ``ser_json_bytes`` differs from its
+      ``val_json_bytes``: the encoded text would load back as the bytes, a
+      changed value that grows with every save.
 
     Nested models are checked too, except for the store's keys (which are only
     the top level's). What remains (validators that change values, custom
@@ -325,6 +329,16 @@ def _check_round_trip(model: type[BaseModel]) -> None:
                 "lost on every save. Give it the same validation alias (for example "
                 f"Field(alias={written!r})), or set validate_by_name=True"
             )
+    ser_bytes = model.model_config.get("ser_json_bytes", "utf8")
+    val_bytes = model.model_config.get("val_json_bytes", "utf8")
+    if ser_bytes != val_bytes and any(
+        _mentions(info.annotation, bytes) for info in model.model_fields.values()
+    ):
+        raise TypeError(
+            f"{where} writes bytes as {ser_bytes!r} (ser_json_bytes) but reads them as "
+            f"{val_bytes!r} (val_json_bytes): every save would change the value (the "
+            f"encoded text read back as the bytes). Set val_json_bytes={ser_bytes!r} too"
+        )
     extra = model.model_config.get("extra")
     if model.model_computed_fields and extra in ("forbid", "allow"):
         names = ", ".join(model.model_computed_fields)
@@ -366,6 +380,19 @@ def _read_keys(name: str, info: Any, model: type[BaseModel], *, paths: bool) -> 
     if config.get("validate_by_name") or config.get("populate_by_name"):
         keys.add(name)
     return keys
+
+
+def _mentions(annotation: object, kind: type) -> bool:
+    """Whether ``kind`` (or a subclass) appears in a field's type, outside nested models."""
+    todo = [annotation]
+    while todo:
+        tp = todo.pop()
+        origin = get_origin(tp) or tp
+        if isinstance(origin, type) and issubclass(origin, kind):
+            return True
+        if not (isinstance(tp, type) and issubclass(tp, BaseModel)):  # checked on its own
+            todo.extend(get_args(tp))
+    return False
 
 
 def _holds_secret(annotation: object) -> bool:

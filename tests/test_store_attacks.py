@@ -1,0 +1,127 @@
+"""Attacks on the store's rules from outside: model shapes, planted files, other users.
+
+Each test is one attack; the ones that found a bug say which rule it broke.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from statestore import StateStore
+from statestore._doctor import doctor
+
+# ------------------------------------------------------------ model shapes
+
+
+class _B64(BaseModel):
+    model_config = ConfigDict(ser_json_bytes="base64")
+    blob: bytes = b""
+
+
+class _HexInside(BaseModel):
+    model_config = ConfigDict(ser_json_bytes="hex")
+    blob: bytes | None = None
+
+
+class _Outer(BaseModel):
+    inner: list[_HexInside] = []
+
+
+@pytest.mark.parametrize("model", [_B64, _Outer], ids=["top", "nested"])
+def test_bytes_written_in_one_encoding_and_read_in_another_are_refused(
+    tmp_path: Path, model: type[BaseModel]
+) -> None:
+    # Broke: the file held base64 text that loaded back as the bytes of that text,
+    # so every save changed (and grew) the value.
+    with pytest.raises(TypeError, match="val_json_bytes"):
+        StateStore(model, tmp_path / "s.json", default=model)
+
+
+@pytest.mark.parametrize("encoding", ["base64", "hex"])
+def test_bytes_with_matching_encodings_round_trip(tmp_path: Path, encoding: str) -> None:
+    class Blob(BaseModel):
+        model_config = ConfigDict(ser_json_bytes=encoding, val_json_bytes=encoding)  # type: ignore[typeddict-item]
+        blob: bytes = b""
+
+    store = StateStore(Blob, tmp_path / "s.json", default=Blob)
+    store.save(Blob(blob=b"\xff\x00abc"))
+    for _ in range(3):
+        store.update(lambda s: None)
+    assert store.load().blob == b"\xff\x00abc"
+
+
+def test_bytes_encoding_of_a_model_without_bytes_is_no_reason_to_refuse(tmp_path: Path) -> None:
+    class NoBytes(BaseModel):
+        model_config = ConfigDict(ser_json_bytes="base64")
+        n: int = 0
+
+    StateStore(NoBytes, tmp_path / "s.json", default=NoBytes).save(NoBytes(n=1))
+
+
+# ------------------------------------------------------------ doctor's quarantine
+
+
+def _doctor_fix(folder: Path) -> list[str]:
+    lines: list[str] = []
+    doctor(str(folder), repair=True, out=lines.append)
+    return lines
+
+
+def _typo(folder: Path) -> Path:
+    state = folder / "state.json"
+    state.write_text('{"count": 1,,}')
+    return state
+
+
+def test_doctor_does_not_quarantine_through_a_planted_symlink(tmp_path: Path) -> None:
+    # Broke: a ".quarantine" symlink planted in a shared folder made --fix move the
+    # state file out of its folder, into the folder the link pointed to.
+    app, elsewhere = tmp_path / "app", tmp_path / "elsewhere"
+    app.mkdir()
+    elsewhere.mkdir()
+    state = _typo(app)
+    (app / ".quarantine").symlink_to(elsewhere)
+    lines = _doctor_fix(app)
+    assert state.read_text() == '{"count": 1,,}'  # left where it was
+    assert list(elsewhere.iterdir()) == []
+    assert any("not a folder" in line for line in lines), lines
+
+
+def test_doctor_does_not_quarantine_into_a_dangling_symlink_or_a_file(tmp_path: Path) -> None:
+    state = _typo(tmp_path)
+    (tmp_path / ".quarantine").symlink_to(tmp_path / "nowhere")
+    _doctor_fix(tmp_path)
+    assert state.exists() and not (tmp_path / "nowhere").exists()
+    (tmp_path / ".quarantine").unlink()
+    (tmp_path / ".quarantine").write_text("x")
+    _doctor_fix(tmp_path)
+    assert state.read_text() == '{"count": 1,,}'
+    assert (tmp_path / ".quarantine").read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another user")
+def test_doctor_does_not_quarantine_into_another_users_folder(tmp_path: Path) -> None:
+    state = _typo(tmp_path)
+    qdir = tmp_path / ".quarantine"
+    qdir.mkdir()
+    os.chown(qdir, 65534, 65534)
+    lines = _doctor_fix(tmp_path)
+    assert state.exists() and list(qdir.iterdir()) == []
+    assert any("another user" in line for line in lines), lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act for the folder's owner")
+def test_doctor_as_root_quarantines_into_the_folder_owners_quarantine(tmp_path: Path) -> None:
+    # The folder and its quarantine are the app's (uid 65534); root's doctor may use it.
+    os.chown(tmp_path, 65534, 65534)
+    state = _typo(tmp_path)
+    qdir = tmp_path / ".quarantine"
+    qdir.mkdir()
+    os.chown(qdir, 65534, 65534)
+    _doctor_fix(tmp_path)
+    assert not state.exists()
+    assert [p.read_text() for p in qdir.iterdir()] == ['{"count": 1,,}']
