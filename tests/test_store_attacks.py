@@ -6,6 +6,9 @@ Each test is one attack; the ones that found a bug say which rule it broke.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -125,3 +128,65 @@ def test_doctor_as_root_quarantines_into_the_folder_owners_quarantine(tmp_path: 
     _doctor_fix(tmp_path)
     assert not state.exists()
     assert [p.read_text() for p in qdir.iterdir()] == ['{"count": 1,,}']
+
+
+def _as_nobody(fn: Callable[[], str]) -> str:
+    """Run ``fn`` in a forked child as uid/gid 65534; its result (or exception name)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                out = fn()
+            except Exception as e:
+                out = type(e).__name__
+            os.write(write, out.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        got = f.read().decode()
+    os.waitpid(pid, 0)
+    return got
+
+
+class _Counter(BaseModel):
+    count: int = 0
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A folder every user can reach (pytest's tmp_path is private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="statestore-attacks-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_root_doctor_with_a_private_umask_leaves_a_quarantine_the_app_can_see(
+    shared: Path,
+) -> None:
+    # Broke: root's doctor with umask 077 made .quarantine 0700 root:root; the app
+    # could not list it, took the missing state file as new and started over.
+    folder = shared / "app"
+    folder.mkdir(mode=0o755)
+    state = _typo(folder)
+    os.chown(folder, 65534, 65534)
+    os.chown(state, 65534, 65534)
+    old = os.umask(0o077)
+    try:
+        _doctor_fix(folder)
+    finally:
+        os.umask(old)
+    assert not state.exists()
+    qdir = folder / ".quarantine"
+    assert (qdir.stat().st_uid, qdir.stat().st_gid) == (65534, 65534)
+    store = StateStore(_Counter, state, default=_Counter, missing_wait=0.0)
+    assert _as_nobody(lambda: repr(store.load())) == "StateMissingError"

@@ -8,7 +8,9 @@ What it finds in one folder (not its subfolders):
   UTC timestamp; nothing is ever deleted (daintreehq/daintree#6035). Only into
   a real folder of the doctor's user or of the state folder's owner: a symbolic
   link or another user's folder at that name is refused (it would move the
-  file out of its folder, to where someone else chose);
+  file out of its folder, to where someone else chose). A ``.quarantine/`` it
+  makes gets the state folder's owner, group and mode (at most 0o775), so the
+  folder's programs can see the copy, whatever the doctor's umask;
 * stale locks (``*.lock`` directories whose holder is dead or whose lease has
   expired, as the lock itself judges them), and lock directories left renamed
   aside by a release or a break that crashed half-way. ``--fix`` breaks or
@@ -226,8 +228,18 @@ def _locked(folder: str, target: str) -> Iterator[None]:
 
 def _quarantine(folder: str, name: str, now: float) -> str:
     qdir = os.path.join(folder, QUARANTINE)
-    with suppress(FileExistsError):
+    try:
         os.mkdir(qdir)
+    except FileExistsError:
+        pass
+    else:
+        # Made here: it takes the state folder's owner, group and mode (never wider
+        # than 0o775), so that the folder's programs can list it (a store looks there
+        # before it starts from its default) even when a root with umask 077 made it.
+        made = os.stat(folder)
+        with suppress(PermissionError):
+            os.chown(qdir, made.st_uid, made.st_gid)
+        os.chmod(qdir, stat.S_IMODE(made.st_mode) & 0o775)
     # Only into a real folder here, of ours or of the state folder's owner: a symbolic
     # link (or a folder another user made) at that name would move the state file
     # out of its folder, into a place that user chose and controls.
