@@ -190,3 +190,20 @@ def test_root_doctor_with_a_private_umask_leaves_a_quarantine_the_app_can_see(
     assert (qdir.stat().st_uid, qdir.stat().st_gid) == (65534, 65534)
     store = StateStore(_Counter, state, default=_Counter, missing_wait=0.0)
     assert _as_nobody(lambda: repr(store.load())) == "StateMissingError"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_quarantine_the_app_cannot_list_is_no_fresh_start(shared: Path) -> None:
+    # Broke: a .quarantine/ the app could not list counted as "no copy", so a
+    # missing state file was taken as new and the default used.
+    folder = shared / "app"
+    folder.mkdir(mode=0o777)
+    qdir = folder / ".quarantine"
+    qdir.mkdir(mode=0o700)  # root's
+    (qdir / "state.json.20260101T000000Z").write_text('{"count": 5,,}')
+    store = StateStore(_Counter, folder / "state.json", default=_Counter, missing_wait=0.0)
+    assert _as_nobody(lambda: repr(store.load())) == "StateReadError"
+    qdir.chmod(0o755)  # listable: the copy is seen
+    assert _as_nobody(lambda: repr(store.load())) == "StateMissingError"
+    (qdir / "state.json.20260101T000000Z").unlink()
+    assert _as_nobody(lambda: repr(store.load())) == "_Counter(count=0)"  # now it is new

@@ -17,7 +17,9 @@ default only when nothing says the file existed. Two things say so:
   soon as it is there; if it does not come back, :class:`StateMissingError`
   names the backup. A store never starts from its default in that moment.
 
-A file with neither is new, and the default is used at once: no wait. Whether
+A file with neither is new, and the default is used at once: no wait. A
+``.quarantine/`` folder that this user cannot list is neither: the read fails
+with :class:`StateReadError` naming it, as a copy there cannot be ruled out. Whether
 the file or its ``<name>~`` is there is judged from one listing of the folder
 (one ``getdents`` call is not interleaved with a rename in that folder on a
 local file system, and an editor's save always leaves one of the two names),
@@ -41,7 +43,7 @@ from contextlib import contextmanager
 from typing import Final
 
 from .._atomic import DEFAULT_MAX_SIZE, read_bytes, resolve_target, sweep_temp_files, write_atomic
-from .._errors import StateMissingError, StateWriteError
+from .._errors import StateMissingError, StateReadError, StateWriteError
 from .._lock import AcquiredLock, DirectoryLock
 
 __all__ = [
@@ -73,6 +75,24 @@ def quarantined_copies(path: str) -> list[str]:
         return []
     pattern = re.compile(re.escape(name) + _STAMP, re.DOTALL)
     return [os.path.join(qdir, n) for n in sorted(names) if pattern.fullmatch(n)]
+
+
+def _check_listable(qdir: str) -> None:
+    """Refuse to take the file as new when its quarantine folder cannot be listed:
+    a copy there may be the state the user would lose."""
+    try:
+        os.listdir(qdir)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as e:
+        raise StateReadError(
+            qdir,
+            "the state file is missing and this quarantine folder cannot be listed "
+            f"({e.strerror or e}), so the store cannot tell whether 'statestore doctor "
+            "--fix' moved the file there; it does not start over from its default. "
+            "Give this user access to the folder (or remove it)",
+            errno=e.errno,
+        ) from e
 
 
 def _names(path: str) -> list[str]:
@@ -205,6 +225,7 @@ class FileStorage:
                 copies = quarantined_copies(name)
                 if copies:
                     raise self._quarantined(copies[-1])
+                _check_listable(os.path.join(os.path.dirname(name), QUARANTINE))
             there, backup = self._traces()
             if not there and backup is None:
                 return None  # nothing says it existed: a new file
