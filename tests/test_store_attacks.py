@@ -5,6 +5,7 @@ Each test is one attack; the ones that found a bug say which rule it broke.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from statestore import StateStore
+from statestore import StateStore, StateWriteError
 from statestore._doctor import doctor
 
 # ------------------------------------------------------------ model shapes
@@ -207,3 +208,59 @@ def test_a_quarantine_the_app_cannot_list_is_no_fresh_start(shared: Path) -> Non
     assert _as_nobody(lambda: repr(store.load())) == "StateMissingError"
     (qdir / "state.json.20260101T000000Z").unlink()
     assert _as_nobody(lambda: repr(store.load())) == "_Counter(count=0)"  # now it is new
+
+
+# ------------------------------------------------------------ planted backups
+
+
+def _v1_then_v2(folder: Path) -> tuple[Path, StateStore[_Counter]]:
+    path = folder / "s.json"
+    StateStore(_Counter, path, default=_Counter).save(_Counter(count=3))
+    v2 = StateStore(_Counter, path, default=_Counter, version=2, migrations={1: lambda d: d})
+    return path, v2
+
+
+@pytest.mark.parametrize("planted", ["symlink", "dangling", "folder", "fifo"])
+def test_migrate_refuses_a_planted_backup_name_and_touches_nothing(
+    tmp_path: Path, planted: str
+) -> None:
+    # Broke: a symlink (or folder...) at <file>.v1.bak counted as the backup: the
+    # migration ran and reported "backup at ..." while no copy of v1 was kept.
+    path, v2 = _v1_then_v2(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("victim")
+    bak = tmp_path / "s.json.v1.bak"
+    if planted == "symlink":
+        bak.symlink_to(victim)
+    elif planted == "dangling":
+        bak.symlink_to(tmp_path / "nowhere")
+    elif planted == "folder":
+        bak.mkdir()
+    else:
+        os.mkfifo(bak)
+    before = path.read_bytes()
+    with pytest.raises(StateWriteError, match="backup"):
+        v2.migrate()
+    assert path.read_bytes() == before
+    assert victim.read_text() == "victim"
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant another user's file")
+def test_migrate_refuses_another_users_file_at_the_backup_name(tmp_path: Path) -> None:
+    path, v2 = _v1_then_v2(tmp_path)
+    bak = tmp_path / "s.json.v1.bak"
+    bak.write_text('{"schema_version": 1, "count": 999}')
+    os.chown(bak, 65534, 65534)
+    with pytest.raises(StateWriteError, match="another user"):
+        v2.migrate()
+    assert json.loads(path.read_text())["count"] == 3
+
+
+def test_migrate_keeps_its_own_earlier_backup(tmp_path: Path) -> None:
+    path, v2 = _v1_then_v2(tmp_path)
+    bak = tmp_path / "s.json.v1.bak"
+    bak.write_text("first original")
+    v2.migrate()
+    assert bak.read_text() == "first original"  # never overwritten
+    assert json.loads(path.read_text())["schema_version"] == 2

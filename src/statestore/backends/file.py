@@ -27,7 +27,9 @@ so a save in progress is not mistaken for "no file" (where the folder cannot
 be listed, the names are checked one after the other: best effort). The rule
 holds for every read: :meth:`~statestore.StateStore.load` and the reads under the lock
 (``update()``, ``transaction()``, ``save()``). Statestore's own backups of
-older versions (``<name>.v<N>.bak``) are not such a trace: they stay after a
+older versions (``<name>.v<N>.bak``; a migration refuses to run when that name
+holds a symbolic link, something other than a regular file, or another user's
+file, which would be no backup) are not such a trace: they stay after a
 migration for good, and deleting the state file remains a way to start over.
 """
 
@@ -37,6 +39,7 @@ import errno
 import os
 import re
 import shlex
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,10 +145,30 @@ class FileSession:
     def backup(self, label: str, data: bytes) -> str:
         target = self.backup_location(label)
         # A backup keeps the first original of that version: never overwrite it.
-        if not os.path.lexists(target):
+        try:
+            found = os.lstat(target)
+        except FileNotFoundError:
             # With the state file's mode, owner and group: a private state must not
             # get a public backup, nor an app's state a backup only root may read.
             write_atomic(target, data, durable=self._storage.durable, mode_of=self._storage.path)
+            return target
+        # Only a regular file of ours or of the state file's owner counts as that
+        # original: a link or another user's file planted at the name is no backup,
+        # and a migration that named it as one would leave none.
+        owners = {os.geteuid(), os.stat(self._storage.path).st_uid}
+        if not stat.S_ISREG(found.st_mode) or found.st_uid not in owners:
+            raise StateWriteError(
+                target,
+                "is where the backup of the file's current version goes, but it is "
+                + (
+                    "not a regular file"
+                    if not stat.S_ISREG(found.st_mode)
+                    else "another user's file"
+                )
+                + ", not a backup statestore made; nothing was written. Move it away, "
+                "then try again",
+                errno=errno.EEXIST,
+            )
         return target
 
 
