@@ -5,17 +5,27 @@ Each test is one attack; the ones that found a bug say which rule it broke.
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
 import json
 import os
+import pathlib
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from statestore import StateStore, StateWriteError
+from statestore import StateReadError, StateStore, StateValidationError, StateWriteError
 from statestore._doctor import doctor
 
 # ------------------------------------------------------------ model shapes
@@ -264,3 +274,186 @@ def test_migrate_keeps_its_own_earlier_backup(tmp_path: Path) -> None:
     v2.migrate()
     assert bak.read_text() == "first original"  # never overwritten
     assert json.loads(path.read_text())["schema_version"] == 2
+
+
+# ------------------------------------------------------------ shapes that held
+
+
+class _A(BaseModel):
+    kind: Literal["a"] = "a"
+    x: int = 0
+
+
+class _B(BaseModel):
+    kind: Literal["b"] = "b"
+    y: str = ""
+
+
+class _Ints(RootModel[list[int]]):
+    pass
+
+
+class _Color(enum.Enum):
+    red = "red"
+    blue = "blue"
+
+
+class _Level(enum.IntEnum):
+    low = 1
+    high = 2
+
+
+class _Shapes(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+    item: Annotated[_A | _B, Field(discriminator="kind")] = _A()
+    ints: _Ints = _Ints([])
+    when: datetime.datetime = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    uid: uuid.UUID = uuid.UUID(int=0)
+    price: decimal.Decimal = decimal.Decimal("0")
+    where: pathlib.PurePosixPath = pathlib.PurePosixPath("/")
+    color: _Color = _Color.red
+    level: _Level = _Level.low
+    pair: tuple[int, str] = (0, "")
+    tags: frozenset[str] = frozenset()
+    big: int = 0
+    wait: datetime.timedelta = datetime.timedelta(0)
+    aliased: int = Field(0, alias="Aliased")
+    anything: Any = None
+
+
+# Each assignment has another type than its field (pydantic does not validate
+# assignments): the save must publish the validated value, which fits the schema.
+_UTC = datetime.timezone.utc
+_UID = "12345678-1234-5678-1234-567812345678"
+_ASSIGNMENTS: list[tuple[str, Any, Any]] = [
+    ("item", {"kind": "b", "y": "q"}, _B(y="q")),
+    ("ints", [3, "1"], _Ints([3, 1])),
+    (
+        "when",
+        "2021-02-03T04:05:06Z",
+        datetime.datetime(2021, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc),
+    ),
+    (
+        "uid",
+        "12345678-1234-5678-1234-567812345678",
+        uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    ),
+    ("price", "1.50", decimal.Decimal("1.50")),
+    ("where", "/etc/x", pathlib.PurePosixPath("/etc/x")),
+    ("color", "blue", _Color.blue),
+    ("level", 2, _Level.high),
+    ("pair", [1, "a"], (1, "a")),
+    ("tags", ["z", "a", "m"], frozenset({"a", "m", "z"})),
+    ("big", 10**400, 10**400),  # far beyond a double's range: written as digits
+    ("wait", "P1DT1S", datetime.timedelta(days=1, seconds=1)),
+    ("aliased", "7", 7),
+    ("anything", {"nested": [1, {"k": None}]}, {"nested": [1, {"k": None}]}),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"), _ASSIGNMENTS, ids=[a[0] for a in _ASSIGNMENTS]
+)
+def test_held_every_field_type_is_saved_validated_and_fits_the_schema(
+    tmp_path: Path, field: str, value: Any, expected: Any
+) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    store = StateStore(_Shapes, tmp_path / "s.json", default=_Shapes)
+    with store.transaction() as state:
+        setattr(state, field, value)
+    doc = json.loads((tmp_path / "s.json").read_text())
+    jsonschema.validate(doc, store.json_schema())
+    assert getattr(store.load(), field) == expected
+
+
+def test_held_odd_extra_keys_round_trip_and_fit_the_schema(tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    store = StateStore(_Shapes, tmp_path / "s.json", default=_Shapes)
+    odd = {"": 1, "a b\n": 2, "\u2028": 3, ' "schema_version': 4, "$schema ": 5, "Aliased2": 6}
+    store.save(_Shapes.model_validate(odd))
+    jsonschema.validate(json.loads((tmp_path / "s.json").read_text()), store.json_schema())
+    assert store.load().model_extra == odd
+
+
+@pytest.mark.parametrize("key", ["schema_version", "$schema"])
+def test_held_an_extra_key_named_like_the_stores_is_refused(tmp_path: Path, key: str) -> None:
+    store = StateStore(_Shapes, tmp_path / "s.json", default=_Shapes)
+    with pytest.raises(StateValidationError, match=re.escape(key)):
+        store.save(_Shapes.model_validate({key: 9}))
+    assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("depth", [250, 1200])
+def test_held_nesting_too_deep_to_load_is_never_written(tmp_path: Path, depth: int) -> None:
+    nested: list[Any] = []
+    for _ in range(depth):
+        nested = [nested]
+    store = StateStore(_Shapes, tmp_path / "s.json", default=_Shapes)
+    store.save(_Shapes(big=1))
+    before = (tmp_path / "s.json").read_bytes()
+    with pytest.raises(StateValidationError):
+        store.update(lambda s: s.model_copy(update={"anything": nested}))
+    assert (tmp_path / "s.json").read_bytes() == before
+
+
+def test_held_an_int_too_long_for_pythons_json_is_never_written(tmp_path: Path) -> None:
+    store = StateStore(_Shapes, tmp_path / "s.json", default=_Shapes)
+    with pytest.raises(StateValidationError):
+        store.save(_Shapes(big=10**5000))
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_held_no_pydantic_warning_leaks_under_w_error(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import warnings
+        warnings.simplefilter("error")
+        from typing import Any
+        from pydantic import BaseModel
+        from statestore import StateStore, StateValidationError
+
+        class Inner(BaseModel):
+            n: int = 0
+
+        class M(BaseModel):
+            inner: list[Inner] = [Inner()]
+            when: float = 0.0
+            blob: bytes = b""
+
+        store = StateStore(M, {str(tmp_path / "s.json")!r}, default=M)
+        with store.transaction() as s:
+            s.inner[0].n = "4"
+            s.when = "1.5"
+        assert store.load().inner[0].n == 4
+        try:
+            with store.transaction() as s:
+                s.inner = [{{"n": "x"}}]
+        except StateValidationError as e:
+            assert "inner" in str(e), e
+        else:
+            raise AssertionError("saved")
+        print("ok")
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+# ------------------------------------------------------------ max_size boundaries
+
+
+def test_held_max_size_is_inclusive_on_both_paths(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    probe = StateStore(_Counter, path, default=_Counter)
+    probe.save(_Counter(count=1))
+    size = path.stat().st_size
+    exact = StateStore(_Counter, path, default=_Counter, max_size=size)
+    assert exact.load().count == 1
+    exact.save(_Counter(count=2))  # same size: allowed
+    with pytest.raises(StateWriteError):
+        exact.save(_Counter(count=10))  # one byte more: refused, file kept
+    assert exact.load().count == 2
+    with pytest.raises(StateReadError):
+        StateStore(_Counter, path, default=_Counter, max_size=size - 1).load()
