@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
 
 from statestore import StateReadError, StateStore, StateValidationError, StateWriteError
 from statestore._doctor import doctor
@@ -457,3 +457,43 @@ def test_held_max_size_is_inclusive_on_both_paths(tmp_path: Path) -> None:
     assert exact.load().count == 2
     with pytest.raises(StateReadError):
         StateStore(_Counter, path, default=_Counter, max_size=size - 1).load()
+
+
+# ------------------------------------------------------------ dates written as numbers
+
+
+@pytest.mark.parametrize(
+    ("config", "annotation"),
+    [
+        ({"ser_json_timedelta": "float"}, datetime.timedelta),
+        ({"ser_json_temporal": "seconds"}, datetime.time),
+        ({"ser_json_temporal": "seconds"}, datetime.datetime),
+        ({"ser_json_temporal": "milliseconds"}, datetime.datetime | None),
+        ({"ser_json_temporal": "milliseconds"}, list[datetime.date]),
+    ],
+    ids=["timedelta-float", "time-seconds", "datetime-seconds", "optional-ms", "dates-ms"],
+)
+def test_dates_written_as_numbers_are_refused(
+    tmp_path: Path, config: dict[str, str], annotation: Any
+) -> None:
+    # Broke: ser_json_timedelta="float" wrote numbers the store's JSON Schema
+    # refuses (it describes ISO 8601 text); ser_json_temporal="seconds" loaded a
+    # naive time back as UTC, and "milliseconds" read small datetimes as seconds.
+    model = create_model("Dated", __config__=ConfigDict(**config), when=(annotation, None))  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="iso8601"):
+        StateStore(model, tmp_path / "s.json")
+    nested = create_model("Outer", inner=(list[model], []))  # type: ignore[valid-type]
+    with pytest.raises(TypeError, match="iso8601"):
+        StateStore(nested, tmp_path / "s.json")
+
+
+def test_temporal_settings_of_a_model_without_dates_are_no_reason_to_refuse(
+    tmp_path: Path,
+) -> None:
+    class Plain(BaseModel):
+        model_config = ConfigDict(ser_json_temporal="seconds", ser_json_timedelta="float")
+        n: int = 0
+
+    store = StateStore(Plain, tmp_path / "s.json", default=Plain)
+    store.save(Plain(n=1))
+    assert store.load().n == 1
