@@ -26,6 +26,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
 
 from statestore import StateReadError, StateStore, StateValidationError, StateWriteError
+from statestore._atomic import write_atomic
 from statestore._doctor import doctor
 
 # ------------------------------------------------------------ model shapes
@@ -497,3 +498,22 @@ def test_temporal_settings_of_a_model_without_dates_are_no_reason_to_refuse(
     store = StateStore(Plain, tmp_path / "s.json", default=Plain)
     store.save(Plain(n=1))
     assert store.load().n == 1
+
+
+def test_a_write_that_does_not_follow_links_replaces_a_planted_link_not_its_target(
+    tmp_path: Path,
+) -> None:
+    # The backup's write: a link planted at its name between the look and the
+    # write (a race no test can time) must not send the bytes to the link's target.
+    victim = tmp_path / "victim"
+    victim.write_text("victim")
+    bak = tmp_path / "s.json.v1.bak"
+    bak.symlink_to(victim)
+    write_atomic(str(bak), b"backup", durable=False, follow_links=False)
+    assert victim.read_text() == "victim"
+    assert not bak.is_symlink() and bak.read_bytes() == b"backup"
+    # The default for a state file is unchanged: the link's target is written.
+    state = tmp_path / "s.json"
+    state.symlink_to(victim)
+    write_atomic(str(state), b"state", durable=False)
+    assert state.is_symlink() and victim.read_bytes() == b"state"

@@ -150,7 +150,15 @@ class FileSession:
         except FileNotFoundError:
             # With the state file's mode, owner and group: a private state must not
             # get a public backup, nor an app's state a backup only root may read.
-            write_atomic(target, data, durable=self._storage.durable, mode_of=self._storage.path)
+            # Not following links: one planted at the name after the look above must
+            # not redirect the write (the rename replaces the link itself).
+            write_atomic(
+                target,
+                data,
+                durable=self._storage.durable,
+                mode_of=self._storage.path,
+                follow_links=False,
+            )
             return target
         # Only a regular file of ours or of the state file's owner counts as that
         # original: a link or another user's file planted at the name is no backup,
