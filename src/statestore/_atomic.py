@@ -253,6 +253,7 @@ def write_atomic(
     durable: bool = True,
     before_replace: Callable[[], None] | None = None,
     mode_of: str | None = None,
+    follow_links: bool = True,
 ) -> None:
     """Replace the file at ``path`` with ``data``, atomically (and durably if asked).
 
@@ -260,12 +261,14 @@ def write_atomic(
     that file instead, as a backup does from its state file); owner and group
     only as far as the process may set them.
 
-    ``path`` may be a symlink: the link's target is replaced and the link kept.
+    ``path`` may be a symlink: the link's target is replaced and the link kept
+    (``follow_links=False``: the name itself is replaced, whatever is there, and no
+    link is followed, for a file the caller creates, such as a backup).
     ``before_replace`` runs right before the rename; if it raises, nothing is
     published and the exception propagates.
     """
     try:
-        target = resolve_target(path)
+        target = resolve_target(path) if follow_links else path
     except OSError as e:
         raise write_error(path, e, "read the symbolic link") from e
     folder = os.path.dirname(target) or "."

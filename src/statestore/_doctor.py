@@ -5,7 +5,12 @@ What it finds in one folder (not its subfolders):
 * state files that do not parse: every ``*.json`` file, and any other file with
   a lock directory or a backup next to it, read by the store's own rules
   (UTF-8, one JSON object). ``--fix`` moves them into ``.quarantine/`` with a
-  UTC timestamp; nothing is ever deleted (daintreehq/daintree#6035);
+  UTC timestamp; nothing is ever deleted (daintreehq/daintree#6035). Only into
+  a real folder of the doctor's user or of the state folder's owner: a symbolic
+  link or another user's folder at that name is refused (it would move the
+  file out of its folder, to where someone else chose). A ``.quarantine/`` it
+  makes gets the state folder's owner, group and mode (at most 0o775), so the
+  folder's programs can see the copy, whatever the doctor's umask;
 * stale locks (``*.lock`` directories whose holder is dead or whose lease has
   expired, as the lock itself judges them), and lock directories left renamed
   aside by a release or a break that crashed half-way. ``--fix`` breaks or
@@ -35,9 +40,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import stat
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Final
 
@@ -222,7 +228,32 @@ def _locked(folder: str, target: str) -> Iterator[None]:
 
 def _quarantine(folder: str, name: str, now: float) -> str:
     qdir = os.path.join(folder, QUARANTINE)
-    os.makedirs(qdir, exist_ok=True)
+    try:
+        os.mkdir(qdir)
+    except FileExistsError:
+        pass
+    else:
+        # Made here: it takes the state folder's owner, group and mode (never wider
+        # than 0o775), so that the folder's programs can list it (a store looks there
+        # before it starts from its default) even when a root with umask 077 made it.
+        made = os.stat(folder)
+        with suppress(PermissionError):
+            os.chown(qdir, made.st_uid, made.st_gid)
+        os.chmod(qdir, stat.S_IMODE(made.st_mode) & 0o775)
+    # Only into a real folder here, of ours or of the state folder's owner: a symbolic
+    # link (or a folder another user made) at that name would move the state file
+    # out of its folder, into a place that user chose and controls.
+    st = os.lstat(qdir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(
+            f"{qdir} is not a folder (a symbolic link or another file): not moving "
+            "the state file there; remove it, or move the file aside by hand"
+        )
+    if st.st_uid not in (os.geteuid(), os.stat(folder).st_uid):
+        raise OSError(
+            f"{qdir} belongs to another user (uid {st.st_uid}): not moving the state "
+            "file there; remove it, or move the file aside by hand"
+        )
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     dest, n = f"{name}.{stamp}", 1
     while os.path.lexists(os.path.join(qdir, dest)):

@@ -27,7 +27,9 @@ What a save writes (the rule of the serialise, check and publish path):
   (:func:`_check_model`): root models, the store's keys as a field's key,
   fields written under one key and read from another, excluded fields without
   a default, computed fields where extra keys are forbidden or kept, secrets
-  that pydantic writes masked.
+  that pydantic writes masked, bytes written in one encoding and read in
+  another (``ser_json_bytes`` without the same ``val_json_bytes``), dates,
+  times and durations written as numbers (``ser_json_temporal``).
 
 Cost: a save whose values all have their fields' types is serialised once and
 validated once (plus the validation of the file as read); only a save that
@@ -36,6 +38,7 @@ holds a value of another type is validated once more.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import hashlib
 import json
@@ -263,7 +266,14 @@ def _check_model(model: object) -> None:
     - computed fields (written, but not inputs) in a model that forbids extra
       keys (every load would fail) or keeps them (each load would add a copy);
     - a secret field (``SecretStr``...) without a serialiser of the user's:
-      pydantic writes ``"**********"``, and the value would be lost.
+      pydantic writes ``"**********"``, and the value would be lost;
+    - a ``bytes`` field of a model whose ``ser_json_bytes`` differs from its
+      ``val_json_bytes``: the encoded text would load back as the bytes, a
+      changed value that grows with every save.
+    - a date, time or duration field of a model that writes them as numbers
+      (``ser_json_temporal``, ``ser_json_timedelta="float"``): they load back
+      changed (naive as UTC, milliseconds as seconds, microseconds lost) and
+      the file would not match the JSON Schema.
 
     Nested models are checked too, except for the store's keys (which are only
     the top level's). What remains (validators that change values, custom
@@ -325,6 +335,32 @@ def _check_round_trip(model: type[BaseModel]) -> None:
                 "lost on every save. Give it the same validation alias (for example "
                 f"Field(alias={written!r})), or set validate_by_name=True"
             )
+    ser_bytes = model.model_config.get("ser_json_bytes", "utf8")
+    val_bytes = model.model_config.get("val_json_bytes", "utf8")
+    if ser_bytes != val_bytes and any(
+        _mentions(info.annotation, bytes) for info in model.model_fields.values()
+    ):
+        raise TypeError(
+            f"{where} writes bytes as {ser_bytes!r} (ser_json_bytes) but reads them as "
+            f"{val_bytes!r} (val_json_bytes): every save would change the value (the "
+            f"encoded text read back as the bytes). Set val_json_bytes={ser_bytes!r} too"
+        )
+    config = model.model_config
+    temporal = config.get("ser_json_temporal") or (
+        "float" if config.get("ser_json_timedelta") == "float" else "iso8601"
+    )
+    kinds = (datetime.date, datetime.time, datetime.timedelta)  # datetime is a date
+    if temporal != "iso8601" and any(
+        _mentions(info.annotation, kinds) for info in model.model_fields.values()
+    ):
+        raise TypeError(
+            f"{where} writes dates, times or durations as numbers ({temporal!r}, from "
+            "ser_json_temporal or ser_json_timedelta): they would not load back as "
+            "saved (a naive time or datetime loads as UTC, a small datetime in "
+            "milliseconds as seconds, a long duration loses microseconds), and the "
+            "file would not match the JSON Schema, which describes ISO 8601 text. "
+            "Leave the default 'iso8601'"
+        )
     extra = model.model_config.get("extra")
     if model.model_computed_fields and extra in ("forbid", "allow"):
         names = ", ".join(model.model_computed_fields)
@@ -366,6 +402,19 @@ def _read_keys(name: str, info: Any, model: type[BaseModel], *, paths: bool) -> 
     if config.get("validate_by_name") or config.get("populate_by_name"):
         keys.add(name)
     return keys
+
+
+def _mentions(annotation: object, kind: type | tuple[type, ...]) -> bool:
+    """Whether ``kind`` (or a subclass) appears in a field's type, outside nested models."""
+    todo = [annotation]
+    while todo:
+        tp = todo.pop()
+        origin = get_origin(tp) or tp
+        if isinstance(origin, type) and issubclass(origin, kind):
+            return True
+        if not (isinstance(tp, type) and issubclass(tp, BaseModel)):  # checked on its own
+            todo.extend(get_args(tp))
+    return False
 
 
 def _holds_secret(annotation: object) -> bool:

@@ -17,7 +17,9 @@ default only when nothing says the file existed. Two things say so:
   soon as it is there; if it does not come back, :class:`StateMissingError`
   names the backup. A store never starts from its default in that moment.
 
-A file with neither is new, and the default is used at once: no wait. Whether
+A file with neither is new, and the default is used at once: no wait. A
+``.quarantine/`` folder that this user cannot list is neither: the read fails
+with :class:`StateReadError` naming it, as a copy there cannot be ruled out. Whether
 the file or its ``<name>~`` is there is judged from one listing of the folder
 (one ``getdents`` call is not interleaved with a rename in that folder on a
 local file system, and an editor's save always leaves one of the two names),
@@ -25,7 +27,9 @@ so a save in progress is not mistaken for "no file" (where the folder cannot
 be listed, the names are checked one after the other: best effort). The rule
 holds for every read: :meth:`~statestore.StateStore.load` and the reads under the lock
 (``update()``, ``transaction()``, ``save()``). Statestore's own backups of
-older versions (``<name>.v<N>.bak``) are not such a trace: they stay after a
+older versions (``<name>.v<N>.bak``; a migration refuses to run when that name
+holds a symbolic link, something other than a regular file, or another user's
+file, which would be no backup) are not such a trace: they stay after a
 migration for good, and deleting the state file remains a way to start over.
 """
 
@@ -35,13 +39,14 @@ import errno
 import os
 import re
 import shlex
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
 
 from .._atomic import DEFAULT_MAX_SIZE, read_bytes, resolve_target, sweep_temp_files, write_atomic
-from .._errors import StateMissingError, StateWriteError
+from .._errors import StateMissingError, StateReadError, StateWriteError
 from .._lock import AcquiredLock, DirectoryLock
 
 __all__ = [
@@ -73,6 +78,24 @@ def quarantined_copies(path: str) -> list[str]:
         return []
     pattern = re.compile(re.escape(name) + _STAMP, re.DOTALL)
     return [os.path.join(qdir, n) for n in sorted(names) if pattern.fullmatch(n)]
+
+
+def _check_listable(qdir: str) -> None:
+    """Refuse to take the file as new when its quarantine folder cannot be listed:
+    a copy there may be the state the user would lose."""
+    try:
+        os.listdir(qdir)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as e:
+        raise StateReadError(
+            qdir,
+            "the state file is missing and this quarantine folder cannot be listed "
+            f"({e.strerror or e}), so the store cannot tell whether 'statestore doctor "
+            "--fix' moved the file there; it does not start over from its default. "
+            "Give this user access to the folder (or remove it)",
+            errno=e.errno,
+        ) from e
 
 
 def _names(path: str) -> list[str]:
@@ -122,10 +145,38 @@ class FileSession:
     def backup(self, label: str, data: bytes) -> str:
         target = self.backup_location(label)
         # A backup keeps the first original of that version: never overwrite it.
-        if not os.path.lexists(target):
+        try:
+            found = os.lstat(target)
+        except FileNotFoundError:
             # With the state file's mode, owner and group: a private state must not
             # get a public backup, nor an app's state a backup only root may read.
-            write_atomic(target, data, durable=self._storage.durable, mode_of=self._storage.path)
+            # Not following links: one planted at the name after the look above must
+            # not redirect the write (the rename replaces the link itself).
+            write_atomic(
+                target,
+                data,
+                durable=self._storage.durable,
+                mode_of=self._storage.path,
+                follow_links=False,
+            )
+            return target
+        # Only a regular file of ours or of the state file's owner counts as that
+        # original: a link or another user's file planted at the name is no backup,
+        # and a migration that named it as one would leave none.
+        owners = {os.geteuid(), os.stat(self._storage.path).st_uid}
+        if not stat.S_ISREG(found.st_mode) or found.st_uid not in owners:
+            raise StateWriteError(
+                target,
+                "is where the backup of the file's current version goes, but it is "
+                + (
+                    "not a regular file"
+                    if not stat.S_ISREG(found.st_mode)
+                    else "another user's file"
+                )
+                + ", not a backup statestore made; nothing was written. Move it away, "
+                "then try again",
+                errno=errno.EEXIST,
+            )
         return target
 
 
@@ -205,6 +256,7 @@ class FileStorage:
                 copies = quarantined_copies(name)
                 if copies:
                     raise self._quarantined(copies[-1])
+                _check_listable(os.path.join(os.path.dirname(name), QUARANTINE))
             there, backup = self._traces()
             if not there and backup is None:
                 return None  # nothing says it existed: a new file
