@@ -344,11 +344,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         A,
         (
             (
-                "        try:\n"
-                "            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | "
-                "os.O_CLOEXEC, 0o666)\n        except FileNotFoundError:",
-                "        try:\n            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | "
-                "os.O_CLOEXEC, 0o666)\n        except FileNotFoundError:",
+                "    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC",
+                "    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC",
             ),
         ),
     ),
@@ -371,7 +368,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "the file backend never verifies the lock",
         F,
-        (("before_replace=s.lock.verify)", "before_replace=None)"),),
+        (("before_replace=self._held.verify)", "before_replace=None)"),),
         "tests/test_lock.py::test_a_broken_lock_is_noticed_before_the_commit",
     ),
     # ---- the store
