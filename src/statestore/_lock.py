@@ -38,7 +38,9 @@ Protocol (``docs/locking.md`` has the full story, ``spec/`` a checked model):
   its known entries and ``rmdir`` (``_claim.py``), never by a recursive delete.
 * **Bad records are garbage.** An owner record or claim with a field of the
   wrong type or out of range is unusable, judged by its age like a record
-  that does not parse; no such value reaches a system call.
+  that does not parse; no such value reaches a system call. So a lock never
+  writes one: a ``lease`` that is not a finite number in ``(0, MAX_LEASE]``
+  is a ``ValueError`` when the lock is built.
 
 Claims and moving instances aside live in ``_claim.py``; the per-process state
 of lock paths and the heartbeat thread in ``_lease.py``; the owner record in
@@ -103,6 +105,8 @@ __all__ = [
 log = logging.getLogger("statestore")
 
 DEFAULT_LEASE: Final = 30.0
+#: The longest lease: one an owner record can carry (its times end at 10**12 s).
+MAX_LEASE: Final = 1e9
 #: A lock directory without a readable owner record is "being created" for this long.
 CREATE_GRACE: Final = 2.0
 #: Extra time granted to holders on other hosts, whose clocks may disagree with ours.
@@ -162,10 +166,19 @@ def wait_time(timeout: float | None, default: float, blocking: bool = True) -> f
     """Seconds to wait: ``timeout`` (``default`` when None); negative or ``inf``: forever."""
     if not blocking:
         return 0.0
-    seconds = float(default if timeout is None else timeout)
+    seconds = _seconds(default if timeout is None else timeout)
     if math.isnan(seconds):
         raise ValueError("timeout must be a number of seconds (negative: wait forever), not NaN")
-    return math.inf if seconds < 0 else seconds
+    return math.inf if seconds < 0 else seconds + 0.0  # + 0.0: no "-0 s" in messages
+
+
+def _seconds(value: float) -> float:
+    """``value`` as a float; an int too large for one (``10**400``) is +-inf, not an
+    ``OverflowError``."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 class AcquiredLock:
@@ -288,9 +301,11 @@ class DirectoryLock(contextlib.ContextDecorator):
 
     def _setup(self, path: str, timeout: float, lease: float, follows: str | None) -> None:
         _check_lock_path(path)
-        if lease <= 0:
-            raise ValueError("lease must be positive")
-        if math.isnan(float(timeout)):
+        # A lease the owner record cannot carry (NaN, inf, past its range) would make
+        # every other process read our record as garbage and break a live lock.
+        if not 0 < _seconds(lease) <= MAX_LEASE:
+            raise ValueError(f"lease must be a number of seconds in (0, {MAX_LEASE:g}]")
+        if math.isnan(_seconds(timeout)):
             raise ValueError(
                 "timeout must be a number of seconds (negative: wait forever), not NaN"
             )
