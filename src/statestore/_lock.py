@@ -280,7 +280,9 @@ class DirectoryLock(contextlib.ContextDecorator):
       returning true or raising, a ``KeyboardInterrupt`` or any other exception
       while queued removes the waiter from the queue (a turn already handed to
       it is passed on), so nobody waits for a waiter that left and a later
-      :meth:`acquire` really takes the lock. Waits are sliced, so no timeout,
+      :meth:`acquire` really takes the lock. From the moment a thread is given
+      the path's turn until it holds the directory, one handler gives the turn
+      back, so no interrupt in between can strand it. Waits are sliced, so no timeout,
       ``inf`` included, can overflow a system call.
     * **Release is harmless when there is nothing to release**: :meth:`release`
       on a thread that holds no level taken through this object, a second
@@ -432,63 +434,78 @@ class DirectoryLock(contextlib.ContextDecorator):
     ) -> _lease.Hold:
         st = self._st
         deadline = time.monotonic() + wait
-        with st.cond:
-            hold = st.hold
-            if (
-                thread is not None
-                and hold is not None
-                and hold.thread == thread
-                and hold.count
-                and hold.pid == _lease.PID
-            ):
-                hold.count += 1
-                return hold
-            mine = _lease.Hold(thread, task)
-            # Other threads of this process wait here, not on the file system.
-            if hold is None and not st.waiting:
-                st.hold = mine
-            else:
-                st.waiting.append(mine)
-                log.debug("waiting for lock %s: another thread of this process holds it", self.path)
-                try:
-                    while st.hold is not mine:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            held = st.held
-                            raise LockTimeout(
-                                self.path,
-                                timeout=wait,
-                                holder=held.owner.describe() if held else None,
-                                alive=True,
-                            )
-                        if gave_up is not None:
-                            # Asked without the state's mutex: a cancel_check may take
-                            # its time, or look at the lock, without stalling a release.
-                            st.cond.release()
-                            try:
-                                stop = gave_up()
-                            finally:
-                                st.cond.acquire()
-                            if stop:
-                                raise WaitAbandoned(self.path, timeout=wait)
-                            if st.hold is mine:
-                                break
-                            remaining = min(remaining, GIVE_UP_POLL)
-                        st.cond.wait(min(remaining, MAX_WAIT_SLICE))
-                except BaseException:
-                    # Whatever ended the wait (a timeout, KeyboardInterrupt, an error in
-                    # gave_up): leave the queue, and pass on a turn handed to us meanwhile.
-                    if st.hold is mine:
-                        st.pass_turn_locked()
-                    else:
-                        with contextlib.suppress(ValueError):
-                            st.waiting.remove(mine)
-                    raise
+        mine: _lease.Hold | None = None
+        # One protected region from taking the turn to the directory: an interrupt
+        # that lands between the two (after the turn is ours, before a try that would
+        # give it back) would leave the turn with nobody, and every later acquire of
+        # the path in this process would wait for it.
         try:
+            with st.cond:
+                hold = st.hold
+                if (
+                    thread is not None
+                    and hold is not None
+                    and hold.thread == thread
+                    and hold.count
+                    and hold.pid == _lease.PID
+                ):
+                    hold.count += 1
+                    return hold
+                mine = _lease.Hold(thread, task)
+                # Other threads of this process wait here, not on the file system.
+                if hold is None and not st.waiting:
+                    st.hold = mine
+                else:
+                    st.waiting.append(mine)
+                    log.debug(
+                        "waiting for lock %s: another thread of this process holds it", self.path
+                    )
+                    try:
+                        while st.hold is not mine:
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                held = st.held
+                                raise LockTimeout(
+                                    self.path,
+                                    timeout=wait,
+                                    holder=held.owner.describe() if held else None,
+                                    alive=True,
+                                )
+                            if gave_up is not None:
+                                # Asked without the state's mutex: a cancel_check may
+                                # take its time, or look at the lock, without stalling
+                                # a release.
+                                st.cond.release()
+                                try:
+                                    stop = gave_up()
+                                finally:
+                                    st.cond.acquire()
+                                if stop:
+                                    raise WaitAbandoned(self.path, timeout=wait)
+                                if st.hold is mine:
+                                    break
+                                remaining = min(remaining, GIVE_UP_POLL)
+                            st.cond.wait(min(remaining, MAX_WAIT_SLICE))
+                    except BaseException:
+                        # Whatever ended the wait (a timeout, KeyboardInterrupt, an
+                        # error in gave_up): leave the queue, and pass on a turn
+                        # handed to us meanwhile.
+                        if st.hold is mine:
+                            st.pass_turn_locked()
+                        else:
+                            with contextlib.suppress(ValueError):
+                                st.waiting.remove(mine)
+                        raise
             held = self._acquire_dir(deadline, wait, st.queue, gave_up)
         except BaseException:
-            st.pass_turn()
+            with st.cond:
+                if mine is not None and st.hold is mine:
+                    st.pass_turn_locked()
+                elif mine is not None:
+                    with contextlib.suppress(ValueError):
+                        st.waiting.remove(mine)
             raise
+        assert mine is not None  # the reentrant case returned above
         try:
             with st.cond:
                 st.held = held
