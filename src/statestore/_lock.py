@@ -496,6 +496,7 @@ class DirectoryLock(contextlib.ContextDecorator):
                             with contextlib.suppress(ValueError):
                                 st.waiting.remove(mine)
                         raise
+            assert mine is not None  # the reentrant case returned above
             held = self._acquire_dir(deadline, wait, st.queue, gave_up)
         except BaseException:
             with st.cond:
@@ -505,7 +506,6 @@ class DirectoryLock(contextlib.ContextDecorator):
                     with contextlib.suppress(ValueError):
                         st.waiting.remove(mine)
             raise
-        assert mine is not None  # the reentrant case returned above
         try:
             with st.cond:
                 st.held = held
