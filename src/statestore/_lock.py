@@ -38,7 +38,9 @@ Protocol (``docs/locking.md`` has the full story, ``spec/`` a checked model):
   its known entries and ``rmdir`` (``_claim.py``), never by a recursive delete.
 * **Bad records are garbage.** An owner record or claim with a field of the
   wrong type or out of range is unusable, judged by its age like a record
-  that does not parse; no such value reaches a system call.
+  that does not parse; no such value reaches a system call. So a lock never
+  writes one: a ``lease`` that is not a finite number in ``(0, MAX_LEASE]``
+  is a ``ValueError`` when the lock is built.
 
 Claims and moving instances aside live in ``_claim.py``; the per-process state
 of lock paths and the heartbeat thread in ``_lease.py``; the owner record in
@@ -103,6 +105,8 @@ __all__ = [
 log = logging.getLogger("statestore")
 
 DEFAULT_LEASE: Final = 30.0
+#: The longest lease: one an owner record can carry (its times end at 10**12 s).
+MAX_LEASE: Final = 1e9
 #: A lock directory without a readable owner record is "being created" for this long.
 CREATE_GRACE: Final = 2.0
 #: Extra time granted to holders on other hosts, whose clocks may disagree with ours.
@@ -162,10 +166,19 @@ def wait_time(timeout: float | None, default: float, blocking: bool = True) -> f
     """Seconds to wait: ``timeout`` (``default`` when None); negative or ``inf``: forever."""
     if not blocking:
         return 0.0
-    seconds = float(default if timeout is None else timeout)
+    seconds = _seconds(default if timeout is None else timeout)
     if math.isnan(seconds):
         raise ValueError("timeout must be a number of seconds (negative: wait forever), not NaN")
-    return math.inf if seconds < 0 else seconds
+    return math.inf if seconds < 0 else seconds + 0.0  # + 0.0: no "-0 s" in messages
+
+
+def _seconds(value: float) -> float:
+    """``value`` as a float; an int too large for one (``10**400``) is +-inf, not an
+    ``OverflowError``."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 class AcquiredLock:
@@ -267,7 +280,9 @@ class DirectoryLock(contextlib.ContextDecorator):
       returning true or raising, a ``KeyboardInterrupt`` or any other exception
       while queued removes the waiter from the queue (a turn already handed to
       it is passed on), so nobody waits for a waiter that left and a later
-      :meth:`acquire` really takes the lock. Waits are sliced, so no timeout,
+      :meth:`acquire` really takes the lock. From the moment a thread is given
+      the path's turn until it holds the directory, one handler gives the turn
+      back, so no interrupt in between can strand it. Waits are sliced, so no timeout,
       ``inf`` included, can overflow a system call.
     * **Release is harmless when there is nothing to release**: :meth:`release`
       on a thread that holds no level taken through this object, a second
@@ -288,9 +303,11 @@ class DirectoryLock(contextlib.ContextDecorator):
 
     def _setup(self, path: str, timeout: float, lease: float, follows: str | None) -> None:
         _check_lock_path(path)
-        if lease <= 0:
-            raise ValueError("lease must be positive")
-        if math.isnan(float(timeout)):
+        # A lease the owner record cannot carry (NaN, inf, past its range) would make
+        # every other process read our record as garbage and break a live lock.
+        if not 0 < _seconds(lease) <= MAX_LEASE:
+            raise ValueError(f"lease must be a number of seconds in (0, {MAX_LEASE:g}]")
+        if math.isnan(_seconds(timeout)):
             raise ValueError(
                 "timeout must be a number of seconds (negative: wait forever), not NaN"
             )
@@ -417,62 +434,77 @@ class DirectoryLock(contextlib.ContextDecorator):
     ) -> _lease.Hold:
         st = self._st
         deadline = time.monotonic() + wait
-        with st.cond:
-            hold = st.hold
-            if (
-                thread is not None
-                and hold is not None
-                and hold.thread == thread
-                and hold.count
-                and hold.pid == _lease.PID
-            ):
-                hold.count += 1
-                return hold
-            mine = _lease.Hold(thread, task)
-            # Other threads of this process wait here, not on the file system.
-            if hold is None and not st.waiting:
-                st.hold = mine
-            else:
-                st.waiting.append(mine)
-                log.debug("waiting for lock %s: another thread of this process holds it", self.path)
-                try:
-                    while st.hold is not mine:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            held = st.held
-                            raise LockTimeout(
-                                self.path,
-                                timeout=wait,
-                                holder=held.owner.describe() if held else None,
-                                alive=True,
-                            )
-                        if gave_up is not None:
-                            # Asked without the state's mutex: a cancel_check may take
-                            # its time, or look at the lock, without stalling a release.
-                            st.cond.release()
-                            try:
-                                stop = gave_up()
-                            finally:
-                                st.cond.acquire()
-                            if stop:
-                                raise WaitAbandoned(self.path, timeout=wait)
-                            if st.hold is mine:
-                                break
-                            remaining = min(remaining, GIVE_UP_POLL)
-                        st.cond.wait(min(remaining, MAX_WAIT_SLICE))
-                except BaseException:
-                    # Whatever ended the wait (a timeout, KeyboardInterrupt, an error in
-                    # gave_up): leave the queue, and pass on a turn handed to us meanwhile.
-                    if st.hold is mine:
-                        st.pass_turn_locked()
-                    else:
-                        with contextlib.suppress(ValueError):
-                            st.waiting.remove(mine)
-                    raise
+        mine: _lease.Hold | None = None
+        # One protected region from taking the turn to the directory: an interrupt
+        # that lands between the two (after the turn is ours, before a try that would
+        # give it back) would leave the turn with nobody, and every later acquire of
+        # the path in this process would wait for it.
         try:
+            with st.cond:
+                hold = st.hold
+                if (
+                    thread is not None
+                    and hold is not None
+                    and hold.thread == thread
+                    and hold.count
+                    and hold.pid == _lease.PID
+                ):
+                    hold.count += 1
+                    return hold
+                mine = _lease.Hold(thread, task)
+                # Other threads of this process wait here, not on the file system.
+                if hold is None and not st.waiting:
+                    st.hold = mine
+                else:
+                    st.waiting.append(mine)
+                    log.debug(
+                        "waiting for lock %s: another thread of this process holds it", self.path
+                    )
+                    try:
+                        while st.hold is not mine:
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                held = st.held
+                                raise LockTimeout(
+                                    self.path,
+                                    timeout=wait,
+                                    holder=held.owner.describe() if held else None,
+                                    alive=True,
+                                )
+                            if gave_up is not None:
+                                # Asked without the state's mutex: a cancel_check may
+                                # take its time, or look at the lock, without stalling
+                                # a release.
+                                st.cond.release()
+                                try:
+                                    stop = gave_up()
+                                finally:
+                                    st.cond.acquire()
+                                if stop:
+                                    raise WaitAbandoned(self.path, timeout=wait)
+                                if st.hold is mine:
+                                    break
+                                remaining = min(remaining, GIVE_UP_POLL)
+                            st.cond.wait(min(remaining, MAX_WAIT_SLICE))
+                    except BaseException:
+                        # Whatever ended the wait (a timeout, KeyboardInterrupt, an
+                        # error in gave_up): leave the queue, and pass on a turn
+                        # handed to us meanwhile.
+                        if st.hold is mine:
+                            st.pass_turn_locked()
+                        else:
+                            with contextlib.suppress(ValueError):
+                                st.waiting.remove(mine)
+                        raise
+            assert mine is not None  # the reentrant case returned above
             held = self._acquire_dir(deadline, wait, st.queue, gave_up)
         except BaseException:
-            st.pass_turn()
+            with st.cond:
+                if mine is not None and st.hold is mine:
+                    st.pass_turn_locked()
+                elif mine is not None:
+                    with contextlib.suppress(ValueError):
+                        st.waiting.remove(mine)
             raise
         try:
             with st.cond:
