@@ -95,6 +95,7 @@ from ._owner import (
 
 __all__ = [
     "DEFAULT_LEASE",
+    "MAX_LEASE",
     "AcquiredLock",
     "DirectoryLock",
     "LockOwner",
