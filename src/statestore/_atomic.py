@@ -285,12 +285,14 @@ def write_atomic(
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     tmp = _temp_name(target)
     what = "create a temporary file"
+    made = False  # only a temp file this call created is ours to remove
     try:
         try:
             fd = os.open(tmp, flags, mode)
         except FileNotFoundError:
             os.makedirs(folder, exist_ok=True)
             fd = os.open(tmp, flags, mode)
+        made = True
         try:
             if old is not None:
                 what = "set the owner and mode of the temporary file"
@@ -310,8 +312,11 @@ def write_atomic(
         what = "rename the temporary file over the target"
         os.replace(tmp, target)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        # Not when the open failed: whatever holds the name then (another party's
+        # file or link, planted under a name it guessed) was not made here.
+        if made:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, StateStoreError):
             raise write_error(path, e, what) from e
         raise
