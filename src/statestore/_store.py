@@ -795,6 +795,11 @@ class StateStore(Generic[ModelT]):
             )
         return doc
 
+    def _parse(self, raw: bytes) -> _Loaded[ModelT]:
+        """Bytes to a validated model, as ``load()`` reads them and a save proves them."""
+        with _collector_paused():
+            return self._fast_load(raw) or self._from_doc(self._decode(raw), raw)
+
     def _load(self, read: Callable[[], bytes | None]) -> _Loaded[ModelT]:
         attempt = 1
         while True:
@@ -802,8 +807,7 @@ class StateStore(Generic[ModelT]):
             if raw is None:
                 return _Loaded(self._make_default(), None, self.version, None)
             try:
-                with _collector_paused():
-                    return self._fast_load(raw) or self._from_doc(self._decode(raw), raw)
+                return self._parse(raw)
             except StateCorruptError:
                 # A writer that does not rename atomically may be halfway through.
                 if attempt >= self._read_attempts:
@@ -974,8 +978,7 @@ class StateStore(Generic[ModelT]):
                 "Use None, or a finite number",
             )
         try:
-            with _collector_paused():
-                found = self._fast_load(data) or self._from_doc(self._decode(data), data)
+            found = self._parse(data)  # load()'s own path, so the proof is of what it reads
         except StateValidationError as e:
             raise StateValidationError(
                 location, f"{what} does not fit the model; {then}:\n{e.message}", errors=e.errors
