@@ -121,10 +121,7 @@ class FileSession:
         self.path = held.file or storage.path
 
     def read(self) -> bytes | None:
-        s = self._storage
-        data = read_bytes(self.path, s.max_size)
-        # Missing: the storage's rule decides whether it is new (see the module doc).
-        return data if data is not None else s._missing()
+        return self._storage._read_at(self.path)
 
     def write(self, data: bytes) -> None:
         s = self._storage
@@ -212,7 +209,12 @@ class FileStorage:
         return self.path
 
     def read(self) -> bytes | None:
-        data = read_bytes(self.path, self.max_size)
+        return self._read_at(self.path)
+
+    def _read_at(self, path: str) -> bytes | None:
+        """The bytes at ``path`` (this file, or a session's resolution of it), bounded;
+        when missing, the module's rule decides whether it is new."""
+        data = read_bytes(path, self.max_size)
         return data if data is not None else self._missing()
 
     def exists(self) -> bool:
