@@ -1,15 +1,28 @@
-"""AsyncStateStore: the asyncio face of StateStore.
+"""AsyncStateStore: the asyncio face of StateStore, driving the same transaction core.
 
-Every blocking step (file I/O, fsync, waiting for the lock) runs in a worker
-thread, so the event loop keeps running. The lock is owned by a *thread*
-(:class:`DirectoryLock` is reentrant and released per thread, and nesting is
-detected per thread), so each locked operation runs from acquire to release on
-one dedicated thread; code that must run on the event loop (an ``async def``
-function given to :meth:`AsyncStateStore.update`, the body of ``async with
-store.transaction()``) gets the loaded state handed over from that thread, and
-the thread commits or discards once it is told how the code ended.
+A locked operation is the transaction core's steps (``_transaction.py``), driven
+from the event loop: the storage's async session takes the lock without
+blocking the loop (tasks of one loop queue first come, first served, and only
+the task whose turn it is has a thread waiting for a lock held by another
+process), then each blocking step (read and validate, commit and fsync) runs on
+a worker thread, and the caller's code (an ``async def`` update function, the
+body of ``async with store.transaction()``) runs on the loop in between. The
+lock is held by a handle, not a thread, so no thread is dedicated to an
+operation.
 
-See ``docs/async.md`` for the threading model and what cancellation does.
+Cancellation. A task cancelled while it waits for the lock, or while its
+update function or block runs, writes nothing and leaves the lock free. A
+step already running on a worker thread finishes before the lock is let go
+(a read is short; a commit that has started is completed, then the task gets
+``CancelledError``), so a cancelled task never leaves a half-done step behind
+a released lock.
+
+Nesting is refused per task (a locked call inside a transaction of the same
+document or lock in the same task would wait for itself): the sync check is
+per thread, and the worker thread that runs a plain update function is marked
+too.
+
+See ``docs/async.md`` for what runs where and what cancellation does.
 """
 
 from __future__ import annotations
@@ -26,205 +39,143 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from ._errors import LockError, LockTimeout, NestedTransactionError
 from ._lock import DEFAULT_LEASE, AcquiredLock, DirectoryLock, WaitAbandoned, wait_time
 from ._migrate import MigrationReport, Migrations
 from ._schema import Draft
 from ._store import ModelT, StateStore
-from .backends import Storage
+from ._transaction import Transaction, entered
+from .backends import Storage, complete
 
-__all__ = ["AsyncAcquiredLock", "AsyncDirectoryLock", "AsyncStateStore"]
+__all__ = ["AsyncAcquiredLock", "AsyncDirectoryLock", "AsyncStateStore", "threaded_session"]
 
 T = TypeVar("T")
+S = TypeVar("S")
 
-#: The documents whose lock the current task holds through a transaction (or an
-#: ``async def`` update). The sync nesting check is per thread and cannot see a
-#: task: without this, a nested call would wait for the outer lock until timeout.
+#: The documents and locks the current task holds through a locked operation. The
+#: sync nesting check is per thread and cannot see a task: without this, a nested
+#: call would wait for the outer lock until its timeout.
 _inside: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "statestore_async_inside", default=frozenset()
 )
 
-#: How often a thread waiting for the event loop's verdict checks the loop still runs.
-_LOOP_CHECK: Final = 0.5
-
 
 class _Abandon(Exception):
-    """Raised inside the worker thread to leave the locked block without saving."""
+    """Raised on the worker thread to end a step without committing: the task gave up."""
 
 
-class _Verdict:
-    """What the event loop decided: commit ``value`` or abandon."""
+async def _step(fn: Callable[[], T]) -> T:
+    """Run a blocking step on a worker thread; when the task is cancelled meanwhile,
+    let the step finish (it may hold a file half-written) and then re-raise."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):  # the cancellation is what the caller asked about
+            await _finish(future)
+        raise
 
-    __slots__ = ("commit", "value")
 
-    def __init__(self, commit: bool, value: object = None) -> None:
-        self.commit = commit
-        self.value = value
-
-
-_ABANDON: Final = _Verdict(False)
-
-
-class _LockedCall(Generic[T]):
-    """One locked operation, run start to finish on its own thread.
-
-    The thread calls ``op``; ``op`` may call :meth:`hand_over` once it holds the
-    lock, to give the event loop a value (the loaded state) and wait for a verdict.
-    The outcome (``op``'s result, or its exception, or None when abandoned) is
-    delivered to the ``done`` future on the loop.
-
-    The point of no return is the verdict (or, for work done wholly in the thread,
-    the end of that work): before it, abandoning writes nothing; after it, the
-    thread finishes the commit and a cancelled caller waits for that.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
-        self._loop = loop
-        self._name = name
-        self.handed: asyncio.Future[Any] = loop.create_future()
-        self.done: asyncio.Future[T | None] = loop.create_future()
-        self._verdict: concurrent.futures.Future[_Verdict] = concurrent.futures.Future()
-        # Set once the thread is past the lock wait: abandoning from then on is quick
-        # (a release), so a cancelled caller waits for it and leaves the lock free.
-        self.holding = threading.Event()
-
-    # ------------------------------------------------------------ thread side
-
-    def start(
-        self, op: Callable[[_LockedCall[T]], T], lock: DirectoryLock | None, timeout: float
-    ) -> None:
-        def run() -> None:
-            try:
-                if lock is None:
-                    # The storage locks inside ``op``, out of sight: count the wait as
-                    # held, so that a cancelled caller waits for the thread to finish.
-                    self.holding.set()
-                    result = op(self)
-                else:
-                    # Take the store's (reentrant) lock first, so that a caller who
-                    # gives up while we wait stops the wait (WaitAbandoned), and one
-                    # who gave up just as we got the lock is noticed before any read.
-                    held = lock._acquire(timeout, self.gave_up)
-                    try:
-                        self.holding.set()
-                        self.check()
-                        result = op(self)
-                    finally:
-                        held.release()
-            except (_Abandon, WaitAbandoned):
-                self._post(self.done, None)
-            except BaseException as e:  # delivered to the awaiting task
-                self._post(self.done, None, e)
-            else:
-                self._post(self.done, result)
-
-        threading.Thread(target=run, name=self._name).start()
-
-    def gave_up(self) -> bool:
-        """Whether the caller abandoned this call (thread side)."""
-        return self._verdict.done() and not self._verdict.result().commit
-
-    def check(self) -> None:
-        """Raise :class:`_Abandon` if the caller gave up (thread side)."""
-        self.holding.set()
-        if self.gave_up():
-            raise _Abandon
-
-    def hand_over(self, value: object) -> object:
-        """Give ``value`` to the event loop; return the value to commit (thread side)."""
-        self.check()
-        if not self._post(self.handed, value):
-            raise _Abandon  # the event loop is gone
-        while True:
-            try:
-                verdict = self._verdict.result(timeout=_LOOP_CHECK)
-            except concurrent.futures.TimeoutError:
-                # A loop closed without finishing the task would never answer.
-                if self._loop.is_closed():
-                    raise _Abandon from None
-                continue
-            if not verdict.commit:
-                raise _Abandon
-            return verdict.value
-
-    def _post(
-        self, future: asyncio.Future[Any], value: object, error: BaseException | None = None
-    ) -> bool:
-        def settle() -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
-
+async def _finish(future: asyncio.Future[Any]) -> None:
+    """Wait for ``future`` even if cancelled again meanwhile."""
+    while not future.done():
         try:
-            self._loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the loop is closed
-            return False
-        return True
-
-    # ------------------------------------------------------------- loop side
-
-    async def wait_handed(self) -> tuple[bool, object]:
-        """Wait for the hand-over, or for the end: ``(True, value)`` or ``(False, result)``.
-
-        Cancelled while the thread still waits for the lock, this returns at once
-        (the thread stops waiting within ``GIVE_UP_POLL``, or lets the lock go as
-        soon as it gets it, without reading or writing); cancelled later, it
-        first waits for the thread to let go.
-        """
-        try:
-            await asyncio.wait((self.handed, self.done), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.shield(future)
         except asyncio.CancelledError:
-            self.abandon()
-            if self.holding.is_set():
-                try:
-                    # The cancellation is what the caller gets, not an error of the thread.
-                    with contextlib.suppress(Exception):
-                        await self.finish()
-                finally:
-                    if self.handed.done() and inspect.iscoroutine(self.handed.result()):
-                        self.handed.result().close()  # handed over, never to be awaited
-            else:
-                # Nobody will read the outcome: mark it read so it is not logged.
-                self.done.add_done_callback(_consume)
-            raise
-        if self.handed.done():
-            return True, self.handed.result()
-        return False, self.done.result()
+            continue
+    future.result()
 
-    def commit(self, value: object) -> None:
-        self._verdict.set_result(_Verdict(True, value))
 
-    def abandon(self) -> None:
-        if not self._verdict.done():
-            self._verdict.set_result(_ABANDON)
+@contextlib.asynccontextmanager
+async def threaded_session(
+    open_session: Callable[[float], AbstractContextManager[S]],
+    identity: str,
+    location: str,
+    timeout: float,
+) -> AsyncIterator[S]:
+    """A storage's blocking session for asyncio.
 
-    async def finish(self) -> T | None:
-        """The thread's outcome, waited for even through cancellation.
+    For storages whose lock wait is itself a blocking call (a database's lock
+    timeout bounds it). Tasks of one loop take turns per document first (so at
+    most one thread per document waits, and the executor's threads stay free
+    for the steps of the task that holds the lock); the session is opened on a
+    thread of its own and closed on a worker thread. A task cancelled while the
+    session opens gets its ``CancelledError`` at once; the session is closed
+    (rolled back) as soon as the opening finishes.
+    """
+    loop = asyncio.get_running_loop()
+    wait = wait_time(None, timeout)
+    deadline = loop.time() + wait
+    gate = _gate(identity)
+    if not await gate.enter(wait):
+        raise LockTimeout(
+            location,
+            f"could not acquire the lock within {timeout:g} s: other tasks of this event "
+            f"loop (pid {os.getpid()}) held it or were ahead in the queue",
+            timeout=timeout,
+        )
+    try:
+        left = max(deadline - loop.time(), 0.0) if math.isfinite(wait) else timeout
+        cm = open_session(left)
+        opened: concurrent.futures.Future[S] = concurrent.futures.Future()
 
-        Cancellation is re-raised once the thread has finished: past the point of
-        no return the commit completes, and the lock is free when the caller sees
-        the CancelledError.
-        """
-        cancelled: asyncio.CancelledError | None = None
-        while not self.done.done():
+        def enter() -> None:
             try:
-                await asyncio.wait((self.done,))
-            except asyncio.CancelledError as e:
-                cancelled = e
-                self.abandon()  # a no-op past the point of no return
-        if cancelled is not None:
-            self.done.add_done_callback(_consume)
-            raise cancelled
-        return self.done.result()
+                opened.set_result(cm.__enter__())
+            except BaseException as e:
+                opened.set_exception(e)
+
+        threading.Thread(target=enter, name="statestore-session-wait", daemon=True).start()
+        future = asyncio.wrap_future(opened)
+        try:
+            session = await asyncio.shield(future)
+        except asyncio.CancelledError:
+
+            def close(done: asyncio.Future[S]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    cm.__exit__(asyncio.CancelledError, None, None)
+
+            opened.add_done_callback(close)  # type: ignore[arg-type]
+            future.add_done_callback(_consume)
+            raise
+        try:
+            yield session
+        except BaseException as e:
+            await _finish(
+                asyncio.ensure_future(asyncio.to_thread(cm.__exit__, type(e), e, e.__traceback__))
+            )
+            raise
+        await _finish(asyncio.ensure_future(asyncio.to_thread(cm.__exit__, None, None, None)))
+    finally:
+        gate.leave()
+
+
+class _Once(AbstractAsyncContextManager[T]):
+    """An async context manager that can be entered once, and says so the second time."""
+
+    def __init__(self, cm: AbstractAsyncContextManager[T]) -> None:
+        self._cm = cm
+        self._entered = False
+
+    async def __aenter__(self) -> T:
+        if self._entered:
+            raise RuntimeError("a transaction() can be entered only once; call transaction() again")
+        self._entered = True
+        return await self._cm.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._cm.__aexit__(exc_type, exc, tb)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -307,9 +258,8 @@ class AsyncStateStore(Generic[ModelT]):
     >>> async with store.transaction() as state:  # doctest: +SKIP
     ...     state.count += 1
 
-    File I/O, fsync and lock waits run in worker threads; each locked operation
-    runs on one thread from acquire to release. ``fn`` and transaction blocks may
-    await; the lock is held meanwhile.
+    File I/O, fsync and lock waits never block the event loop. ``fn`` and
+    transaction blocks may await; the lock is held meanwhile.
     """
 
     def __init__(
@@ -344,6 +294,7 @@ class AsyncStateStore(Generic[ModelT]):
             max_size=max_size,
             missing_wait=missing_wait,
         )
+        self._storage = complete(self._store.storage)
 
     @classmethod
     def from_store(cls, store: StateStore[ModelT]) -> AsyncStateStore[ModelT]:
@@ -352,6 +303,7 @@ class AsyncStateStore(Generic[ModelT]):
             raise TypeError(f"from_store() needs a StateStore, not {type(store).__name__}")
         self = cls.__new__(cls)
         self._store = store
+        self._storage = complete(store.storage)
         return self
 
     def __repr__(self) -> str:
@@ -403,14 +355,9 @@ class AsyncStateStore(Generic[ModelT]):
 
     async def save(self, state: ModelT) -> None:
         """Validate ``state`` and write it, under the lock (see :meth:`StateStore.save`)."""
-        store = self._store
-        self._not_nested("save()")
-
-        def op(call: _LockedCall[None]) -> None:
-            store.save(state)
-
-        call: _LockedCall[None] = await self._start("save", op)
-        await self._run_in_thread(call)
+        self._store.document.check_type(state, "save()")
+        async with self._begin("save()") as txn:
+            await _step(lambda: txn.save(state))
 
     async def update(
         self, fn: Callable[[ModelT], ModelT | Awaitable[ModelT | None] | None]
@@ -418,51 +365,62 @@ class AsyncStateStore(Generic[ModelT]):
         """Load, apply ``fn``, validate and save, all under the lock; return what was saved.
 
         ``fn`` returns a new model, or None after changing the one it was given. A
-        plain function runs in the worker thread; an ``async def`` function runs on
-        the event loop, in this task, while the thread holds the lock. If ``fn``
-        raises (or this task is cancelled before ``fn`` returns), nothing is written.
+        plain function runs on a worker thread; an ``async def`` function runs on
+        the event loop, in this task. If ``fn`` raises (or this task is cancelled
+        before ``fn`` returns), nothing is written.
         """
-        store = self._store
-        self._not_nested("update()")
-        on_loop = _is_async(fn)
-        name = getattr(fn, "__qualname__", "fn")
+        async with self._begin("update()") as txn:
+            if not _is_async(fn):
+                return await self._update_in_thread(txn, fn)
+            state = await _step(lambda: txn.begin(shed=True))
+            try:
+                result = await cast(Awaitable[ModelT | None], fn(state))
+            except BaseException:
+                txn.abort()
+                raise
+            return await _step(lambda: txn.finish(fn, result))
 
-        def op(call: _LockedCall[ModelT]) -> ModelT:
-            def bridge(state: ModelT) -> ModelT | None:
-                if on_loop:
-                    return call.hand_over(state)  # type: ignore[return-value]  # update() checks it
-                call.check()
+    async def _update_in_thread(
+        self, txn: Transaction[ModelT], fn: Callable[[ModelT], Any]
+    ) -> ModelT:
+        """A plain ``fn``: load, ``fn`` and commit in one hop to a worker thread."""
+        gave_up = threading.Event()
+        keys = self._keys
+        location = self.location
+
+        def run() -> tuple[bool, object]:
+            state = txn.begin(shed=True)
+            if gave_up.is_set():
+                raise _Abandon
+            with entered(keys, location, "a blocking call in update()'s function"):
                 result = fn(state)
-                if inspect.isawaitable(result):  # a plain function that returned a coroutine
-                    try:
-                        return call.hand_over(result)  # type: ignore[return-value]
-                    except BaseException:
-                        _close(result)
-                        raise
-                call.check()  # the caller gave up while fn ran: do not commit
-                return result
+            del state
+            if inspect.isawaitable(result):  # a plain function that returned a coroutine
+                return False, result
+            if gave_up.is_set():  # the task was cancelled while fn ran: do not commit
+                raise _Abandon
+            return True, txn.finish(fn, result)
 
-            bridge.__qualname__ = name  # update() names fn when it returns a wrong type
-            return store.update(bridge)
-
-        call: _LockedCall[ModelT] = await self._start("update", op)
-        handed, value = await call.wait_handed()
-        if not handed:
-            return cast(ModelT, value)  # fn ran wholly in the thread
-        token = _inside.set(_inside.get() | self._keys)
+        future = asyncio.ensure_future(asyncio.to_thread(run))
         try:
-            # The state for an ``async def`` fn; the awaitable a plain fn returned.
-            result = fn(cast(ModelT, value)) if on_loop else value
-            if inspect.isawaitable(result):
-                result = await result
-        except BaseException:
-            call.abandon()
-            await call.finish()
+            done, value = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            gave_up.set()
+            with contextlib.suppress(BaseException):
+                await _finish(future)
+            finished = future.done() and not future.cancelled() and future.exception() is None
+            if finished and not future.result()[0]:
+                _close(future.result()[1])
             raise
-        finally:
-            _inside.reset(token)
-        call.commit(result)
-        return cast(ModelT, await call.finish())
+        if done:
+            return cast(ModelT, value)
+        # The awaitable runs on the loop, as an ``async def`` fn would.
+        try:
+            result = await cast(Awaitable[ModelT | None], value)
+        except BaseException:
+            txn.abort()
+            raise
+        return await _step(lambda: txn.finish(fn, result))
 
     def transaction(self) -> AbstractAsyncContextManager[ModelT]:
         """``async with store.transaction() as state:`` load under the lock; saved on normal exit.
@@ -470,25 +428,46 @@ class AsyncStateStore(Generic[ModelT]):
         An exception inside the block (``asyncio.CancelledError`` too) discards
         the changes and writes nothing. The lock is held while the block runs.
         """
-        return _Transaction(self)
+        return _Once(self._transaction())
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[ModelT]:
+        async with self._begin("transaction()") as txn:
+            state = await _step(txn.begin)
+            try:
+                yield state
+            except BaseException:
+                txn.abort()
+                raise
+            await _step(lambda: txn.commit(state))
 
     async def migrate(self, *, dry_run: bool = False) -> MigrationReport:
         """Upgrade the file to this store's version, under the lock, keeping a backup."""
-        store = self._store
-        self._not_nested("migrate()")
-
-        def op(call: _LockedCall[MigrationReport]) -> MigrationReport:
-            return store.migrate(dry_run=dry_run)
-
-        call: _LockedCall[MigrationReport] = await self._start("migrate", op)
-        report = await self._run_in_thread(call)
-        assert report is not None
-        return report
+        async with self._begin("migrate()") as txn:
+            return await _step(lambda: txn.migrate(dry_run=dry_run))
 
     # ---------------------------------------------------------------- internals
 
-    def _not_nested(self, what: str) -> None:
-        if self._keys & _inside.get():
+    @property
+    def _keys(self) -> frozenset[str]:
+        """What a locked operation of this store takes: its document, and its lock
+        (the async lock is not reentrant, so a nested call on another document of
+        the same lock would wait for itself too)."""
+        storage = self._storage
+        lock = storage.lock
+        keys = {storage.identity}
+        if lock is not None:
+            keys.add(
+                os.path.join(
+                    os.path.realpath(os.path.dirname(lock.path)), os.path.basename(lock.path)
+                )
+            )
+        return frozenset(keys)
+
+    @contextlib.asynccontextmanager
+    async def _begin(self, what: str) -> AsyncIterator[Transaction[ModelT]]:
+        keys = self._keys
+        if keys & _inside.get():
             raise NestedTransactionError(
                 self.location,
                 f"{what} called inside a transaction on the same file or lock, in the "
@@ -496,97 +475,13 @@ class AsyncStateStore(Generic[ModelT]):
                 "for, and its commit would overwrite the result. Change the state "
                 "yielded by the transaction instead",
             )
-
-    @property
-    def _keys(self) -> frozenset[str]:
-        """What a locked operation of this store takes: its document, and its lock."""
-        lock = self._store.lock
-        return frozenset((self._store._key, lock._key)) if lock else frozenset((self._store._key,))
-
-    async def _start(self, what: str, op: Callable[[_LockedCall[T]], T]) -> _LockedCall[T]:
-        """Wait for this task's turn at the lock, then start ``op`` on its own thread."""
         store = self._store
-        lock = store.lock
-        loop = asyncio.get_running_loop()
-        wait = wait_time(None, store.timeout)  # negative or inf: forever, as for the lock
-        deadline = loop.time() + wait
-        gate = _gate(lock._key if lock else store._key)
-        if not await gate.enter(wait):
-            raise LockTimeout(
-                lock.path if lock else self.location,
-                f"could not acquire the lock within {store.timeout:g} s: other tasks of "
-                f"this event loop (pid {os.getpid()}) held it or were ahead in the queue",
-                timeout=store.timeout,
-            )
-        try:
-            call: _LockedCall[T] = _LockedCall(
-                loop, f"statestore {what} {os.path.basename(self.location)}"
-            )
-            # The turn passes on once the thread has let go of the lock.
-            call.done.add_done_callback(lambda _: gate.leave())
-            call.start(op, lock, max(deadline - loop.time(), 0.0))
-        except BaseException:
-            gate.leave()
-            raise
-        return call
-
-    @staticmethod
-    async def _run_in_thread(call: _LockedCall[T]) -> T | None:
-        """Await an operation that never hands over: cancellable until the lock is held."""
-        handed, value = await call.wait_handed()
-        assert not handed
-        return value  # type: ignore[return-value]
-
-
-class _Transaction(AbstractAsyncContextManager[ModelT]):
-    """The context manager :meth:`AsyncStateStore.transaction` returns (single use)."""
-
-    def __init__(self, store: AsyncStateStore[ModelT]) -> None:
-        self._store = store
-        self._call: _LockedCall[ModelT] | None = None
-        self._token: contextvars.Token[frozenset[str]] | None = None
-
-    async def __aenter__(self) -> ModelT:
-        if self._call is not None:
-            raise RuntimeError("a transaction() can be entered only once; call transaction() again")
-        store = self._store
-        store._not_nested("transaction()")
-        sync = store.sync
-
-        def op(call: _LockedCall[ModelT]) -> ModelT:
-            def bridge(state: ModelT) -> None:
-                call.hand_over(state)  # the block changes ``state`` in place
-
-            bridge.__qualname__ = "transaction()"
-            return sync.update(bridge)
-
-        self._call = call = await store._start("transaction", op)
-        handed, value = await call.wait_handed()
-        assert handed, "the transaction ended before the state was handed over"
-        self._token = _inside.set(_inside.get() | store._keys)
-        return value  # type: ignore[return-value]
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        call = self._call
-        assert call is not None and self._token is not None, "__aexit__ without __aenter__"
-        _inside.reset(self._token)
-        if exc is None:
-            call.commit(None)
-            await call.finish()
-            return
-        call.abandon()
-        try:
-            await call.finish()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:  # letting go of the lock failed
-            e.__context__ = exc
-            raise
+        async with self._storage.async_session(store.timeout) as session:
+            token = _inside.set(_inside.get() | keys)
+            try:
+                yield Transaction(store.document, session)
+            finally:
+                _inside.reset(token)
 
 
 class AsyncDirectoryLock(contextlib.AsyncContextDecorator):
@@ -620,6 +515,14 @@ class AsyncDirectoryLock(contextlib.AsyncContextDecorator):
         #: The underlying lock (blocking: not for use on the event loop).
         self.sync = DirectoryLock(path, timeout=timeout, lease=lease)
         self._entered: list[tuple[object, AsyncAcquiredLock]] = []
+
+    @classmethod
+    def over(cls, lock: DirectoryLock) -> AsyncDirectoryLock:
+        """The asyncio face of an existing :class:`DirectoryLock` (the same lock)."""
+        self = cls.__new__(cls)
+        self.sync = lock
+        self._entered = []
+        return self
 
     def __repr__(self) -> str:
         return f"Async{self.sync!r}"

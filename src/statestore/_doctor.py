@@ -47,13 +47,11 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Final
 
-from pydantic import BaseModel, ConfigDict
-
 from ._atomic import abandoned_temp_files, read_bytes, sweep_temp_files
 from ._claim import remove_leftover
+from ._document import decode
 from ._errors import LockError, LockTimeout, StateCorruptError, StateReadError
 from ._lock import DirectoryLock
-from ._store import StateStore
 from .backends.file import QUARANTINE, quarantined_copies
 
 __all__ = ["doctor"]
@@ -89,10 +87,6 @@ _FIX_ORDER: Final = (
 _FOR_A_PERSON: Final = ("unreadable", "quarantined")
 
 
-class _AnyDocument(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
 @dataclass(frozen=True)
 class Finding:
     """One thing the doctor noticed in the folder."""
@@ -114,7 +108,7 @@ def _parse_problem(path: str) -> Finding | None:
         return None  # gone since the listing
     try:
         # The store's own reading rules (and messages), without a model to validate against.
-        StateStore(_AnyDocument, path)._decode(raw)
+        decode(raw, path)
     except StateCorruptError as e:
         where = f"line {e.line}, column {e.column}: " if e.line is not None else ""
         detail = e.message.removesuffix("; the file was left untouched")

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, TypeAdapter
 
-from ._migrate import VERSION_KEY
+from ._document import SCHEMA_KEY, VERSION_KEY
 from ._owner import FORMAT, FORMAT_VERSION, LockOwner
 from ._owner import LIMITS as OWNER_LIMITS
 
@@ -51,9 +51,6 @@ DIALECTS: Final[dict[Draft, str]] = {
     "2020-12": "https://json-schema.org/draft/2020-12/schema",
     "07": "http://json-schema.org/draft-07/schema#",
 }
-#: The key that names a document's schema, in the document and in the schema itself.
-SCHEMA_KEY: Final = "$schema"
-
 # Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
 # Everything else (default, const, enum, examples, ...) is data and is left alone.
 _ONE: Final = frozenset(

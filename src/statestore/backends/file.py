@@ -41,8 +41,8 @@ import re
 import shlex
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Final
 
 from .._atomic import DEFAULT_MAX_SIZE, read_bytes, resolve_target, sweep_temp_files, write_atomic
@@ -178,17 +178,22 @@ class FileSession:
 
 
 class FileStorage:
-    """A state file at ``path``, guarded by ``lock``.
+    """A state file at ``path``, guarded by a directory lock.
 
-    ``max_size``: the largest file read (bytes). ``missing_wait``: how long a read
-    waits for a file that an editor is saving (see the module's docstring).
+    ``lock``: None (the default) for the lock beside the file (``<file>.lock``,
+    next to the file a symbolic link points to, resolved again at every locked
+    operation), a path for a lock directory of the caller's choice, or a
+    :class:`DirectoryLock` to share. ``timeout`` is the lock's default wait.
+    ``max_size``: the largest file read (bytes). ``missing_wait``: how long a
+    read waits for a file that an editor is saving (see the module's docstring).
     """
 
     def __init__(
         self,
-        path: str,
-        lock: DirectoryLock,
+        path: str | os.PathLike[str],
+        lock: DirectoryLock | str | os.PathLike[str] | None = None,
         *,
+        timeout: float = 10.0,
         durable: bool = True,
         max_size: int = DEFAULT_MAX_SIZE,
         missing_wait: float = MISSING_WAIT,
@@ -197,8 +202,19 @@ class FileStorage:
             raise ValueError(f"max_size must be a positive number of bytes, not {max_size!r}")
         if not missing_wait >= 0:
             raise ValueError(f"missing_wait must be a number of seconds >= 0, not {missing_wait!r}")
-        self.path = path
-        self.lock = lock
+        self.path = os.path.abspath(os.fspath(path))
+        if lock is None:
+            # Next to the file a symlink points to, so that stores opened through
+            # the link and through the target share one lock; resolved again for
+            # every locked operation, so that a link switched meanwhile takes the
+            # lock of the file the operation really reads and writes.
+            lock = DirectoryLock.for_file(self.path, timeout=timeout)
+        elif not isinstance(lock, DirectoryLock):
+            lock = DirectoryLock(lock, timeout=timeout)
+        self.lock: DirectoryLock = lock
+        #: The file, resolved through links when the storage is made: two stores of
+        #: one file share it (the nesting check's key).
+        self.identity = os.path.realpath(self.path)
         self.durable = durable
         self.max_size = max_size
         self.missing_wait = float(missing_wait)
@@ -305,10 +321,28 @@ class FileStorage:
         # thread (a transaction ended by a thread pool) still releases it.
         held = self.lock.acquire(timeout)
         try:
-            if not self._swept:
-                # Once per store and process: temp files of writers that died.
-                sweep_temp_files(self.path)
-                self._swept = True
+            self._sweep()
             yield FileSession(self, held)
         finally:
             held.release()
+
+    @asynccontextmanager
+    async def async_session(self, timeout: float) -> AsyncIterator[FileSession]:
+        # Imported here: a program that never uses asyncio does not import it.
+        import asyncio
+
+        from .._async import AsyncDirectoryLock
+
+        level = await AsyncDirectoryLock.over(self.lock).acquire(timeout)
+        try:
+            if not self._swept:
+                await asyncio.to_thread(self._sweep)
+            yield FileSession(self, level.handle)
+        finally:
+            await level.release()
+
+    def _sweep(self) -> None:
+        if not self._swept:
+            # Once per store and process: temp files of writers that died.
+            sweep_temp_files(self.path)
+            self._swept = True

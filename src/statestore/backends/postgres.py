@@ -36,7 +36,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from types import TracebackType
 from typing import Any, Final
 
@@ -412,6 +412,22 @@ class PostgresStorage:
     def location(self) -> str:
         """``postgresql://host:port/dbname#table/key``: no user name, no password."""
         return f"{self._base}#{self._qualified.replace(chr(34), '')}/{self.key}"
+
+    @property
+    def identity(self) -> str:
+        """The document: server, database, table and key (no user name)."""
+        return self.location
+
+    @property
+    def lock(self) -> None:
+        """No lock object: each session takes the key's advisory lock itself."""
+        return None
+
+    def async_session(self, timeout: float) -> AbstractAsyncContextManager[PostgresSession]:
+        """:meth:`session` for asyncio: each blocking step on a worker thread."""
+        from .._async import threaded_session  # asyncio only for programs that use it
+
+        return threaded_session(self.session, self.identity, self.location, timeout)
 
     @property
     def lock_id(self) -> int:
