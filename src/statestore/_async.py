@@ -50,7 +50,7 @@ from ._lock import DEFAULT_LEASE, AcquiredLock, DirectoryLock, WaitAbandoned, wa
 from ._migrate import MigrationReport, Migrations
 from ._schema import Draft
 from ._store import ModelT, StateStore
-from ._transaction import Transaction, entered
+from ._transaction import Transaction, entered, lock_identity, lock_key
 from .backends import Storage, complete
 
 __all__ = ["AsyncAcquiredLock", "AsyncDirectoryLock", "AsyncStateStore", "threaded_session"]
@@ -70,10 +70,17 @@ class _Abandon(Exception):
     """Raised on the worker thread to end a step without committing: the task gave up."""
 
 
+def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """``fn`` on a worker thread of the loop's executor, in a copy of this context
+    (``asyncio.to_thread`` without the task around it)."""
+    context = contextvars.copy_context()
+    return asyncio.get_running_loop().run_in_executor(None, context.run, fn)
+
+
 async def _step(fn: Callable[[], T]) -> T:
     """Run a blocking step on a worker thread; when the task is cancelled meanwhile,
     let the step finish (it may hold a file half-written) and then re-raise."""
-    future = asyncio.ensure_future(asyncio.to_thread(fn))
+    future = _in_thread(fn)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -147,11 +154,12 @@ async def threaded_session(
         try:
             yield session
         except BaseException as e:
+            failed = e
             await _finish(
-                asyncio.ensure_future(asyncio.to_thread(cm.__exit__, type(e), e, e.__traceback__))
+                _in_thread(lambda: cm.__exit__(type(failed), failed, failed.__traceback__))
             )
             raise
-        await _finish(asyncio.ensure_future(asyncio.to_thread(cm.__exit__, None, None, None)))
+        await _finish(_in_thread(lambda: cm.__exit__(None, None, None)))
     finally:
         gate.leave()
 
@@ -401,7 +409,7 @@ class AsyncStateStore(Generic[ModelT]):
                 raise _Abandon
             return True, txn.finish(fn, result)
 
-        future = asyncio.ensure_future(asyncio.to_thread(run))
+        future = _in_thread(run)
         try:
             done, value = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -454,15 +462,10 @@ class AsyncStateStore(Generic[ModelT]):
         (the async lock is not reentrant, so a nested call on another document of
         the same lock would wait for itself too)."""
         storage = self._storage
-        lock = storage.lock
-        keys = {storage.identity}
-        if lock is not None:
-            keys.add(
-                os.path.join(
-                    os.path.realpath(os.path.dirname(lock.path)), os.path.basename(lock.path)
-                )
-            )
-        return frozenset(keys)
+        lock = lock_identity(storage.lock)
+        if lock is None:
+            return frozenset((storage.identity,))
+        return frozenset((storage.identity, lock_key(lock)))
 
     @contextlib.asynccontextmanager
     async def _begin(self, what: str) -> AsyncIterator[Transaction[ModelT]]:
@@ -575,7 +578,12 @@ class AsyncDirectoryLock(contextlib.AsyncContextDecorator):
                 timeout=wait,
             )
         try:
-            handle = await self._wait(lock, deadline, wait, task, cancel_check)
+            try:
+                # One try on the loop first (a few system calls): an uncontended
+                # acquire needs no thread at all.
+                handle = lock._take(0.0, None, None, task)
+            except LockTimeout:
+                handle = await self._wait(lock, deadline, wait, task, cancel_check)
         except BaseException:
             gate.leave()
             raise

@@ -54,7 +54,7 @@ from ._errors import LockError, LockTimeout, StateCorruptError, StateReadError
 from ._lock import DirectoryLock
 from .backends.file import QUARANTINE, quarantined_copies
 
-__all__ = ["doctor"]
+__all__ = ["doctor", "scan"]
 
 #: How long --fix waits for a state file's lock before leaving the file alone.
 LOCK_WAIT: Final = 2.0

@@ -21,7 +21,7 @@ from ._lock import DirectoryLock
 from ._migrate import MigrationReport, Migrations
 from ._schema import Draft, document_schema
 from ._shapes import check_model
-from ._transaction import Transaction, entered
+from ._transaction import Transaction, entered, lock_identity
 from .backends import Storage, complete
 from .backends.file import MISSING_WAIT, FileStorage
 
@@ -260,10 +260,11 @@ class StateStore(Generic[ModelT]):
     def _begin(self, what: str) -> Iterator[Transaction[ModelT]]:
         """A transaction in a session of the storage (its lock held), on this thread."""
         storage = self._storage
-        # Only the document: the file lock is reentrant per thread, so two stores
-        # that share one lock may nest (each commits its own file).
+        # The document, and the lock only as held by an async operation: the file
+        # lock is reentrant per thread, so two sync stores that share one lock may
+        # nest (each commits its own file).
         with (
-            entered((storage.identity,), storage.location, what),
+            entered((storage.identity,), storage.location, what, lock=lock_identity(storage.lock)),
             storage.session(self.timeout) as session,
         ):
             yield Transaction(self._doc, session)

@@ -29,6 +29,7 @@ rather than left waiting until the timeout.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -37,10 +38,11 @@ from typing import Generic
 
 from ._document import Document, Loaded, ModelT
 from ._errors import NestedTransactionError, StateNotFoundError
+from ._lock import DirectoryLock
 from ._migrate import MigrationReport
 from .backends import Session
 
-__all__ = ["Transaction", "entered"]
+__all__ = ["Transaction", "entered", "lock_identity", "lock_key"]
 
 # (thread, key) pairs inside a locked operation, across every store object in the
 # process: update() on a second store object for the same file would otherwise
@@ -61,22 +63,26 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextmanager
-def entered(keys: Iterable[str], location: str, what: str) -> Iterator[None]:
+def entered(
+    keys: Iterable[str], location: str, what: str, *, lock: str | None = None
+) -> Iterator[None]:
     """Mark this thread as inside a locked operation on ``keys`` for the block.
 
     Raises :class:`NestedTransactionError` at once if it already is inside one
-    on any of them. The marks are removed however the block ends, from whatever
-    thread ends it.
+    on any of them, or (``lock``: the key of the lock this operation takes) if
+    that lock is held for this thread's work by a holder it cannot reenter (an
+    async operation marks its lock so, with :func:`lock_key`). The marks are
+    removed however the block ends, from whatever thread ends it.
     """
     ident = threading.get_ident()
     marks = {(ident, k) for k in keys}
     with _active_lock:
-        if marks & _active:
+        if marks & _active or (lock is not None and (ident, lock_key(lock)) in _active):
             raise NestedTransactionError(
                 location,
                 f"{what} called inside a transaction on the same file or lock; the outer "
-                "transaction would overwrite its result. Change the state yielded by "
-                "the transaction instead",
+                "transaction would overwrite its result, or wait for itself. Change the "
+                "state yielded by the transaction instead",
             )
         _active.update(marks)
     try:
@@ -84,6 +90,22 @@ def entered(keys: Iterable[str], location: str, what: str) -> Iterator[None]:
     finally:
         with _active_lock:
             _active.difference_update(marks)
+
+
+def lock_identity(lock: DirectoryLock | None) -> str | None:
+    """A lock's path with its folder resolved: equal for every spelling of one lock."""
+    return None if lock is None else _resolved(lock.path)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(os.path.realpath(folder), name)
+
+
+def lock_key(lock: str) -> str:
+    """The mark of a lock held by a holder that is not reentrant for the marked thread."""
+    return "lock:" + lock
 
 
 class Transaction(Generic[ModelT]):
