@@ -252,6 +252,8 @@ def _lstat(path: str) -> os.stat_result | None:
         return os.lstat(path)
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise StateReadError(path, f"cannot look at it: {e.strerror or e}", errno=e.errno) from e
 
 
 def _kind(mode: int) -> str:
@@ -310,7 +312,8 @@ def _read_nofollow(path: str, max_size: int, what: str) -> bytes | None:
             raise
         raise StateReadError(path, f"cannot read the {what}: {e.strerror}", errno=e.errno) from e
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):  # read only: a failed close loses nothing
+            os.close(fd)
 
 
 # ------------------------------------------------------------------- the marker
@@ -350,7 +353,9 @@ def read_marker(folder: str | os.PathLike[str]) -> Marker:
         raise StateNotFoundError(
             path, "the folder is not declared as a state folder (no marker); declare it first"
         )
-    st = os.lstat(path)
+    st = _lstat(path)
+    if st is None:
+        raise StateNotFoundError(path, "the folder's marker vanished while being read")
     try:
         folder_uid = os.stat(folder).st_uid
     except OSError as e:
@@ -602,6 +607,11 @@ def _write_journal(
                 fsync_file(fd)
         finally:
             os.close(fd)
+        if sync:
+            # The names of the group's temporary files (and of this record) must be
+            # on disk before the record's own name: a power loss may keep a later
+            # change of names and lose an earlier one that no folder fsync covered.
+            fsync_dir(folder)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -767,7 +777,12 @@ def group_commit(
     folder = os.fspath(folder)
     names = list(changes)
     _check_names(folder, names, _lock_name(folder))
-    olds = {name: _regular_or_absent(os.path.join(folder, name)) for name in names}
+    try:
+        olds = {name: _regular_or_absent(os.path.join(folder, name)) for name in names}
+    except OSError as e:
+        if isinstance(e, StateWriteError):
+            raise
+        raise write_error(folder, e, "look at the documents") from e
     recover(folder)
     if not names:
         return read_journal(folder).gen
@@ -802,9 +817,19 @@ def group_commit(
         where = os.path.join(folder, JOURNAL)
         what = "write the journal's commit record"
         many = len(entries) > 1
-        _write_journal(
-            folder, gen, "pending", entries, sync=durable and many, sync_dir=durable and many
-        )
+        if many:
+            # The rename of the journal is the commit point: once it is done, the group
+            # is committed even if syncing the folder then fails (that is after, below).
+            _write_journal(folder, gen, "pending", entries, sync=durable, sync_dir=False)
+        else:
+            # One document: its rename is atomic and is the commit point itself. The
+            # generation moves first (a done record, not synced) so that the journal
+            # changes between any two commits, which is what readers rely on.
+            _write_journal(folder, gen, "done", entries, sync=False, sync_dir=False)
+            what = "rename the temporary file over its document"
+            where = os.path.join(folder, entries[0].name)
+            os.replace(os.path.join(folder, entries[0].temp), where)
+            made = []
     except BaseException as e:
         for tmp in made:
             with contextlib.suppress(OSError):
@@ -813,15 +838,19 @@ def group_commit(
             raise write_error(where, e, what) from e
         raise
     # The commit point is behind us: from here on the group is committed.
-    what = "rename a temporary file over its document"
+    what = "sync the folder after the commit record"
     try:
-        for entry in entries:
+        if durable and many:
+            fsync_dir(folder)
+        what = "rename a temporary file over its document"
+        for entry in entries if many else ():
             os.replace(os.path.join(folder, entry.temp), os.path.join(folder, entry.name))
         if durable:
             what = "sync the folder"
             fsync_dir(folder)
-        what = "mark the group done"
-        _write_journal(folder, gen, "done", entries, sync=False, sync_dir=False)
+        if many:
+            what = "mark the group done"
+            _write_journal(folder, gen, "done", entries, sync=False, sync_dir=False)
     except OSError as e:
         raise DurabilityError(
             os.path.join(folder, JOURNAL),
@@ -875,7 +904,7 @@ def read_consistent(
     """A consistent snapshot of ``names`` (None: no such document), without the lock."""
     folder = os.fspath(folder)
     names = list(names)
-    _check_names(folder, names, None)
+    _check_names(folder, names, _lock_name(folder))
     path = os.path.join(folder, JOURNAL)
     limit = {} if max_size is None else {"max_size": max_size}
     deadline = time.monotonic() + timeout
