@@ -340,6 +340,22 @@ _TEMP_RE: Final = re.compile(
 )
 
 
+def temp_writer_gone(path: str, tag: str, pid: int, now: float) -> bool:
+    """The rule for a temporary file named with ``tag`` and ``pid``: its writer is gone.
+
+    This host (same boot, same pid namespace): the process is no longer running.
+    Another host or an earlier boot: the file is ``FOREIGN_TEMP_AGE`` old. When in
+    doubt (the process cannot be checked, the file cannot be looked at): not gone.
+    """
+    try:
+        if tag == _host_tag():
+            me = identity()  # the tag matched: this host, this boot
+            return process_alive(me.host, me.boot_id, pid, None, me.pid_ns) is False
+        return now - os.lstat(path).st_mtime >= FOREIGN_TEMP_AGE
+    except OSError:
+        return False
+
+
 class TempFile(NamedTuple):
     """A temporary file statestore left next to a state file."""
 
@@ -369,14 +385,7 @@ def abandoned_temp_files(folder: str, target: str | None = None) -> list[TempFil
             continue
         full = os.path.join(folder, name)
         local = m["tag"] == mine
-        try:
-            if local:
-                me = identity()  # the tag matched: this host, this boot
-                if process_alive(me.host, me.boot_id, int(m["pid"]), None, me.pid_ns) is not False:
-                    continue
-            elif now - os.lstat(full).st_mtime < FOREIGN_TEMP_AGE:
-                continue
-        except OSError:
+        if not temp_writer_gone(full, m["tag"], int(m["pid"]), now):
             continue
         found.append(TempFile(full, m["target"], int(m["pid"]), local))
     return found
@@ -400,3 +409,11 @@ def sweep_temp_files(path: str) -> list[str]:
             continue
         removed.append(temp.path)
     return removed
+
+
+# The pieces of the write path the folder journal's group commit shares.
+host_tag = _host_tag
+fsync_file = _fsync
+fsync_dir = _fsync_dir
+keep_owner_and_mode = _keep_owner_and_mode
+__all__ += ["fsync_dir", "fsync_file", "host_tag", "keep_owner_and_mode", "temp_writer_gone"]

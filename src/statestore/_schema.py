@@ -326,5 +326,10 @@ def internal_schemas() -> dict[str, dict[str, Any]]:
     the user's documents (:func:`document_schema`), temporary files are
     partial copies of them.
     """
+    from ._folder_journal import marker_schema  # the folder marker: its own module
+
     name = FORMAT.removeprefix("statestore.")
-    return {schema_filename(name, FORMAT_VERSION): _lock_owner_schema()}
+    return {
+        schema_filename(name, FORMAT_VERSION): _lock_owner_schema(),
+        "folder.v1.schema.json": _canonical(marker_schema(), "2020-12"),
+    }
