@@ -29,6 +29,7 @@ from ._errors import (
     StateWriteError,
     WaitAbandoned,
 )
+from ._folder import FolderSnapshot, FolderTransaction, StateFolder
 from ._lock import AcquiredLock, DirectoryLock, LockOwner
 from ._migrate import MigrationReport
 from ._store import StateStore
@@ -43,6 +44,8 @@ __all__ = [
     "CrossDeviceError",
     "DirectoryLock",
     "DurabilityError",
+    "FolderSnapshot",
+    "FolderTransaction",
     "LockCompromisedError",
     "LockError",
     "LockOwner",
@@ -53,6 +56,7 @@ __all__ = [
     "NestedTransactionError",
     "SchemaVersionError",
     "StateCorruptError",
+    "StateFolder",
     "StateMissingError",
     "StateNotFoundError",
     "StateReadError",

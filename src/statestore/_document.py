@@ -576,11 +576,20 @@ class Document(Generic[ModelT]):
     def publish(self, session: Session, data: bytes, loaded: Loaded[ModelT]) -> ModelT:
         """Write the file's bytes ``data`` unless they would not load back; return
         the model they load as (what :meth:`StateStore.load` gives after this save)."""
+        checked, changed = self.prepare(session, data, loaded)
+        if changed:
+            session.write(data)
+        return checked
+
+    def prepare(self, session: Session, data: bytes, loaded: Loaded[ModelT]) -> tuple[ModelT, bool]:
+        """Everything of a commit but the write: prove ``data`` loads back, keep the
+        backup of an older version; return (the model it loads as, whether it
+        differs from what the file holds). A group commit writes the changed
+        documents of a folder together afterwards."""
         checked = self.check(data)
         if loaded.raw is not None:
             if loaded.unchanged(data):
-                return checked  # nothing changed: no need to rewrite the file
+                return checked, False  # nothing changed: no need to rewrite the file
             if loaded.version < self.version:
                 session.backup(f"v{loaded.version}", loaded.raw)
-        session.write(data)
-        return checked
+        return checked, True

@@ -46,7 +46,8 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Final
 
 from .._atomic import DEFAULT_MAX_SIZE, read_bytes, resolve_target, sweep_temp_files, write_atomic
-from .._errors import StateMissingError, StateReadError, StateWriteError
+from .._errors import LockError, StateMissingError, StateReadError, StateWriteError
+from .._folder_journal import MARKER, group_commit, read_marker, recover
 from .._lock import AcquiredLock, DirectoryLock
 
 __all__ = [
@@ -115,9 +116,11 @@ class FileSession:
     switched meanwhile cannot send the write to a file this lock does not guard).
     """
 
-    def __init__(self, storage: FileStorage, held: AcquiredLock) -> None:
+    def __init__(self, storage: FileStorage, held: AcquiredLock, folder: str | None = None) -> None:
         self._storage = storage
         self._held = held
+        #: The declared state folder whose lock is held, or None (the file's own lock).
+        self.folder = folder
         self.path = held.file or storage.path
 
     def read(self) -> bytes | None:
@@ -134,6 +137,16 @@ class FileSession:
                 "again; give the store a larger max_size. The old file is unchanged.",
                 errno=errno.EFBIG,
             )
+        if self.folder is not None:
+            # Through the folder's journal, so that lock-free readers of several of
+            # its documents see this commit in order with the folder's groups.
+            group_commit(
+                self.folder,
+                {os.path.basename(os.path.realpath(self.path)): data},
+                durable=s.durable,
+                verify=self._held.verify,
+            )
+            return
         write_atomic(self.path, data, durable=s.durable, before_replace=self._held.verify)
 
     def backup_location(self, label: str) -> str:
@@ -203,6 +216,8 @@ class FileStorage:
         if not missing_wait >= 0:
             raise ValueError(f"missing_wait must be a number of seconds >= 0, not {missing_wait!r}")
         self.path = os.path.abspath(os.fspath(path))
+        self.timeout = timeout
+        self._given_lock = lock is not None
         if lock is None:
             # Next to the file a symlink points to, so that stores opened through
             # the link and through the target share one lock; resolved again for
@@ -211,7 +226,9 @@ class FileStorage:
             lock = DirectoryLock.for_file(self.path, timeout=timeout)
         elif not isinstance(lock, DirectoryLock):
             lock = DirectoryLock(lock, timeout=timeout)
-        self.lock: DirectoryLock = lock
+        self._file_lock: DirectoryLock = lock
+        #: (the marker's identity, the folder, its lock) as last seen.
+        self._folder_seen: tuple[tuple[int, int, int, int], str, DirectoryLock] | None = None
         #: The file, resolved through links when the storage is made: two stores of
         #: one file share it (the nesting check's key).
         self.identity = os.path.realpath(self.path)
@@ -223,6 +240,51 @@ class FileStorage:
     @property
     def location(self) -> str:
         return self.path
+
+    @property
+    def lock(self) -> DirectoryLock:
+        """The lock a session takes: the declared state folder's, when the file is
+        in one (``docs/folders.md``), else the file's own (or the one given)."""
+        return self._lock_and_folder()[0]
+
+    def declared_folder(self) -> str | None:
+        """The declared state folder the file is in (its direct parent), or None."""
+        return self._lock_and_folder()[1]
+
+    def _lock_and_folder(self) -> tuple[DirectoryLock, str | None]:
+        """Looked up at every session: a folder declared after this storage was made
+        is honoured from its next operation on (one ``lstat`` when there is none)."""
+        try:
+            # The folder of the file itself: of the file a symbolic link points to.
+            path = os.path.realpath(self.path) if os.path.islink(self.path) else self.path
+            folder = os.path.dirname(path)
+            marker = os.path.join(folder, MARKER)
+            st = os.lstat(marker)
+        except FileNotFoundError:
+            self._folder_seen = None
+            return self._file_lock, None
+        except OSError as e:
+            raise StateReadError(
+                self.path,
+                f"cannot look for a state folder's marker beside the file ({e.strerror or e})",
+                errno=e.errno,
+            ) from e
+        ident = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        seen = self._folder_seen
+        if seen is None or seen[0] != ident or seen[1] != folder:
+            declared = read_marker(folder)  # typed errors for a marker that is not ours
+            seen = (ident, folder, DirectoryLock(declared.lock_path, timeout=self.timeout))
+            self._folder_seen = seen
+        lock = seen[2]
+        if self._given_lock and os.path.abspath(self._file_lock.path) != lock.path:
+            raise LockError(
+                self.path,
+                f"is in the state folder {folder}, whose documents all take its lock "
+                f"{lock.path}, but this store was given the lock {self._file_lock.path}; "
+                "writing under another lock would race the folder's writers. Drop lock= "
+                "(or give the folder's lock)",
+            )
+        return lock, folder
 
     def read(self) -> bytes | None:
         return self._read_at(self.path)
@@ -319,10 +381,13 @@ class FileStorage:
     def session(self, timeout: float) -> Iterator[FileSession]:
         # The handle, not the thread, holds the lock: a session left on another
         # thread (a transaction ended by a thread pool) still releases it.
-        held = self.lock.acquire(timeout)
+        lock, folder = self._lock_and_folder()
+        held = lock.acquire(timeout)
         try:
             self._sweep()
-            yield FileSession(self, held)
+            if folder is not None:
+                recover(folder)  # what this session reads must not predate a group
+            yield FileSession(self, held, folder)
         finally:
             held.release()
 
@@ -333,11 +398,14 @@ class FileStorage:
 
         from .._async import AsyncDirectoryLock
 
-        level = await AsyncDirectoryLock.over(self.lock).acquire(timeout)
+        lock, folder = self._lock_and_folder()
+        level = await AsyncDirectoryLock.over(lock).acquire(timeout)
         try:
             if not self._swept:
                 await asyncio.to_thread(self._sweep)
-            yield FileSession(self, level.handle)
+            if folder is not None:
+                await asyncio.to_thread(recover, folder)
+            yield FileSession(self, level.handle, folder)
         finally:
             await level.release()
 

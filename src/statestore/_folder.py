@@ -1,0 +1,300 @@
+"""StateFolder: several documents in one folder, one lock, committed together or not at all.
+
+The rules (``docs/folders.md`` tells the whole story, ``_folder_journal.py``
+holds the file format and the commit protocol):
+
+* **Declared on disk.** Building a :class:`StateFolder` creates the folder (if
+  missing) and its marker ``.statestore-folder.json``, which names the folder's
+  lock. Every :class:`StateStore` of a file directly in a declared folder takes
+  the folder's lock, whoever built it (``backends.file``), and so do the
+  command line's ``lock``, ``doctor`` and ``migrate``.
+* **One lock, one commit.** :meth:`StateFolder.transaction` takes the folder's
+  lock once; ``tx[store]`` loads a document on first use (migrating it in
+  memory, checking the newer-file guard); on normal exit every document that
+  changed is proved to load back and then committed as one group through the
+  journal. After a crash at any instant every document of the group is old or
+  every one is new; the next holder of the lock completes an unfinished group.
+  When the block raises, nothing is written.
+* **Single saves are in order too.** A store's own ``save``/``update`` in a
+  declared folder commits through the same journal (a group of one), so
+  :meth:`StateFolder.read` sees every commit in order.
+* **Lock-free snapshots.** :meth:`StateFolder.read` returns the documents as
+  of one moment between commits, without the lock (a seqlock over the
+  journal): never one document from before a group and another from after it.
+* **No nesting.** A store's locked call on a document of the folder inside a
+  folder transaction of the same thread raises :class:`NestedTransactionError`
+  (its commit would be overwritten by the group's).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar, overload
+
+from pydantic import BaseModel
+
+from ._document import Loaded
+from ._errors import StateStoreError
+from ._folder_journal import (
+    Marker,
+    declare,
+    group_commit,
+    read_consistent,
+    read_marker,
+    recover,
+)
+from ._lock import DEFAULT_LEASE, AcquiredLock, DirectoryLock
+from ._migrate import Migrations
+from ._store import StateStore
+from ._transaction import Transaction, entered, lock_identity, lock_key
+from .backends.file import FileSession, FileStorage
+
+__all__ = ["FolderSnapshot", "FolderTransaction", "StateFolder"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StateFolder:
+    """A folder of state documents that share one lock and commit together.
+
+    >>> folder = StateFolder("planning")  # doctest: +SKIP
+    >>> roadmap = folder.store(Roadmap, "roadmap.json", default=Roadmap)  # doctest: +SKIP
+    >>> progress = folder.store(Progress, "progress.json", default=Progress)  # doctest: +SKIP
+    >>> with folder.transaction() as tx:  # doctest: +SKIP
+    ...     task = tx[roadmap].tasks.pop(0)
+    ...     tx[progress].doing.append(task)
+
+    ``timeout`` is how long a locked operation waits for the folder's lock;
+    ``lease`` the lock's lease; ``durable=False`` skips the fsyncs (a power
+    loss may then lose recent commits, never tear one).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 10.0,
+        lease: float = DEFAULT_LEASE,
+        durable: bool = True,
+        lock: str | None = None,
+    ) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.timeout = timeout
+        self.durable = durable
+        os.makedirs(self.path, exist_ok=True)
+        self.marker: Marker = declare(self.path) if lock is None else declare(self.path, lock=lock)
+        #: The folder's lock: hold it to keep every document of the folder still.
+        self.lock = DirectoryLock(self.marker.lock_path, timeout=timeout, lease=lease)
+        self._real = os.path.realpath(self.path)
+
+    def __repr__(self) -> str:
+        return f"StateFolder({self.path!r})"
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str], *, timeout: float = 10.0) -> StateFolder:
+        """The folder already declared at ``path`` (a typed error if it is not one)."""
+        return cls(path, timeout=timeout, lock=read_marker(os.fspath(path)).lock)
+
+    def store(
+        self,
+        model: type[M],
+        name: str,
+        *,
+        default: M | Callable[[], M] | None = None,
+        version: int = 1,
+        migrations: Migrations | None = None,
+        schema_ref: str | None = None,
+        read_attempts: int = 3,
+        read_delay: float = 0.05,
+        max_size: int | None = None,
+        missing_wait: float | None = None,
+    ) -> StateStore[M]:
+        """A store of the document ``name`` (a plain file name) of this folder.
+
+        An ordinary :class:`StateStore` in every way; its locked operations take
+        the folder's lock, and its commits go through the folder's journal.
+        """
+        if not isinstance(name, str) or not name or os.sep in name or name in (".", ".."):
+            raise ValueError(
+                f"{name!r}: a folder's document is named by a plain file name, without "
+                "a folder (make another StateFolder for a subfolder)"
+            )
+        storage = FileStorage(
+            os.path.join(self.path, name),
+            self.lock,
+            timeout=self.timeout,
+            durable=self.durable,
+            **_file_options(max_size, missing_wait),
+        )
+        return StateStore(
+            model,
+            storage,
+            default=default,
+            version=version,
+            migrations=migrations,
+            schema_ref=schema_ref,
+            read_attempts=read_attempts,
+            read_delay=read_delay,
+        )
+
+    @contextmanager
+    def transaction(self) -> Iterator[FolderTransaction]:
+        """``with folder.transaction() as tx:`` change several documents, commit them together.
+
+        ``tx[store]`` is the loaded, mutable model of that store's document
+        (loaded on first use, under the folder's lock). On normal exit every
+        changed document is committed as one group; if the block raises,
+        nothing is written.
+        """
+        with self._held("transaction()") as held:
+            tx = FolderTransaction(self, held)
+            try:
+                yield tx
+            except BaseException:
+                tx._abort()
+                raise
+            tx._commit()
+
+    def read(self, *stores: StateStore[Any]) -> FolderSnapshot:
+        """The documents of ``stores`` as of one moment, without the lock.
+
+        Each is validated (and migrated in memory) as :meth:`StateStore.load`
+        does; a missing one is its store's default. Never mixes a document
+        from before a group commit with one from after it.
+        """
+        names = {self._name_of(s): s for s in stores}
+        raw = read_consistent(self.path, list(names))
+        states: dict[int, Any] = {}
+        for name, store in names.items():
+            data = raw[name]
+            doc = store.document
+            states[id(store)] = doc.make_default() if data is None else doc.parse(data).model
+        return FolderSnapshot(states)
+
+    def recover(self) -> bool:
+        """Complete an unfinished group commit (after a crash), under the lock;
+        whether there was one. Every locked operation does this first anyway."""
+        with self._held("recover()"):
+            return recover(self.path) is not None
+
+    # ---------------------------------------------------------------- internals
+
+    @contextmanager
+    def _held(self, what: str) -> Iterator[AcquiredLock]:
+        lock = lock_identity(self.lock)
+        assert lock is not None
+        # Marked as a lock held for this thread's documents: a store's locked call on
+        # one of them inside the block is refused, not committed and then overwritten.
+        with entered((lock_key(lock),), self.path, f"a store's locked call inside {what}"):
+            held = self.lock.acquire(self.timeout)
+            try:
+                recover(self.path)  # a group a crashed holder left is completed first
+                yield held
+            finally:
+                held.release()
+
+    def _name_of(self, store: StateStore[Any]) -> str:
+        storage = store.storage
+        if not isinstance(storage, FileStorage):
+            raise StateStoreError(
+                store.location, f"is not a document of the state folder {self.path}"
+            )
+        real = os.path.realpath(storage.path)
+        if os.path.dirname(real) != self._real:
+            raise StateStoreError(
+                store.location,
+                f"is not a document of the state folder {self.path} (a folder's "
+                "documents are the files directly in it)",
+            )
+        return os.path.basename(real)
+
+
+def _file_options(max_size: int | None, missing_wait: float | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if max_size is not None:
+        options["max_size"] = max_size
+    if missing_wait is not None:
+        options["missing_wait"] = missing_wait
+    return options
+
+
+class FolderTransaction:
+    """The documents of one :meth:`StateFolder.transaction`: ``tx[store]``."""
+
+    def __init__(self, folder: StateFolder, held: AcquiredLock) -> None:
+        self._folder = folder
+        self._held = held
+        self._open: dict[str, tuple[StateStore[Any], Transaction[Any]]] = {}
+        self._ended = False
+
+    @overload
+    def __getitem__(self, store: StateStore[M]) -> M: ...
+    @overload
+    def __getitem__(self, store: Any) -> Any: ...
+
+    def __getitem__(self, store: Any) -> Any:
+        if self._ended:
+            raise RuntimeError("the folder transaction has ended")
+        if not isinstance(store, StateStore):
+            raise TypeError(f"tx[...] takes a StateStore of the folder, not {type(store).__name__}")
+        name = self._folder._name_of(store)
+        found = self._open.get(name)
+        if found is not None:
+            if found[0] is not store and found[0].model is not store.model:
+                raise StateStoreError(
+                    store.location,
+                    "is already open in this transaction through another store with "
+                    f"another model ({found[0].model.__name__}); use one store per document",
+                )
+            return found[1].loaded.model
+        storage = store.storage
+        assert isinstance(storage, FileStorage)
+        session = FileSession(storage, self._held, None)  # reads only; the group writes
+        txn: Transaction[Any] = Transaction(store.document, session)
+        txn.begin()
+        self._open[name] = (store, txn)
+        return txn.loaded.model
+
+    def _abort(self) -> None:
+        self._ended = True
+        for _, txn in self._open.values():
+            txn.abort()
+
+    def _commit(self) -> None:
+        self._ended = True
+        changes: dict[str, bytes] = {}
+        for name, (store, txn) in self._open.items():
+            doc = store.document
+            loaded: Loaded[Any] = txn.loaded
+            doc.check_type(loaded.model, "the transaction's state is")
+            data = doc.frame(doc.dump(loaded.model), loaded.schema)
+            _, changed = doc.prepare(txn.session, data, loaded)
+            if changed:
+                changes[name] = data
+        if changes:
+            group_commit(
+                self._folder.path,
+                changes,
+                durable=self._folder.durable,
+                verify=self._held.verify,
+            )
+
+
+class FolderSnapshot:
+    """Documents read together by :meth:`StateFolder.read`: ``snapshot[store]``."""
+
+    def __init__(self, states: dict[int, Any]) -> None:
+        self._states = states
+
+    @overload
+    def __getitem__(self, store: StateStore[M]) -> M: ...
+    @overload
+    def __getitem__(self, store: Any) -> Any: ...
+
+    def __getitem__(self, store: Any) -> Any:
+        try:
+            return self._states[id(store)]
+        except KeyError:
+            raise KeyError(f"{store!r} was not read into this snapshot") from None
