@@ -34,6 +34,7 @@ from ._errors import (
     StateStoreError,
     StateValidationError,
 )
+from ._folder_journal import MARKER, read_marker
 from ._lock import DirectoryLock
 from ._migrate import VERSION_KEY
 from ._schema import (
@@ -285,13 +286,17 @@ def _cmd_schema_internal(args: argparse.Namespace) -> int:
 
 
 def _lock_of(path: str) -> DirectoryLock:
-    """PATH is a lock directory (existing, or ending in .lock) or the state file it guards.
+    """PATH is a lock directory (existing, or ending in .lock), a declared state
+    folder, or the state file it guards.
 
-    A state file's lock is the store's: beside the file a symlink points to.
+    A state file's lock is the store's: the lock of the declared state folder
+    it is in, else beside the file a symlink points to.
     """
+    if os.path.isdir(path) and os.path.lexists(os.path.join(path, MARKER)):
+        return DirectoryLock(read_marker(path).lock_path)  # a declared state folder
     if os.path.isdir(path) or path.endswith(".lock"):
         return DirectoryLock(path)
-    return DirectoryLock.for_file(path)
+    return FileStorage(path).lock  # in a declared state folder, the folder's lock
 
 
 def _cmd_lock_status(args: argparse.Namespace) -> int:

@@ -50,9 +50,10 @@ from typing import Final
 from ._atomic import abandoned_temp_files, read_bytes, sweep_temp_files
 from ._claim import remove_leftover
 from ._document import decode
-from ._errors import LockError, LockTimeout, StateCorruptError, StateReadError
+from ._errors import LockError, LockTimeout, StateCorruptError, StateReadError, StateStoreError
+from ._folder_journal import JOURNAL, MARKER, pending, read_marker, recover
 from ._lock import DirectoryLock
-from .backends.file import QUARANTINE, quarantined_copies
+from .backends.file import QUARANTINE, FileStorage, quarantined_copies
 
 __all__ = ["doctor", "scan"]
 
@@ -62,6 +63,7 @@ _BACKUP_RE: Final = re.compile(r"(?P<target>.+)\.v(?P<version>[0-9]+)\.bak", re.
 # A lock directory renamed aside ("<lock>.<hex>.broken" / ".released") whose removal crashed.
 _ASIDE_RE: Final = re.compile(r".+\.lock\.[0-9a-f]+\.(?:broken|released)", re.DOTALL)
 _ORDER: Final = (
+    "unfinished group",
     "unparseable",
     "unreadable",
     "quarantined",
@@ -75,6 +77,7 @@ _ORDER: Final = (
 _FIX_ORDER: Final = (
     "stale lock",
     "leftover",
+    "unfinished group",
     "temp file",
     "unparseable",
     "unreadable",
@@ -165,6 +168,8 @@ def scan(folder: str) -> list[Finding]:
             # which refuse anything but a regular file without opening it.
             found += filter(None, [_parse_problem(full)])
     found += _quarantine_findings(folder)
+    if MARKER in names:
+        found += _group_findings(folder)
     for t in temps:
         why = (
             f"left by pid {t.pid}, which is no longer running"
@@ -173,6 +178,33 @@ def scan(folder: str) -> list[Finding]:
         )
         found.append(Finding("temp file", os.path.basename(t.path), why, True, t.target))
     return sorted(found, key=lambda f: (_ORDER.index(f.kind), f.name))
+
+
+def _group_findings(folder: str) -> list[Finding]:
+    """A group commit a crashed writer left unfinished in a declared state folder."""
+    try:
+        group = pending(folder)
+    except StateStoreError as e:
+        return [Finding("unreadable", JOURNAL, e.message, True)]
+    if group is None:
+        return []
+    waiting = [e.name for e, where in group.entries if where == "temp"]
+    done = [e.name for e, where in group.entries if where == "final"]
+    odd = [e.name for e, where in group.entries if where == "inconsistent"]
+    if odd:
+        detail = (
+            f"group {group.gen} is unfinished and {', '.join(odd)} match neither its old "
+            "nor its new content (changed by hand meanwhile?): a person must look; "
+            "--fix leaves it"
+        )
+        return [Finding("unreadable", JOURNAL, detail, True)]
+    detail = (
+        f"group {group.gen} was committed but not finished: --fix renames the new "
+        f"{', '.join(waiting) or 'documents'} into place"
+        + (f" ({', '.join(done)} already are)" if done else "")
+        + "; the next store or folder to take the lock does the same"
+    )
+    return [Finding("unfinished group", JOURNAL, detail, True)]
 
 
 def _next_step(folder: str, name: str, copy: str) -> str:
@@ -215,8 +247,8 @@ _QUARANTINED_RE: Final = re.compile(r"(?P<target>.+)\.[0-9]{8}T[0-9]{6}Z(?:-[0-9
 @contextmanager
 def _locked(folder: str, target: str) -> Iterator[None]:
     # The store's lock of that file: beside the file a symlink points to.
-    lock = DirectoryLock.for_file(os.path.join(folder, target), timeout=LOCK_WAIT)
-    with lock:
+    # (or, in a declared state folder, the folder's lock)
+    with FileStorage(os.path.join(folder, target), timeout=LOCK_WAIT).lock:
         yield
 
 
@@ -262,6 +294,10 @@ def _fix_one(folder: str, f: Finding, now: float) -> str:
     if f.kind == "stale lock":
         DirectoryLock(full).break_lock()
         return f"broke the stale lock ({f.detail})"
+    if f.kind == "unfinished group":
+        with DirectoryLock(read_marker(folder).lock_path, timeout=LOCK_WAIT):
+            done = recover(folder)
+        return f"completed group {done.gen}" if done else "finished meanwhile"
     if f.kind == "leftover":
         remove_leftover(full)  # only a proven lock instance, never a recursive delete
         return "removed"
