@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import io
 import os
@@ -147,7 +146,9 @@ class WatcherClosedError(StateStoreError, ValueError):
 
 class _Libc:
     def __init__(self) -> None:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The process's own symbols include libc's (no file is opened, unlike
+        # ctypes.util.find_library, which runs programs).
+        lib = ctypes.CDLL(None, use_errno=True)
         self.init1 = lib.inotify_init1
         self.init1.argtypes = [ctypes.c_int]
         self.init1.restype = ctypes.c_int
@@ -159,21 +160,21 @@ class _Libc:
         self.rm.restype = ctypes.c_int
 
 
-_libc: _Libc | None = None
-_libc_error: str | None = None
+def _load() -> _Libc | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return _Libc()
+    except (OSError, AttributeError):  # pragma: no cover - a libc without inotify
+        return None
+
+
+_libc: Final = _load()
 
 
 def _inotify() -> _Libc:
-    global _libc, _libc_error
-    if _libc is None and _libc_error is None:
-        try:
-            if not sys.platform.startswith("linux"):
-                raise OSError(errno.ENOSYS, "inotify exists only on Linux")
-            _libc = _Libc()
-        except (OSError, AttributeError) as e:
-            _libc_error = str(e)
     if _libc is None:
-        raise OSError(errno.ENOSYS, _libc_error or "inotify unavailable")
+        raise OSError(errno.ENOSYS, "inotify is not available on this system")
     return _libc
 
 
