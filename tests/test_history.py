@@ -3,6 +3,7 @@ ordered, and never following or removing what it did not make."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pwd
@@ -39,8 +40,10 @@ def test_bounded_at_keep_and_newest_first(tmp_path: Path) -> None:
         assert len(versions(h_folder(tmp_path))) == min(i + 1, 5)
     entries = h.entries()
     assert [e.revision for e in entries] == [f"{i}-rev" for i in (119, 118, 117, 116, 115)]
-    assert [e.written_by for e in entries] == [{"pid": os.getpid(), "i": i} for i in range(119, 114, -1)]
-    assert all(a.time >= b.time for a, b in zip(entries, entries[1:]))
+    assert [e.written_by for e in entries] == [
+        {"pid": os.getpid(), "i": i} for i in range(119, 114, -1)
+    ]
+    assert all(a.time >= b.time for a, b in itertools.pairwise(entries))
     assert [e.size for e in entries] == [len(b'{"n": %d}' % i) for i in range(119, 114, -1)]
     assert h.read("117-rev") == b'{"n": 117}'
     assert not state.exists(), "history wrote the state file"

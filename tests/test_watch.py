@@ -23,8 +23,8 @@ from statestore._errors import StateStoreError
 from statestore._watch import (
     POLL_INTERVAL,
     FileWatcher,
-    WatchError,
     WatcherClosedError,
+    WatchError,
     wait_async,
 )
 
@@ -156,7 +156,7 @@ def test_a_burst_gives_one_wake_up(watched: tuple[Path, FileWatcher]) -> None:
 def test_other_names_in_the_folder_do_not_wake(
     watched: tuple[Path, FileWatcher], tmp_path: Path
 ) -> None:
-    path, w = watched
+    _path, w = watched
     for i in range(20):
         (tmp_path / f"other-{i}.json").write_bytes(b"{}")
     (tmp_path / "state.json.lock").mkdir()

@@ -211,8 +211,10 @@ class History:
         )
         try:
             out = os.open(
-                _MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600, dir_fd=fd,
+                _MARKER,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=fd,
             )
         except FileExistsError:
             st = os.lstat(_MARKER, dir_fd=fd)
@@ -295,7 +297,9 @@ class History:
                 meta, _data = self._read(fd, name)
                 out.append(
                     HistoryEntry(
-                        str(meta["revision"]), float(meta["time"]), meta.get("written_by"),
+                        str(meta["revision"]),
+                        float(meta["time"]),
+                        meta.get("written_by"),
                         int(meta["size"]),
                     )
                 )
