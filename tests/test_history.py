@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from statestore._errors import StateReadError, StateStoreError, StateWriteError
-from statestore._history import HISTORY_FOLDER, History, RevisionNotFoundError
+from statestore._history import HISTORY_FOLDER, History, HistoryEntry, RevisionNotFoundError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 
@@ -39,6 +39,7 @@ def test_bounded_at_keep_and_newest_first(tmp_path: Path) -> None:
         h.record(b'{"n": %d}' % i, f"{i}-rev", {"pid": os.getpid(), "i": i})
         assert len(versions(h_folder(tmp_path))) == min(i + 1, 5)
     entries = h.entries()
+    assert all(isinstance(e, HistoryEntry) for e in entries)
     assert [e.revision for e in entries] == [f"{i}-rev" for i in (119, 118, 117, 116, 115)]
     assert [e.written_by for e in entries] == [
         {"pid": os.getpid(), "i": i} for i in range(119, 114, -1)
