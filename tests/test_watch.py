@@ -169,7 +169,7 @@ def test_close_from_another_thread_wakes_a_blocked_wait(
 ) -> None:
     _path, w = watched
     result: list[bool] = []
-    waiter = threading.Thread(target=lambda: result.append(w.wait(None)))
+    waiter = threading.Thread(target=lambda: result.append(w.wait(None)), daemon=True)
     waiter.start()
     time.sleep(0.2)
     assert waiter.is_alive(), "wait(None) returned with nothing changed"
