@@ -7,6 +7,7 @@ Each behavioural test runs on both backends (inotify and the forced stat poll).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import resource
 import subprocess
@@ -19,12 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from statestore._errors import StateStoreError
+from statestore._errors import StateReadError, StateStoreError
 from statestore._watch import (
     POLL_INTERVAL,
     FileWatcher,
-    WatcherClosedError,
-    WatchError,
     wait_async,
 )
 
@@ -178,9 +177,9 @@ def test_close_from_another_thread_wakes_a_blocked_wait(
     assert not waiter.is_alive(), "close() did not wake the blocked wait"
     assert result == [False]
     assert w.closed
-    with pytest.raises(WatcherClosedError) as info:
+    with pytest.raises(StateReadError) as info:
         w.wait(0)
-    assert isinstance(info.value, StateStoreError)
+    assert isinstance(info.value, StateStoreError) and info.value.errno == errno.EBADF
     assert str(w.path) in str(info.value)
     w.close()  # twice is fine
 
@@ -328,7 +327,8 @@ def test_no_inotify_left_falls_back_to_the_poll_or_is_a_typed_error(tmp_path: Pa
     code = textwrap.dedent(
         f"""
         import os, resource, json
-        from statestore._watch import FileWatcher, WatchError
+        from statestore._watch import FileWatcher
+        from statestore._errors import StateReadError
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         held = []
         try:
@@ -342,7 +342,7 @@ def test_no_inotify_left_falls_back_to_the_poll_or_is_a_typed_error(tmp_path: Pa
         w.close()
         try:
             FileWatcher({str(tmp_path / "s.json")!r}, backend="inotify")
-        except WatchError as e:
+        except StateReadError as e:
             out["error"] = str(e); out["errno"] = e.errno
         print(json.dumps(out))
         """
@@ -355,9 +355,3 @@ def test_no_inotify_left_falls_back_to_the_poll_or_is_a_typed_error(tmp_path: Pa
     assert out["backend"] == "poll" and out["reason"]
     assert out["errno"] == 24 and "max_user_instances" in out["error"]
     assert resource.getrlimit(resource.RLIMIT_NOFILE)  # this process untouched
-
-
-def test_watch_error_is_typed() -> None:
-    e = WatchError("/x/s.json", "why", errno=28)
-    assert isinstance(e, StateStoreError) and isinstance(e, OSError)
-    assert e.errno == 28 and str(e) == "/x/s.json: why"

@@ -34,7 +34,8 @@ Rules:
   concurrent records are both kept, in an unspecified order between them.
 
 Revisions are opaque strings chosen by the caller. Reading a revision that is
-not (or no longer) kept raises :class:`RevisionNotFoundError`.
+not (or no longer) kept raises :class:`StateReadError` with ``errno`` ENOENT
+(not a ``StateNotFoundError``: the state file itself may well exist).
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ __all__ = [
     "HISTORY_FOLDER",
     "History",
     "HistoryEntry",
-    "RevisionNotFoundError",
 ]
 
 #: The folder, next to the state files, that holds their histories.
@@ -77,10 +77,6 @@ def _via(fd: int, path: str) -> str:
     (Linux's ``/proc/self/fd``), or ``path`` where there is none."""
     proc = f"/proc/self/fd/{fd}"
     return proc if os.path.isdir(proc) else path
-
-
-class RevisionNotFoundError(StateStoreError, LookupError):
-    """The history does not hold this revision (never recorded, or pruned)."""
 
 
 class HistoryEntry(NamedTuple):
@@ -314,10 +310,11 @@ class History:
                     if meta.get("revision") == revision:
                         return data
         kept = ", ".join(e.revision for e in self.entries()[:5]) or "none"
-        raise RevisionNotFoundError(
+        raise StateReadError(
             self.state_file,
             f"revision {revision!r} is not in the history (never recorded, or pruned: "
             f"only the newest {self.keep} are kept). Newest kept: {kept}",
+            errno=errno.ENOENT,
         )
 
     # -- recording --------------------------------------------------------

@@ -41,7 +41,7 @@ timestamps within one tick of a coarse clock (the limits are in
 
 Threads and processes. ``close()`` may be called from any thread: it wakes a
 blocked ``wait()``, which then returns ``False``; a ``wait()`` after ``close()``
-raises :class:`WatcherClosedError`. A forked child never shares its parent's
+raises :class:`StateReadError` (``EBADF``). A forked child never shares its parent's
 inotify queue (reading it would steal the parent's events): its first use
 reopens the watch, and that first ``wait()`` returns ``True``. Descriptors are
 close-on-exec.
@@ -63,13 +63,11 @@ import time
 import weakref
 from typing import Final, Literal
 
-from ._errors import StateStoreError
+from ._errors import StateReadError
 
 __all__ = [
     "POLL_INTERVAL",
     "FileWatcher",
-    "WatchError",
-    "WatcherClosedError",
     "wait_async",
 ]
 
@@ -122,26 +120,6 @@ _REMOTE_FS: Final = frozenset(
         "vmhgfs",
     }
 )
-
-
-class WatchError(StateStoreError, OSError):
-    """The requested watch backend cannot watch this path (``backend="inotify"``
-    on a system or file system without it, or inotify exhausted)."""
-
-    def __init__(
-        self, path: str | os.PathLike[str], message: str = "", *, errno: int | None = None
-    ) -> None:
-        StateStoreError.__init__(self, path, message)
-        self.errno = errno
-        self.strerror = os.strerror(errno) if errno is not None else None
-        self.filename = self.path
-
-    def __str__(self) -> str:
-        return StateStoreError.__str__(self)
-
-
-class WatcherClosedError(StateStoreError, ValueError):
-    """``wait()`` or ``fileno()`` on a watcher that was closed."""
 
 
 class _Libc:
@@ -285,7 +263,7 @@ class FileWatcher:
             self._open_inotify()
         except OSError as e:
             if self._wanted == "inotify":
-                raise WatchError(
+                raise StateReadError(
                     self.path,
                     f"cannot watch with inotify ({e.strerror or e}); use backend='poll' "
                     "or 'auto'. ENOSPC: raise fs.inotify.max_user_watches; EMFILE: raise "
@@ -458,7 +436,9 @@ class FileWatcher:
 
     def _check(self) -> None:
         if self._closed:
-            raise WatcherClosedError(self.path, "the watcher is closed; make a new one")
+            raise StateReadError(
+                self.path, "the watcher is closed; make a new one", errno=errno.EBADF
+            )
         if self._pid != os.getpid():  # forked without the at-fork hook (os.fork is covered)
             self._reopen_in_child()
 
