@@ -355,3 +355,13 @@ def test_no_inotify_left_falls_back_to_the_poll_or_is_a_typed_error(tmp_path: Pa
     assert out["backend"] == "poll" and out["reason"]
     assert out["errno"] == 24 and "max_user_instances" in out["error"]
     assert resource.getrlimit(resource.RLIMIT_NOFILE)  # this process untouched
+
+
+@linux_only
+def test_the_file_system_type_decides_between_inotify_and_the_poll(tmp_path: Path) -> None:
+    from statestore._watch import _fs_type, _remote
+
+    assert _fs_type("/proc") == "proc"
+    assert _fs_type("/proc/self") == "proc"  # the longest mount point wins, not "/"
+    assert _fs_type(str(tmp_path)) not in (None, "proc")
+    assert not _remote(str(tmp_path))
