@@ -23,7 +23,6 @@ import pytest
 from pydantic import BaseModel
 
 from statestore import (
-    DirectoryLock,
     LockError,
     LockTimeout,
     NestedTransactionError,
