@@ -389,3 +389,51 @@ def test_a_dead_holders_unfinished_group_is_completed_before_a_plain_store_reads
     plain.update(lambda s: s.model_copy(update={"moves": s.moves + 100}))
     assert a.load().balance + b.load().balance == 200
     assert a.load().balance == 60
+
+
+def test_the_async_folder_commits_a_group_and_refuses_nesting(tmp_path: Path) -> None:
+    import asyncio
+
+    from statestore import AsyncStateFolder
+
+    folder = AsyncStateFolder(tmp_path / "bank")
+    a = folder.store(Account, "a.json", default=Account)
+    b = folder.store(Account, "b.json", default=Account)
+
+    async def move(n: int) -> None:
+        async with folder.transaction() as tx:
+            (await tx.load(a)).balance -= n
+            (await tx.load(b)).balance += n
+            await asyncio.sleep(0)
+            tx[a].moves += 1
+            tx[b].moves += 1
+
+    async def main() -> None:
+        await asyncio.gather(*(move(n) for n in range(10)))
+        snap = await folder.read(a, b)
+        assert (snap[a].balance, snap[b].balance, snap[a].moves) == (55, 145, 10)
+        with pytest.raises(NestedTransactionError):
+            async with folder.transaction() as tx:
+                await tx.load(a)
+                await a.update(lambda s: None)
+        with pytest.raises(NestedTransactionError):
+            async with folder.transaction(), folder.transaction():
+                pass
+        entered = asyncio.Event()
+
+        async def stuck() -> None:
+            async with folder.transaction() as tx:
+                (await tx.load(a)).balance = -1
+                entered.set()
+                await asyncio.sleep(30)
+
+        task = asyncio.create_task(stuck())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert (a.sync.load().balance, b.sync.load().balance) == (55, 145)
+    with folder.sync.lock.acquire(timeout=0):
+        pass

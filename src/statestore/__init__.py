@@ -10,6 +10,7 @@ Counter(count=1)
 """
 
 from ._async import AsyncAcquiredLock, AsyncDirectoryLock, AsyncStateStore
+from ._async_folder import AsyncFolderTransaction, AsyncStateFolder
 from ._errors import (
     CrossDeviceError,
     DurabilityError,
@@ -40,6 +41,8 @@ __all__ = [
     "AcquiredLock",
     "AsyncAcquiredLock",
     "AsyncDirectoryLock",
+    "AsyncFolderTransaction",
+    "AsyncStateFolder",
     "AsyncStateStore",
     "CrossDeviceError",
     "DirectoryLock",

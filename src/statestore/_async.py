@@ -53,7 +53,14 @@ from ._store import ModelT, StateStore
 from ._transaction import Transaction, entered, lock_identity, lock_key
 from .backends import Storage, complete
 
-__all__ = ["AsyncAcquiredLock", "AsyncDirectoryLock", "AsyncStateStore", "threaded_session"]
+__all__ = [
+    "AsyncAcquiredLock",
+    "AsyncDirectoryLock",
+    "AsyncStateStore",
+    "inside",
+    "run_step",
+    "threaded_session",
+]
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -61,8 +68,8 @@ S = TypeVar("S")
 #: The documents and locks the current task holds through a locked operation. The
 #: sync nesting check is per thread and cannot see a task: without this, a nested
 #: call would wait for the outer lock until its timeout.
-_inside: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
-    "statestore_async_inside", default=frozenset()
+inside: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "statestore_asyncinside", default=frozenset()
 )
 
 
@@ -77,7 +84,7 @@ def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
     return asyncio.get_running_loop().run_in_executor(None, context.run, fn)
 
 
-async def _step(fn: Callable[[], T]) -> T:
+async def run_step(fn: Callable[[], T]) -> T:
     """Run a blocking step on a worker thread; when the task is cancelled meanwhile,
     let the step finish (it may hold a file half-written) and then re-raise."""
     future = _in_thread(fn)
@@ -365,7 +372,7 @@ class AsyncStateStore(Generic[ModelT]):
         """Validate ``state`` and write it, under the lock (see :meth:`StateStore.save`)."""
         self._store.document.check_type(state, "save()")
         async with self._begin("save()") as txn:
-            await _step(lambda: txn.save(state))
+            await run_step(lambda: txn.save(state))
 
     async def update(
         self, fn: Callable[[ModelT], ModelT | Awaitable[ModelT | None] | None]
@@ -380,13 +387,13 @@ class AsyncStateStore(Generic[ModelT]):
         async with self._begin("update()") as txn:
             if not _is_async(fn):
                 return await self._update_in_thread(txn, fn)
-            state = await _step(lambda: txn.begin(shed=True))
+            state = await run_step(lambda: txn.begin(shed=True))
             try:
                 result = await cast(Awaitable[ModelT | None], fn(state))
             except BaseException:
                 txn.abort()
                 raise
-            return await _step(lambda: txn.finish(fn, result))
+            return await run_step(lambda: txn.finish(fn, result))
 
     async def _update_in_thread(
         self, txn: Transaction[ModelT], fn: Callable[[ModelT], Any]
@@ -428,7 +435,7 @@ class AsyncStateStore(Generic[ModelT]):
         except BaseException:
             txn.abort()
             raise
-        return await _step(lambda: txn.finish(fn, result))
+        return await run_step(lambda: txn.finish(fn, result))
 
     def transaction(self) -> AbstractAsyncContextManager[ModelT]:
         """``async with store.transaction() as state:`` load under the lock; saved on normal exit.
@@ -441,18 +448,18 @@ class AsyncStateStore(Generic[ModelT]):
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[ModelT]:
         async with self._begin("transaction()") as txn:
-            state = await _step(txn.begin)
+            state = await run_step(txn.begin)
             try:
                 yield state
             except BaseException:
                 txn.abort()
                 raise
-            await _step(lambda: txn.commit(state))
+            await run_step(lambda: txn.commit(state))
 
     async def migrate(self, *, dry_run: bool = False) -> MigrationReport:
         """Upgrade the file to this store's version, under the lock, keeping a backup."""
         async with self._begin("migrate()") as txn:
-            return await _step(lambda: txn.migrate(dry_run=dry_run))
+            return await run_step(lambda: txn.migrate(dry_run=dry_run))
 
     # ---------------------------------------------------------------- internals
 
@@ -470,7 +477,7 @@ class AsyncStateStore(Generic[ModelT]):
     @contextlib.asynccontextmanager
     async def _begin(self, what: str) -> AsyncIterator[Transaction[ModelT]]:
         keys = self._keys
-        if keys & _inside.get():
+        if keys & inside.get():
             raise NestedTransactionError(
                 self.location,
                 f"{what} called inside a transaction on the same file or lock, in the "
@@ -480,11 +487,11 @@ class AsyncStateStore(Generic[ModelT]):
             )
         store = self._store
         async with self._storage.async_session(store.timeout) as session:
-            token = _inside.set(_inside.get() | keys)
+            token = inside.set(inside.get() | keys)
             try:
                 yield Transaction(store.document, session)
             finally:
-                _inside.reset(token)
+                inside.reset(token)
 
 
 class AsyncDirectoryLock(contextlib.AsyncContextDecorator):

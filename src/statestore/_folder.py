@@ -153,9 +153,9 @@ class StateFolder:
             try:
                 yield tx
             except BaseException:
-                tx._abort()
+                tx.abort()
                 raise
-            tx._commit()
+            tx.commit()
 
     def read(self, *stores: StateStore[Any]) -> FolderSnapshot:
         """The documents of ``stores`` as of one moment, without the lock.
@@ -166,12 +166,18 @@ class StateFolder:
         """
         names = {self._name_of(s): s for s in stores}
         raw = read_consistent(self.path, list(names))
-        states: dict[int, Any] = {}
+        states: dict[str, Any] = {}
         for name, store in names.items():
             data = raw[name]
             doc = store.document
-            states[id(store)] = doc.make_default() if data is None else doc.parse(data).model
-        return FolderSnapshot(states)
+            states[name] = doc.make_default() if data is None else doc.parse(data).model
+        return FolderSnapshot(self, states)
+
+    def begin(self, held: AcquiredLock) -> FolderTransaction:
+        """A transaction under ``held``, the folder's lock as this caller holds it
+        (for the async face; ``transaction()`` takes the lock itself)."""
+        recover(self.path)  # a group a crashed holder left is completed first
+        return FolderTransaction(self, held)
 
     def recover(self) -> bool:
         """Complete an unfinished group commit (after a crash), under the lock;
@@ -257,12 +263,20 @@ class FolderTransaction:
         self._open[name] = (store, txn)
         return txn.loaded.model
 
-    def _abort(self) -> None:
+    def is_loaded(self, store: StateStore[Any]) -> bool:
+        """Whether ``store``'s document was loaded into this transaction."""
+        return self._folder._name_of(store) in self._open
+
+    def abort(self) -> None:
+        """End without writing (what a block that raises does)."""
         self._ended = True
         for _, txn in self._open.values():
             txn.abort()
 
-    def _commit(self) -> None:
+    def commit(self) -> None:
+        """Commit every changed document as one group (what the end of the block does)."""
+        if self._ended:
+            raise RuntimeError("the folder transaction has ended")
         self._ended = True
         changes: dict[str, bytes] = {}
         for name, (store, txn) in self._open.items():
@@ -285,7 +299,8 @@ class FolderTransaction:
 class FolderSnapshot:
     """Documents read together by :meth:`StateFolder.read`: ``snapshot[store]``."""
 
-    def __init__(self, states: dict[int, Any]) -> None:
+    def __init__(self, folder: StateFolder, states: dict[str, Any]) -> None:
+        self._folder = folder
         self._states = states
 
     @overload
@@ -294,7 +309,8 @@ class FolderSnapshot:
     def __getitem__(self, store: Any) -> Any: ...
 
     def __getitem__(self, store: Any) -> Any:
+        sync = getattr(store, "sync", store)  # an AsyncStateStore reads as its store
         try:
-            return self._states[id(store)]
-        except KeyError:
+            return self._states[self._folder._name_of(sync)]
+        except (KeyError, StateStoreError):
             raise KeyError(f"{store!r} was not read into this snapshot") from None
