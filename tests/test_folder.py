@@ -437,3 +437,32 @@ def test_the_async_folder_commits_a_group_and_refuses_nesting(tmp_path: Path) ->
     assert (a.sync.load().balance, b.sync.load().balance) == (55, 145)
     with folder.sync.lock.acquire(timeout=0):
         pass
+
+
+def test_show_and_validate_take_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(
+        textwrap.dedent(f"""
+            from statestore import StateFolder
+            from test_folder import Account
+            folder = StateFolder({str(tmp_path / "bank")!r})
+            a = folder.store(Account, "a.json", default=Account)
+            b = folder.store(Account, "b.json")
+        """)
+    )
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    assert cli(["validate", f"{app}:folder"]) == 1  # b.json: no file and no default
+    out = capsys.readouterr().out
+    assert "a.json: no such file yet" in out and "b.json: no such file, and" in out
+    folder, a, b = _accounts(tmp_path / "bank")
+    transfer(folder, a, b, 5)
+    assert cli(["validate", f"{app}:folder"]) == 0
+    assert capsys.readouterr().out.count(": ok") == 2
+    assert cli(["show", f"{app}:folder"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == {"a.json": {"balance": 95, "moves": 1}, "b.json": {"balance": 105, "moves": 1}}
+    (tmp_path / "bank" / "b.json").write_text('{"balance": "lots"}')
+    assert cli(["validate", f"{app}:folder"]) == 1
+    assert "b.json:1:2: balance:" in capsys.readouterr().out

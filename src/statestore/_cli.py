@@ -34,6 +34,7 @@ from ._errors import (
     StateStoreError,
     StateValidationError,
 )
+from ._folder import StateFolder
 from ._folder_journal import MARKER, read_marker
 from ._lock import DirectoryLock
 from ._migrate import VERSION_KEY
@@ -57,7 +58,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 REF_HELP = (
-    "a StateStore or pydantic model, as module:attribute (e.g. myapp.state:store) "
+    "a StateStore, StateFolder or pydantic model, as module:attribute (e.g. myapp.state:store) "
     "or path/to/file.py:attribute"
 )
 
@@ -102,7 +103,7 @@ def _import_file(ref: str, filename: str) -> Any:
     return module
 
 
-def _resolve(ref: str) -> StateStore[Any] | type[BaseModel]:
+def _resolve(ref: str) -> StateStore[Any] | StateFolder | type[BaseModel]:
     module_name, sep, attr = ref.rpartition(":")
     if not (sep and module_name and attr):
         raise UsageError(
@@ -127,14 +128,33 @@ def _resolve(ref: str) -> StateStore[Any] | type[BaseModel]:
             obj = getattr(obj, part)
         except AttributeError:
             raise UsageError(f"{ref}: {module_name!r} has no attribute {attr!r}") from None
-    if isinstance(obj, StateStore) or (isinstance(obj, type) and issubclass(obj, BaseModel)):
+    if isinstance(obj, (StateStore, StateFolder)) or (
+        isinstance(obj, type) and issubclass(obj, BaseModel)
+    ):
         return obj
     found = type(obj).__name__
-    raise UsageError(f"{ref}: expected a StateStore or a pydantic model, found {found}")
+    raise UsageError(
+        f"{ref}: expected a StateStore, a StateFolder or a pydantic model, found {found}"
+    )
 
 
-def _store(ref: str, path: str | None) -> StateStore[Any]:
+def _folder_or_store(ref: str, path: str | None) -> StateFolder | StateStore[Any]:
     obj = _resolve(ref)
+    if isinstance(obj, StateFolder):
+        if path is not None:
+            raise UsageError(f"{ref} is a state folder: --path does not apply to it")
+        if not obj.stores:
+            raise UsageError(f"{ref}: the folder has no stores (make them with folder.store())")
+        return obj
+    return _store(ref, path, obj)
+
+
+def _store(
+    ref: str, path: str | None, obj: StateStore[Any] | StateFolder | type[BaseModel] | None = None
+) -> StateStore[Any]:
+    obj = _resolve(ref) if obj is None else obj
+    if isinstance(obj, StateFolder):
+        raise UsageError(f"{ref} is a state folder; name one of its stores")
     if isinstance(obj, StateStore):
         if path is None:
             return obj
@@ -153,6 +173,8 @@ def _schema_of(ref: str) -> tuple[str, int, Callable[[Draft], dict[str, Any]]]:
         store = obj
         name, version = schema_filename(schema_name(store.model), store.version), store.version
         return name, version, lambda draft: store.json_schema(draft)
+    if isinstance(obj, StateFolder):
+        raise UsageError(f"{ref} is a state folder; name one of its stores")
     model = obj
     return schema_filename(schema_name(model), 1), 1, lambda d: document_schema(model, 1, draft=d)
 
@@ -172,13 +194,32 @@ def _validation_lines(store: StateStore[Any], e: StateValidationError) -> list[s
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    state = _store(args.ref, args.path).load()
+    found = _folder_or_store(args.ref, args.path)
+    if isinstance(found, StateFolder):
+        # One consistent snapshot of every document, as {"name": state, ...}.
+        snapshot = found.read(*found.stores)
+        parts = [
+            f"  {json.dumps(os.path.basename(s.location))}: "
+            + snapshot[s].model_dump_json(indent=2, by_alias=True).replace("\n", "\n  ")
+            for s in found.stores
+        ]
+        _out("{\n" + ",\n".join(parts) + "\n}")
+        return EXIT_OK
+    state = found.load()
     _out(state.model_dump_json(indent=2, by_alias=True))
     return EXIT_OK
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    store = _store(args.ref, args.path)
+    found = _folder_or_store(args.ref, args.path)
+    if isinstance(found, StateFolder):
+        # Every document; exit 1 if any fails.
+        codes = [_validate_one(s) for s in found.stores]
+        return EXIT_FAILED if EXIT_FAILED in codes else EXIT_OK
+    return _validate_one(found)
+
+
+def _validate_one(store: StateStore[Any]) -> int:
     if not store.exists():
         what = "file" if isinstance(store.storage, FileStorage) else "document"
         if not store.has_default:

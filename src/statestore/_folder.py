@@ -88,6 +88,7 @@ class StateFolder:
         #: The folder's lock: hold it to keep every document of the folder still.
         self.lock = DirectoryLock(self.marker.lock_path, timeout=timeout, lease=lease)
         self._real = os.path.realpath(self.path)
+        self._stores: dict[str, StateStore[Any]] = {}
 
     def __repr__(self) -> str:
         return f"StateFolder({self.path!r})"
@@ -128,7 +129,7 @@ class StateFolder:
             durable=self.durable,
             **_file_options(max_size, missing_wait),
         )
-        return StateStore(
+        made = StateStore(
             model,
             storage,
             default=default,
@@ -138,6 +139,13 @@ class StateFolder:
             read_attempts=read_attempts,
             read_delay=read_delay,
         )
+        self._stores[name] = made
+        return made
+
+    @property
+    def stores(self) -> tuple[StateStore[Any], ...]:
+        """The stores made with :meth:`store`, one per document (the latest), by name."""
+        return tuple(self._stores[n] for n in sorted(self._stores))
 
     @contextmanager
     def transaction(self) -> Iterator[FolderTransaction]:
