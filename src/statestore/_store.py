@@ -264,7 +264,12 @@ class StateStore(Generic[ModelT]):
         # lock is reentrant per thread, so two sync stores that share one lock may
         # nest (each commits its own file).
         with (
-            entered((storage.identity,), storage.location, what, lock=lock_identity(storage.lock)),
+            entered(
+                (storage.identity,),
+                storage.location,
+                what,
+                lock=lambda: lock_identity(storage.lock),
+            ),
             storage.session(self.timeout) as session,
         ):
             yield Transaction(self._doc, session)

@@ -64,12 +64,16 @@ if hasattr(os, "register_at_fork"):
 
 @contextmanager
 def entered(
-    keys: Iterable[str], location: str, what: str, *, lock: str | None = None
+    keys: Iterable[str],
+    location: str,
+    what: str,
+    *,
+    lock: Callable[[], str | None] | None = None,
 ) -> Iterator[None]:
     """Mark this thread as inside a locked operation on ``keys`` for the block.
 
     Raises :class:`NestedTransactionError` at once if it already is inside one
-    on any of them, or (``lock``: the key of the lock this operation takes) if
+    on any of them, or (``lock``: gives the lock this operation takes) if
     that lock is held for this thread's work by a holder it cannot reenter (an
     async operation marks its lock so, with :func:`lock_key`). The marks are
     removed however the block ends, from whatever thread ends it.
@@ -77,7 +81,13 @@ def entered(
     ident = threading.get_ident()
     marks = {(ident, k) for k in keys}
     with _active_lock:
-        if marks & _active or (lock is not None and (ident, lock_key(lock)) in _active):
+        nested = bool(marks & _active)
+        if not nested and lock is not None and any(t == ident for t, _ in _active):
+            # Only asked when this thread is inside something: it may cost a look at
+            # the file system (a file's lock, or its state folder's).
+            held = lock()
+            nested = held is not None and (ident, lock_key(held)) in _active
+        if nested:
             raise NestedTransactionError(
                 location,
                 f"{what} called inside a transaction on the same file or lock; the outer "
