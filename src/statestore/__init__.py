@@ -29,7 +29,7 @@ from ._errors import (
     StateWriteError,
     WaitAbandoned,
 )
-from ._lock import AcquiredLock, DirectoryLock, LockOwner
+from ._lock import AcquiredLock, DirectoryLock, LockOwner, LockStatus
 from ._migrate import MigrationReport
 from ._store import StateStore
 
@@ -47,6 +47,7 @@ __all__ = [
     "LockError",
     "LockOwner",
     "LockPermissionError",
+    "LockStatus",
     "LockTimeout",
     "MigrationError",
     "MigrationReport",

@@ -50,9 +50,8 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict
 
 from ._atomic import abandoned_temp_files, read_bytes, sweep_temp_files
-from ._claim import remove_leftover
 from ._errors import LockError, LockTimeout, StateCorruptError, StateReadError
-from ._lock import DirectoryLock
+from ._lock import DirectoryLock, remove_leftover
 from ._store import StateStore
 from .backends.file import QUARANTINE, quarantined_copies
 
@@ -125,10 +124,10 @@ def _parse_problem(path: str) -> Finding | None:
 def _lock_finding(path: str) -> Finding | None:
     name = os.path.basename(path)
     try:
-        seen = DirectoryLock(path)._observe()
+        seen = DirectoryLock(path).status()
     except LockError as e:
         return Finding("lock", name, e.message, True)
-    if seen.ino is None:
+    if seen.state == "free":
         return None  # released since the listing
     if seen.stale:
         return Finding("stale lock", name, seen.reason, True)
