@@ -24,7 +24,7 @@ import pytest
 import workers
 
 from statestore import DirectoryLock
-from statestore._lock import MAX_LEASE, create
+from statestore._lock import MAX_LEASE, create, turns
 from statestore._lock.record import LockOwner, new_owner, read_owner_at
 
 SPAWN = mp.get_context("spawn")
@@ -213,12 +213,12 @@ def test_an_interrupt_between_taking_the_turn_and_the_directory_leaks_nothing(
     try that gives it back used to leave the turn with nobody: every later acquire
     of the path in the process waited out its timeout."""
     path = tmp_path / "l.lock"
-    turn = DirectoryLock._turn
+    turn = turns.take_turn
     # The first line run after the turn is ours: the one before the call (a 'try:'
     # there once left a gap) or the call itself.
     line = _line_of(
         turn,
-        "held = acquire_dir(self.path, self._key, self.lease, deadline, wait, st.queue, gave_up)",
+        "held = acquire_dir(path, key, lease, deadline, wait, st.queue, gave_up)",
     )
     lock = DirectoryLock(path)  # kept: the path's state lives as long as it
     sys.settrace(_interrupt_at(turn.__code__, line - 1, line))

@@ -54,10 +54,10 @@ step by step, with the file of this package that implements each:
   judged by its age like a record that does not parse; no such value reaches
   a system call. So a lock never writes one: a ``lease`` that is not a finite
   number in ``(0, MAX_LEASE]`` is a ``ValueError`` when the lock is built.
-* **In-process turns and per-path state** (``api.py``, ``registry.py``):
+* **In-process turns and per-path state** (``turns.py``, ``registry.py``):
   threads of one process wait for a path's turn in memory, first come first
   served; a held lock is a handle, not a thread; a forked child holds none of
-  its parent's locks. The public API's own rules are stated in
+  its parent's locks. The public API (``api.py``) states its own rules in
   :class:`DirectoryLock`'s docstring.
 
 Layout rule: this package's files import each other, and nothing outside it
@@ -69,11 +69,12 @@ Only tests may reach a file's internal names directly.
 from __future__ import annotations
 
 from .._errors import WaitAbandoned
-from .api import DEFAULT_LEASE, MAX_LEASE, AcquiredLock, DirectoryLock, wait_time
+from .api import DEFAULT_LEASE, MAX_LEASE, AcquiredLock, DirectoryLock
 from .claim import remove_leftover
 from .liveness import identity, process_alive
 from .observe import LockStatus
 from .record import FORMAT, FORMAT_VERSION, LIMITS, LockOwner
+from .turns import wait_time
 
 __all__ = [
     "DEFAULT_LEASE",

@@ -24,26 +24,23 @@ import logging
 import math
 import os
 import threading
-import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
-from .._errors import LockCompromisedError, LockError, LockTimeout, WaitAbandoned
+from .._errors import LockCompromisedError, LockError
 from . import registry
-from .claim import sweep_aside
-from .create import GIVE_UP_POLL, acquire_dir
-from .lease import refresh_held, verify_held
+from .lease import verify_held
 from .observe import LockStatus, observe, status_of
 from .record import LockOwner
-from .release import break_stale, release_dir
+from .release import break_stale
+from .turns import release_hold, take_turn, to_seconds, wait_time
 
 __all__ = [
     "DEFAULT_LEASE",
     "MAX_LEASE",
     "AcquiredLock",
     "DirectoryLock",
-    "wait_time",
 ]
 
 log = logging.getLogger("statestore")
@@ -51,9 +48,6 @@ log = logging.getLogger("statestore")
 DEFAULT_LEASE: Final = 30.0
 #: The longest lease: one an owner record can carry (its times end at 10**12 s).
 MAX_LEASE: Final = 1e9
-#: The longest single wait on a condition: threading refuses timeouts past an OS limit
-#: (``timeout=inf`` would overflow), so long waits are cut into slices.
-MAX_WAIT_SLICE: Final = 60.0
 
 
 def _canonical(path: str) -> str:
@@ -81,25 +75,6 @@ def _real_path(file: str) -> str:
             f"cannot resolve the state file's path to find its lock ({e.strerror or e})",
             errno=e.errno,
         ) from e
-
-
-def wait_time(timeout: float | None, default: float, blocking: bool = True) -> float:
-    """Seconds to wait: ``timeout`` (``default`` when None); negative or ``inf``: forever."""
-    if not blocking:
-        return 0.0
-    seconds = _seconds(default if timeout is None else timeout)
-    if math.isnan(seconds):
-        raise ValueError("timeout must be a number of seconds (negative: wait forever), not NaN")
-    return math.inf if seconds < 0 else seconds + 0.0  # + 0.0: no "-0 s" in messages
-
-
-def _seconds(value: float) -> float:
-    """``value`` as a float; an int too large for one (``10**400``) is +-inf, not an
-    ``OverflowError``."""
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf if value > 0 else -math.inf
 
 
 class AcquiredLock:
@@ -226,9 +201,9 @@ class DirectoryLock(contextlib.ContextDecorator):
         _check_lock_path(path)
         # A lease the owner record cannot carry (NaN, inf, past its range) would make
         # every other process read our record as garbage and break a live lock.
-        if not 0 < _seconds(lease) <= MAX_LEASE:
+        if not 0 < to_seconds(lease) <= MAX_LEASE:
             raise ValueError(f"lease must be a number of seconds in (0, {MAX_LEASE:g}]")
-        if math.isnan(_seconds(timeout)):
+        if math.isnan(to_seconds(timeout)):
             raise ValueError(
                 "timeout must be a number of seconds (negative: wait forever), not NaN"
             )
@@ -353,114 +328,11 @@ class DirectoryLock(contextlib.ContextDecorator):
     def _turn(
         self, wait: float, gave_up: Callable[[], bool] | None, thread: int | None, task: object
     ) -> registry.Hold:
-        st = self._st
-        deadline = time.monotonic() + wait
-        mine: registry.Hold | None = None
-        # One protected region from taking the turn to the directory: an interrupt
-        # that lands between the two (after the turn is ours, before a try that would
-        # give it back) would leave the turn with nobody, and every later acquire of
-        # the path in this process would wait for it.
-        try:
-            with st.cond:
-                hold = st.hold
-                if (
-                    thread is not None
-                    and hold is not None
-                    and hold.thread == thread
-                    and hold.count
-                    and hold.pid == registry.PID
-                ):
-                    hold.count += 1
-                    return hold
-                mine = registry.Hold(thread, task)
-                # Other threads of this process wait here, not on the file system.
-                if hold is None and not st.waiting:
-                    st.hold = mine
-                else:
-                    st.waiting.append(mine)
-                    log.debug(
-                        "waiting for lock %s: another thread of this process holds it", self.path
-                    )
-                    try:
-                        while st.hold is not mine:
-                            remaining = deadline - time.monotonic()
-                            if remaining <= 0:
-                                held = st.held
-                                raise LockTimeout(
-                                    self.path,
-                                    timeout=wait,
-                                    holder=held.owner.describe() if held else None,
-                                    alive=True,
-                                )
-                            if gave_up is not None:
-                                # Asked without the state's mutex: a cancel_check may
-                                # take its time, or look at the lock, without stalling
-                                # a release.
-                                st.cond.release()
-                                try:
-                                    stop = gave_up()
-                                finally:
-                                    st.cond.acquire()
-                                if stop:
-                                    raise WaitAbandoned(self.path, timeout=wait)
-                                if st.hold is mine:
-                                    break
-                                remaining = min(remaining, GIVE_UP_POLL)
-                            st.cond.wait(min(remaining, MAX_WAIT_SLICE))
-                    except BaseException:
-                        # Whatever ended the wait (a timeout, KeyboardInterrupt, an
-                        # error in gave_up): leave the queue, and pass on a turn
-                        # handed to us meanwhile.
-                        if st.hold is mine:
-                            st.pass_turn_locked()
-                        else:
-                            with contextlib.suppress(ValueError):
-                                st.waiting.remove(mine)
-                        raise
-            assert mine is not None  # the reentrant case returned above
-            held = acquire_dir(self.path, self._key, self.lease, deadline, wait, st.queue, gave_up)
-        except BaseException:
-            with st.cond:
-                if mine is not None and st.hold is mine:
-                    st.pass_turn_locked()
-                elif mine is not None:
-                    with contextlib.suppress(ValueError):
-                        st.waiting.remove(mine)
-            raise
-        try:
-            with st.cond:
-                st.held = held
-                mine.count = 1
-            registry.mark_held(st, True)
-            if registry.first_sweep(self._key):
-                sweep_aside(self.path)
-            registry.heartbeat(refresh_held).start(held.next_refresh)
-        except BaseException:
-            # Interrupted here: give back what we took (the directory is ours either way).
-            with st.cond:
-                st.held, mine.count = held, 1
-            self._release_hold(mine)
-            raise
-        log.debug("acquired lock %s", self.path)
-        return mine
+        return take_turn(self.path, self._key, self.lease, self._st, wait, gave_up, thread, task)
 
     def _release_hold(self, hold: registry.Hold) -> None:
         """Release one level of ``hold``; the directory goes with the last level."""
-        st = self._st
-        with st.cond:
-            if st.hold is not hold or hold.count == 0 or hold.pid != registry.PID:
-                return  # not ours (any more): a forked child, or released already
-            hold.count -= 1
-            if hold.count:
-                return
-            held, st.held = st.held, None
-        registry.mark_held(st, False)
-        try:
-            if held is not None:
-                release_dir(self.path, self.lease, held, st.queue)
-        finally:
-            st.pass_turn()
-        log.debug("released lock %s", self.path)
+        release_hold(self.path, self.lease, self._st, hold)
 
     def _mine(self, fallback: bool) -> AcquiredLock | None:
         """The newest level this thread took through this object (or, with
