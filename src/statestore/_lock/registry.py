@@ -40,7 +40,17 @@ from typing import Final
 from .handoff import WaitQueue
 from .record import LockOwner
 
-__all__ = ["PID", "Held", "Hold", "PathState", "first_sweep", "heartbeat", "mark_held", "sizes", "state"]
+__all__ = [
+    "PID",
+    "Held",
+    "Hold",
+    "PathState",
+    "first_sweep",
+    "heartbeat",
+    "mark_held",
+    "sizes",
+    "state",
+]
 
 log = logging.getLogger("statestore")
 
