@@ -29,8 +29,8 @@ from statestore import (
     _atomic,
 )
 from statestore._lock import create
-from statestore._lock.api import _canonical
 from statestore._lock.handoff import WaitQueue
+from statestore._lock.paths import canonical as _canonical
 from statestore._lock.record import new_owner
 
 pytestmark = pytest.mark.timeout(300)

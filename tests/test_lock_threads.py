@@ -43,7 +43,7 @@ from statestore._cli import main as cli_main
 from statestore._lock import WaitAbandoned
 from statestore._lock import handoff as _handoff
 from statestore._lock import registry as _lease
-from statestore._lock.api import _canonical
+from statestore._lock.paths import canonical as _canonical
 
 pytestmark = pytest.mark.timeout(120)
 

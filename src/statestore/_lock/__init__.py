@@ -39,7 +39,7 @@ step by step, with the file of this package that implements each:
   :meth:`DirectoryLock.verify`, which the store calls right before its commit
   rename.
 * **Only a statestore lock is ever touched** (``observe.py``, ``claim.py``,
-  ``api.py``). The lock path must name the lock directory itself (not
+  ``paths.py``). The lock path must name the lock directory itself (not
   ``""``, ``"."``, ``".."`` or a path ending in a separator). Whatever is at
   the lock path is looked at with ``lstat`` and opened with
   ``O_NOFOLLOW | O_DIRECTORY``: a symbolic link (to a folder, to a file,

@@ -32,6 +32,7 @@ from .._errors import LockCompromisedError, LockError
 from . import registry
 from .lease import verify_held
 from .observe import LockStatus, observe, status_of
+from .paths import canonical, check_lock_path, real_path
 from .record import LockOwner
 from .release import break_stale
 from .turns import release_hold, take_turn, to_seconds, wait_time
@@ -48,33 +49,6 @@ log = logging.getLogger("statestore")
 DEFAULT_LEASE: Final = 30.0
 #: The longest lease: one an owner record can carry (its times end at 10**12 s).
 MAX_LEASE: Final = 1e9
-
-
-def _canonical(path: str) -> str:
-    path = os.path.abspath(path)
-    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
-def _real_path(file: str) -> str:
-    """``file`` with every symlink resolved; a link that cannot be read is an error.
-
-    (``os.path.realpath`` alone takes an unreadable link for a plain name, which
-    would name another lock.) A file or folder that does not exist yet is fine,
-    and so is a loop of links: reading the file then says what is wrong.
-    """
-    try:
-        try:
-            return os.path.realpath(file, strict=True)
-        except OSError as e:
-            if not isinstance(e, FileNotFoundError) and e.errno != errno.ELOOP:
-                raise
-            return os.path.realpath(file)
-    except OSError as e:
-        raise LockError(
-            file,
-            f"cannot resolve the state file's path to find its lock ({e.strerror or e})",
-            errno=e.errno,
-        ) from e
 
 
 class AcquiredLock:
@@ -198,7 +172,7 @@ class DirectoryLock(contextlib.ContextDecorator):
         self._setup(os.fspath(path), timeout, lease, None)
 
     def _setup(self, path: str, timeout: float, lease: float, follows: str | None) -> None:
-        _check_lock_path(path)
+        check_lock_path(path)
         # A lease the owner record cannot carry (NaN, inf, past its range) would make
         # every other process read our record as garbage and break a live lock.
         if not 0 < to_seconds(lease) <= MAX_LEASE:
@@ -210,7 +184,7 @@ class DirectoryLock(contextlib.ContextDecorator):
         self.path = os.path.abspath(path)
         self.timeout = timeout
         self.lease = float(lease)
-        self._key = _canonical(self.path)
+        self._key = canonical(self.path)
         # Keeps this path's per-process state alive as long as this object lives.
         self._st = registry.state(self._key)
         #: For :meth:`for_file`: the state file whose lock this is, and the lock at
@@ -267,7 +241,7 @@ class DirectoryLock(contextlib.ContextDecorator):
         """The lock to act on: this one, or (:meth:`for_file`) the one beside the file now."""
         if self._follows is None:
             return self
-        path = _real_path(self._follows) + ".lock"
+        path = real_path(self._follows) + ".lock"
         inner = self._inner
         if inner is None or inner.path != path:
             inner = DirectoryLock(path, timeout=self.timeout, lease=self.lease)
@@ -432,19 +406,3 @@ class DirectoryLock(contextlib.ContextDecorator):
                 at.path, "the lock changed while breaking it; look again", errno=errno.EAGAIN
             )
         return seen.owner
-
-
-def _check_lock_path(path: str | os.PathLike[str]) -> None:
-    """Refuse a lock path that names no directory of its own ("", ".", "..", "dir/").
-
-    Such a path means the working directory or a parent: statestore would take a
-    folder it did not make for its lock, and, were it ever judged stale, move it.
-    """
-    given = os.fspath(path)
-    if os.path.basename(given) in ("", ".", ".."):
-        raise LockError(
-            given or "''",
-            "a lock path must name the lock directory itself (such as 'state.json.lock'), "
-            "not '', '.', '..' or a path that ends in a separator",
-            errno=errno.EINVAL,
-        )
