@@ -31,7 +31,7 @@ from ._errors import (
     WaitAbandoned,
 )
 from ._folder import FolderSnapshot, FolderTransaction, StateFolder
-from ._lock import AcquiredLock, DirectoryLock, LockOwner
+from ._lock import AcquiredLock, DirectoryLock, LockOwner, LockStatus
 from ._migrate import MigrationReport
 from ._store import StateStore
 
@@ -53,6 +53,7 @@ __all__ = [
     "LockError",
     "LockOwner",
     "LockPermissionError",
+    "LockStatus",
     "LockTimeout",
     "MigrationError",
     "MigrationReport",

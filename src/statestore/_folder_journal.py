@@ -151,7 +151,7 @@ from ._errors import (
     StateWriteError,
     write_error,
 )
-from ._owner import identity
+from ._lock import identity
 
 __all__ = [
     "JOURNAL",

@@ -30,8 +30,8 @@ from urllib.parse import quote
 from pydantic import BaseModel, TypeAdapter
 
 from ._document import SCHEMA_KEY, VERSION_KEY
-from ._owner import FORMAT, FORMAT_VERSION, LockOwner
-from ._owner import LIMITS as OWNER_LIMITS
+from ._lock import FORMAT, FORMAT_VERSION, LockOwner
+from ._lock import LIMITS as OWNER_LIMITS
 
 __all__ = [
     "DIALECTS",
