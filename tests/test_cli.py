@@ -169,7 +169,8 @@ def test_argparse_usage_errors_exit_2(
         ("cli_fixtures:missing", "cli_fixtures:missing: 'cli_fixtures' has no attribute 'missing'"),
         (
             "cli_fixtures:not_a_store",
-            "cli_fixtures:not_a_store: expected a StateStore, a StateFolder or a pydantic model, found int",
+            "cli_fixtures:not_a_store: expected a StateStore, a StateFolder or a pydantic "
+            "model, found int",
         ),
         (
             "cli_fixtures:Settings",

@@ -69,6 +69,7 @@ Only tests may reach a file's internal names directly.
 from __future__ import annotations
 
 from .._errors import WaitAbandoned
+from .aio import AsyncAcquiredLock, AsyncDirectoryLock, consume, turn_gate
 from .api import DEFAULT_LEASE, MAX_LEASE, AcquiredLock, DirectoryLock
 from .claim import remove_leftover
 from .liveness import identity, process_alive
@@ -83,12 +84,16 @@ __all__ = [
     "LIMITS",
     "MAX_LEASE",
     "AcquiredLock",
+    "AsyncAcquiredLock",
+    "AsyncDirectoryLock",
     "DirectoryLock",
     "LockOwner",
     "LockStatus",
     "WaitAbandoned",
+    "consume",
     "identity",
     "process_alive",
     "remove_leftover",
+    "turn_gate",
     "wait_time",
 ]
