@@ -71,7 +71,7 @@ LS = "src/statestore/_lock/lease.py"
 C = "src/statestore/_lock/claim.py"
 LV = "src/statestore/_lock/liveness.py"
 A = "src/statestore/_atomic.py"
-S = "src/statestore/_store.py"
+S = "src/statestore/_document.py"
 F = "src/statestore/backends/file.py"
 P = "tests/test_protocol_steps.py::"
 
@@ -387,10 +387,69 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             (
                 "            return self.digest.startswith(_length(data)) and "
-                "_digest(data) == self.digest",
+                "digest(data) == self.digest",
                 "            return self.digest.startswith(_length(data))",
             ),
         ),
+    ),
+    # ---- the transaction core, the async store and state folders
+    Mutation(
+        "an async plain fn's result is committed though the task was cancelled meanwhile",
+        "src/statestore/_async.py",
+        (
+            (
+                "            if gave_up.is_set():  # the task was cancelled while fn ran: "
+                "do not commit\n                raise _Abandon",
+                "            pass",
+            ),
+        ),
+        "tests/test_async.py::test_cancelled_while_a_plain_fn_runs_in_the_thread",
+    ),
+    Mutation(
+        "a sync call does not see the lock an async operation holds for its thread",
+        "src/statestore/_store.py",
+        (("what, lock=lock),", "what),"),),
+        "tests/test_core.py::test_a_blocking_call_inside_an_async_update_is_refused_not_waited_out",
+    ),
+    Mutation(
+        "an uncontended async acquire starts a thread",
+        "src/statestore/_lock/aio.py",
+        (
+            (
+                "                handle = lock._take(0.0, None, None, task)",
+                "                raise LockTimeout(lock.path)",
+            ),
+        ),
+        "tests/test_core.py::test_an_uncontended_async_update_starts_no_thread_of_its_own",
+    ),
+    Mutation(
+        "a file store ignores its folder's marker",
+        F,
+        (("            st = os.lstat(marker)\n", "            raise FileNotFoundError(marker)\n"),),
+        "tests/test_folder.py::test_the_folder_is_declared_on_disk_and_plain_stores_take_its_lock",
+    ),
+    Mutation(
+        "a session in a folder reads before completing an unfinished group",
+        F,
+        (
+            (
+                "                recover(folder)  # what this session reads must not "
+                "predate a group\n",
+                "",
+            ),
+        ),
+        "tests/test_folder.py::test_a_dead_holders_unfinished_group_is_completed_before_a_plain_store_reads",
+    ),
+    Mutation(
+        "a single save in a folder bypasses the journal",
+        F,
+        (
+            (
+                "        if self.folder is not None:\n            # Through the folder's journal",
+                "        if False:\n            # Through the folder's journal",
+            ),
+        ),
+        "tests/test_folder.py::test_lock_free_snapshots_in_other_processes_keep_the_sum",
     ),
 )
 

@@ -59,6 +59,9 @@ step by step, with the file of this package that implements each:
   served; a held lock is a handle, not a thread; a forked child holds none of
   its parent's locks. The public API (``api.py``) states its own rules in
   :class:`DirectoryLock`'s docstring.
+* **asyncio** (``aio.py``): a loop's tasks take turns in memory; the task
+  whose turn it is tries once on the loop, and a thread waits only while
+  another process holds the lock.
 
 Layout rule: this package's files import each other, and nothing outside it
 imports them: every other module of statestore takes what it needs from
