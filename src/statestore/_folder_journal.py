@@ -861,8 +861,12 @@ def group_commit(
     except OSError as e:
         raise DurabilityError(
             os.path.join(folder, JOURNAL),
-            f"group {gen} is committed, but {what} failed ({e.strerror or e}): the next "
-            "holder of the lock completes it (recover); every document will be new",
+            f"group {gen} is committed, but {what} failed ({e.strerror or e}): "
+            + (
+                "the next holder of the lock completes it (recover); every document will be new"
+                if many
+                else "the document is in place; it may not survive a power loss"
+            ),
             errno=e.errno,
         ) from e
     return gen
