@@ -7,6 +7,7 @@ moves an amount from one counter to another.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -95,16 +96,16 @@ def test_kill_9_at_random_instants_of_group_commits(tmp_path: Path) -> None:
 
 def _reader(folder: Path, out: Path, deadline: float, consistent: bool) -> None:
     """Take snapshots until ``deadline``; write how many and how many broke the sum."""
-    import statestore._folder_journal as fj
-
-    real = fj.read_bytes
+    module = importlib.import_module("statestore._folder_journal")
+    name = "read_bytes"  # the reads of the module under test, slowed, not replaced
+    real = getattr(module, name)
 
     def slow(path: str, *args: object, **kwargs: object) -> bytes | None:
         data = real(path, *args, **kwargs)  # type: ignore[arg-type]
         time.sleep(0.0003)  # widen the window between documents
         return data
 
-    fj.read_bytes = slow  # type: ignore[assignment]
+    setattr(module, name, slow)
     snapshots = broken = 0
     gens = set()
     while time.monotonic() < deadline:
