@@ -584,11 +584,18 @@ def test_schema_internal_regenerates_the_committed_files(
 ) -> None:
     assert run(capsys, "schema", "internal", "--out", str(tmp_path)) == (
         0,
-        f"wrote {tmp_path}/lock-owner.v1.schema.json\n",
+        f"wrote {tmp_path}/lock-owner.v1.schema.json\nwrote {tmp_path}/folder.v1.schema.json\n",
         "",
     )
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(internal_schemas()) == ["lock-owner.v1.schema.json"]
+    assert (
+        names
+        == sorted(internal_schemas())
+        == [
+            "folder.v1.schema.json",
+            "lock-owner.v1.schema.json",
+        ]
+    )
     for name in names:
         assert (tmp_path / name).read_bytes() == (ROOT / "schemas" / name).read_bytes()
 
