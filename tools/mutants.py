@@ -408,7 +408,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "a sync call does not see the lock an async operation holds for its thread",
         "src/statestore/_store.py",
-        (("what, lock=lock),", "what),"),),
+        (("                lock=lambda: lock_identity(storage.lock),\n", ""),),
         "tests/test_core.py::test_a_blocking_call_inside_an_async_update_is_refused_not_waited_out",
     ),
     Mutation(
@@ -435,7 +435,7 @@ MUTATIONS: tuple[Mutation, ...] = (
             (
                 "                recover(folder)  # what this session reads must not "
                 "predate a group\n",
-                "",
+                "                pass\n",
             ),
         ),
         "tests/test_folder.py::test_a_dead_holders_unfinished_group_is_completed_before_a_plain_store_reads",
