@@ -670,3 +670,45 @@ def test_collector_is_on_again_after_every_store_call(tmp_path: Path) -> None:
         assert not gc.isenabled(), "the program's own choice was undone"
     finally:
         gc.enable()
+
+
+WAITER = """
+import sys, time
+import statestore._lock.create as create
+from statestore import DirectoryLock
+# The head waiter's poll sleeps the longest it may: only the release's wake ends it early.
+create.BACKOFF_BASE = create.BACKOFF_CAP = 30.0
+create.random.uniform = lambda a, b: b
+lock = DirectoryLock(sys.argv[1], timeout=60)
+print("waiting", flush=True)
+started = time.monotonic()
+with lock:
+    print(f"{time.monotonic() - started:.3f}", flush=True)
+"""
+
+
+def test_a_release_wakes_the_waiter_on_this_host(tmp_path: Path) -> None:
+    """The hand-off step: a waiter that would not look again for 30 s gets the lock as
+    soon as it is released, because the release wakes it (not because it polled)."""
+    import sys
+
+    path = tmp_path / "state.lock"
+    held = DirectoryLock(path).acquire()
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", WAITER, str(path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert waiter.stdout is not None and waiter.stdout.readline().strip() == "waiting"
+        time.sleep(0.5)  # the waiter has tried, joined the queue and is sleeping its poll
+        held.release()
+        out, _ = waiter.communicate(timeout=25)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+        if waiter.stdout is not None:
+            waiter.stdout.close()
+    assert float(out.strip()) < 10, "the waiter was not woken by the release"

@@ -222,6 +222,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "release wakes no waiter",
         RL,
         (("            queue.wake_first()", "            pass"),),
+        P + "test_a_release_wakes_the_waiter_on_this_host",
     ),
     # ---- claims
     Mutation(
