@@ -57,6 +57,7 @@ from .._errors import (
     LockCompromisedError,
     LockError,
     LockTimeout,
+    NestedTransactionError,
     StateReadError,
     StateStoreError,
     StateWriteError,
@@ -81,9 +82,22 @@ _inherited: list[_Conn] = []
 _pools: weakref.WeakSet[_Pool] = weakref.WeakSet()
 
 
+# Which namespaces this process's threads are inside: (thread, namespace location) of
+# each open folder transaction, and the number of open store sessions per (thread,
+# namespace). A store's session waiting for the folder transaction its own thread holds
+# (or the reverse) would wait for itself until its timeout: refused at once instead.
+_marks_lock = threading.Lock()
+_folder_marks: set[tuple[int, str]] = set()
+_store_marks: dict[tuple[int, str], int] = {}
+
+
 def _forget_parent_connections() -> None:
+    global _marks_lock
     for pool in list(_pools):
         pool.after_fork()
+    _marks_lock = threading.Lock()
+    _folder_marks.clear()  # a forked child is inside none of its parent's transactions
+    _store_marks.clear()
 
 
 os.register_at_fork(after_in_child=_forget_parent_connections)
@@ -181,6 +195,14 @@ _CREATE_KEY: Final = (
     "'statestore:create:' || quote_ident(coalesce({schema}, current_schema())) || '.' "
     "|| quote_ident({table}), 'UTF8')) FROM 1 FOR 8), 'hex'))::bit(64)::bigint"
 )
+#: The advisory lock key of a namespace (a state folder's documents ``<namespace>/<name>``):
+#: SHA-256("statestore-folder:<table OID>:<namespace>"), which no row's key can give
+#: (a row's input starts "statestore:").
+_NAMESPACE_KEY: Final = (
+    "('x' || encode(substring(sha256(convert_to("
+    "'statestore-folder:' || {table}::regclass::oid::text || ':' || {namespace}, 'UTF8')) "
+    "FROM 1 FOR 8), 'hex'))::bit(64)::bigint"
+)
 #: Key column types whose equality is byte equality (with a deterministic collation).
 _KEY_TYPES: Final = ("text", "character varying")
 
@@ -189,6 +211,23 @@ def _lock_key(table_oid: int, key: str) -> int:
     """The advisory lock key of a row, as :data:`_LOCK_KEY` computes it on the server."""
     digest = hashlib.sha256(f"statestore:{table_oid}:{key}".encode()).digest()[:8]
     return int.from_bytes(digest, "big", signed=True)
+
+
+def _namespace_lock_key(table_oid: int, namespace: str) -> int:
+    """The advisory lock key of a namespace, as :data:`_NAMESPACE_KEY` computes it."""
+    digest = hashlib.sha256(f"statestore-folder:{table_oid}:{namespace}".encode()).digest()[:8]
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _namespace_of(key: str) -> str | None:
+    """The namespace of a document's key: what comes before its last ``/`` (or None).
+
+    The documents of a :class:`PostgresFolder` are the keys ``<namespace>/<name>``
+    (``name`` without ``/``); every session of such a key takes the namespace's
+    lock too, so no declaration is needed for a store to find its folder.
+    """
+    namespace, slash, _ = key.rpartition("/")
+    return namespace if slash else None
 
 
 def _check_name(what: str, name: str) -> None:
@@ -257,56 +296,70 @@ class PostgresSession:
             self._xid = str(row[0])
 
     def _end(self, commit: bool) -> None:
-        s = self._storage
-        conn = self._conn
-        if os.getpid() != self._pid:
-            _inherited.append(conn)  # the parent's: never touch it
-            if commit:
-                self._usable()  # raises LockCompromisedError
-            return
-        if not commit or self._xid is None:
-            # Nothing to keep: a failed rollback or commit loses nothing.
-            try:
-                conn.execute("ROLLBACK")
-            except psycopg.Error:
-                conn.close()
-            s._pool.give(conn)
-            return
-        if conn.info.transaction_status == TransactionStatus.INERROR:
-            # A statement failed and its error was caught: COMMIT would only roll back.
-            conn.execute("ROLLBACK")
-            s._pool.give(conn)
-            raise StateWriteError(
-                s.location,
-                "a statement of this session failed, so the transaction was rolled back; "
-                "nothing was saved; the stored document is unchanged",
+        _end_transaction(self._storage, self._conn, self._xid, self._pid, commit)
+
+
+def _end_transaction(
+    owner: PostgresStorage, conn: _Conn, xid: str | None, pid: int, commit: bool
+) -> None:
+    """Commit (or roll back) the transaction of a session or a folder transaction.
+
+    ``xid`` is the transaction's id once it changed something (None: nothing to
+    keep, so it is rolled back); ``pid`` the process that opened it. Errors
+    name ``owner.location``, and what is unchanged (``owner._unchanged``).
+    """
+    unchanged = owner._unchanged
+    if os.getpid() != pid:
+        _inherited.append(conn)  # the parent's: never touch it
+        if commit:
+            raise LockCompromisedError(
+                owner.location,
+                "this process was forked inside a session: the lock belongs to the "
+                "parent's connection, so the child cannot read or write under it",
             )
+        return
+    if not commit or xid is None:
+        # Nothing to keep: a failed rollback or commit loses nothing.
         try:
-            conn.execute("COMMIT")
-        except psycopg.Error as e:
-            broken = conn.broken
+            conn.execute("ROLLBACK")
+        except psycopg.Error:
             conn.close()
-            # A COMMIT the server answered with an error rolled back. One lost with the
-            # connection may or may not have happened: ask the server about the transaction.
-            status = s._xact_status(self._xid) if broken else "aborted"
-            if status == "committed":
-                return
-            if status == "aborted":
-                raise StateWriteError(
-                    s.location,
-                    f"{_describe(e, 'committing')}. The transaction was rolled back: "
-                    "nothing was saved; the stored document is unchanged. The lock was "
-                    "released with it, so run the update again.",
-                ) from e
-            # Not a StateWriteError, which promises nothing was saved: running the
-            # same update again could apply its change twice.
-            raise DurabilityError(
-                s.location,
-                f"{_describe(e, 'committing')}, and whether the commit happened could not "
-                "be found out. The stored document is whole: either the old one or the new "
-                "one. load() it to see which before running the update again.",
+        owner._pool.give(conn)
+        return
+    if conn.info.transaction_status == TransactionStatus.INERROR:
+        # A statement failed and its error was caught: COMMIT would only roll back.
+        conn.execute("ROLLBACK")
+        owner._pool.give(conn)
+        raise StateWriteError(
+            owner.location,
+            "a statement of this session failed, so the transaction was rolled back; "
+            f"nothing was saved; {unchanged}",
+        )
+    try:
+        conn.execute("COMMIT")
+    except psycopg.Error as e:
+        broken = conn.broken
+        conn.close()
+        # A COMMIT the server answered with an error rolled back. One lost with the
+        # connection may or may not have happened: ask the server about the transaction.
+        status = owner._xact_status(xid) if broken else "aborted"
+        if status == "committed":
+            return
+        if status == "aborted":
+            raise StateWriteError(
+                owner.location,
+                f"{_describe(e, 'committing')}. The transaction was rolled back: "
+                f"nothing was saved; {unchanged}. The lock was "
+                "released with it, so run the update again.",
             ) from e
-        s._pool.give(conn)
+        # Not a StateWriteError, which promises nothing was saved: running the
+        # same update again could apply its change twice.
+        raise DurabilityError(
+            owner.location,
+            f"{_describe(e, 'committing')}, and whether the commit happened could not "
+            f"be found out. {owner._whole}",
+        ) from e
+    owner._pool.give(conn)
 
 
 class PostgresStorage:
@@ -365,6 +418,23 @@ class PostgresStorage:
         self._create_key = sql.SQL(_CREATE_KEY).format(
             schema=sql.Literal(schema), table=sql.Literal(table)
         )
+        #: The state folder namespace the document belongs to (its key's part before
+        #: the last ``/``), or None. Its sessions take the namespace's lock shared,
+        #: which a :class:`PostgresFolder` transaction takes exclusively.
+        self.namespace = _namespace_of(key)
+        #: The advisory locks a session takes, in this order: (key expression, shared).
+        self._session_locks: list[tuple[sql.Composable, bool]] = [(self._lock_key, False)]
+        self._namespace_mark: str | None = None
+        if self.namespace is not None:
+            self._session_locks.insert(0, (self._namespace_key(self.namespace), True))
+            self._namespace_mark = self._namespace_location(self.namespace)
+        #: What a failed commit leaves unchanged, and what a commit of unknown outcome
+        #: leaves, as the messages of its errors say.
+        self._unchanged = "the stored document is unchanged"
+        self._whole = (
+            "The stored document is whole: either the old one or the new "
+            "one. load() it to see which before running the update again."
+        )
         self._ready = False
         # The pool must not refer back to the storage, or the finalizer (which closes
         # the idle connections when the storage is collected) would keep it alive.
@@ -397,6 +467,15 @@ class PostgresStorage:
             "key text NOT NULL, label text NOT NULL, document text NOT NULL, "
             "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (key, label))"
         ).format(t, b)
+
+    def _namespace_key(self, namespace: str) -> sql.Composed:
+        return sql.SQL(_NAMESPACE_KEY).format(
+            table=sql.Literal(self._qualified), namespace=sql.Literal(namespace)
+        )
+
+    def _namespace_location(self, namespace: str) -> str:
+        """``postgresql://host:port/dbname#table/namespace/``: a state folder, for messages."""
+        return f"{self._base}#{self._qualified.replace(chr(34), '')}/{namespace}/"
 
     def _ident(self, name: str) -> sql.Identifier:
         return sql.Identifier(self.schema, name) if self.schema else sql.Identifier(name)
@@ -474,14 +553,45 @@ class PostgresStorage:
 
     @contextmanager
     def session(self, timeout: float) -> Iterator[PostgresSession]:
-        """A transaction holding the key's lock; committed on normal exit, else rolled back."""
-        session = PostgresSession(self, self._begin(timeout))
+        """A transaction holding the key's lock; committed on normal exit, else rolled back.
+
+        A key in a namespace (``"<namespace>/<name>"``) also holds the namespace's
+        lock, shared: sessions of its documents run side by side, and a
+        :class:`PostgresFolder` transaction of the namespace excludes them all.
+        """
+        mark = self._enter_namespace()
         try:
-            yield session
-        except BaseException:
-            session._end(commit=False)
-            raise
-        session._end(commit=True)
+            session = PostgresSession(self, self._begin(timeout))
+            try:
+                yield session
+            except BaseException:
+                session._end(commit=False)
+                raise
+            session._end(commit=True)
+        finally:
+            if mark is not None:
+                with _marks_lock:
+                    left = _store_marks.pop(mark) - 1
+                    if left:
+                        _store_marks[mark] = left
+
+    def _enter_namespace(self) -> tuple[int, str] | None:
+        """Count this thread as in a session of the namespace; refuse a session that
+        the thread's own folder transaction would keep waiting."""
+        if self._namespace_mark is None:
+            return None
+        mark = (threading.get_ident(), self._namespace_mark)
+        with _marks_lock:
+            if mark in _folder_marks:
+                raise NestedTransactionError(
+                    self.location,
+                    "a locked call of a document of the state folder "
+                    f"{self._namespace_mark} inside that folder's transaction() in the same "
+                    "thread would wait for itself (the transaction holds the folder's lock). "
+                    "Change the document through tx[store] instead",
+                )
+            _store_marks[mark] = _store_marks.get(mark, 0) + 1
+        return mark
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -613,23 +723,46 @@ class PostgresStorage:
             )
 
     def _begin(self, timeout: float) -> _Conn:
-        """A connection in a transaction that holds the key's advisory lock."""
+        """A connection in a transaction that holds the session's advisory locks."""
         # READ COMMITTED whatever the server's default: each statement then sees what
         # was committed before the lock was granted. Under REPEATABLE READ the snapshot
         # would be taken before the wait, and an update could be lost.
         setup = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
         if not self.durable:
             setup += "; SET LOCAL synchronous_commit = off"
-        # The key is computed in the locking statement itself, from the table's OID as
+        # Each key is computed in the locking statement itself, from the table's OID as
         # the server resolves the name now (see the module's docstring).
+        locks = self._session_locks
         if timeout <= 0:
-            lock = "SELECT pg_try_advisory_xact_lock(l.id) FROM (SELECT {} AS id) AS l"
+            tries = [
+                sql.SQL("pg_try_advisory_xact_lock{}({})").format(
+                    sql.SQL("_shared" if shared else ""), key
+                )
+                for key, shared in locks
+            ]
+            statements = [sql.SQL("SELECT ") + sql.SQL(" AND ").join(tries)]
         else:
             # lock_timeout 0 means "wait forever", so round up to at least 1 ms.
             ms = 0 if math.isinf(timeout) else max(1, math.ceil(timeout * 1000))
             setup += f"; SET LOCAL lock_timeout = {ms}"
-            lock = "SELECT true FROM (SELECT {} AS id) AS l, pg_advisory_xact_lock(l.id)"
-        statement = sql.SQL(f"{setup}; {lock}").format(self._lock_key)
+            statements = []
+            for i, (key, shared) in enumerate(locks):
+                if i and ms:
+                    # The locks are taken one after the other, always in this order (the
+                    # namespace's first), and the timeout bounds the whole wait: the next
+                    # lock gets what is left of it since the transaction began.
+                    statements.append(
+                        sql.SQL(
+                            "SELECT set_config('lock_timeout', greatest(1, {} - floor(extract("
+                            "epoch FROM clock_timestamp() - now()) * 1000))::bigint::text, true)"
+                        ).format(sql.Literal(ms))
+                    )
+                statements.append(
+                    sql.SQL(
+                        "SELECT true FROM (SELECT {} AS id) AS l, pg_advisory_xact_lock{}(l.id)"
+                    ).format(key, sql.SQL("_shared" if shared else ""))
+                )
+        statement = sql.SQL("; ").join([sql.SQL(setup), *statements])
 
         def run(conn: _Conn) -> _Conn:
             self._ensure_tables(conn)
@@ -652,15 +785,31 @@ class PostgresStorage:
     def _timeout(self, conn: _Conn, timeout: float) -> LockTimeout:
         """A LockTimeout that names the server session holding the lock, when it can be seen."""
         try:
-            key = self._resolve_lock_key(conn) & 0xFFFF_FFFF_FFFF_FFFF
+            locks = self._session_locks
+            found = conn.execute(
+                sql.SQL("SELECT ") + sql.SQL(", ").join(key for key, _ in locks)
+            ).fetchone()
+            assert found is not None
+            # A holder of a lock this session asked for: any holder of an exclusive
+            # one, an exclusive holder of a shared one.
+            wanted: list[sql.Composable] = []
+            params: list[Any] = []
+            for key, (_, shared) in zip(found, locks):
+                key &= 0xFFFF_FFFF_FFFF_FFFF
+                mode = " AND l.mode = 'ExclusiveLock'" if shared else ""
+                wanted.append(sql.SQL(f"(l.classid::int8 = %s AND l.objid::int8 = %s{mode})"))
+                params += [key >> 32, key & 0xFFFF_FFFF]
             row = conn.execute(
-                "SELECT a.pid, host(a.client_addr), a.application_name, "
-                "extract(epoch FROM clock_timestamp() - a.xact_start)::float8 "
-                "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-                "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-                "AND l.classid::int8 = %s AND l.objid::int8 = %s",
-                (key >> 32, key & 0xFFFF_FFFF),
+                sql.SQL(
+                    "SELECT a.pid, host(a.client_addr), a.application_name, "
+                    "extract(epoch FROM clock_timestamp() - a.xact_start)::float8 "
+                    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                    "AND l.pid <> pg_backend_pid() AND l.database = "
+                    "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+                    "AND ({}) ORDER BY a.xact_start LIMIT 1"
+                ).format(sql.SQL(" OR ").join(wanted)),
+                params,
             ).fetchone()
         except psycopg.Error:
             row = None
