@@ -38,7 +38,9 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
+
+from pydantic import BaseModel
 
 try:
     import psycopg
@@ -52,6 +54,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "statestore.backends.postgres needs psycopg 3: pip install 'statestore[postgres]'"
     ) from e
 
+from .._document import Loaded
 from .._errors import (
     DurabilityError,
     LockCompromisedError,
@@ -62,8 +65,19 @@ from .._errors import (
     StateStoreError,
     StateWriteError,
 )
+from .._migrate import Migrations
+from .._store import StateStore
+from .._transaction import Transaction
 
-__all__ = ["PostgresSession", "PostgresStorage"]
+__all__ = [
+    "PostgresFolder",
+    "PostgresFolderSnapshot",
+    "PostgresFolderTransaction",
+    "PostgresSession",
+    "PostgresStorage",
+]
+
+M = TypeVar("M", bound=BaseModel)
 
 _Conn = psycopg.Connection[TupleRow]
 
@@ -533,7 +547,8 @@ class PostgresStorage:
         return key
 
     def _resolve_lock_key(self, conn: _Conn) -> int:
-        row = conn.execute(sql.SQL("SELECT {}").format(self._lock_key)).fetchone()
+        # The session's own lock: the key's (a folder's: its namespace's), taken last.
+        row = conn.execute(sql.SQL("SELECT {}").format(self._session_locks[-1][0])).fetchone()
         assert row is not None
         return int(row[0])
 
@@ -794,7 +809,7 @@ class PostgresStorage:
             # one, an exclusive holder of a shared one.
             wanted: list[sql.Composable] = []
             params: list[Any] = []
-            for key, (_, shared) in zip(found, locks):
+            for key, (_, shared) in zip(found, locks, strict=True):
                 key &= 0xFFFF_FFFF_FFFF_FFFF
                 mode = " AND l.mode = 'ExclusiveLock'" if shared else ""
                 wanted.append(sql.SQL(f"(l.classid::int8 = %s AND l.objid::int8 = %s{mode})"))
@@ -880,3 +895,373 @@ def _base_location(params: dict[str, Any]) -> str:
     if host.startswith("/"):  # a Unix socket folder
         return f"postgresql:///{dbname}?host={host}&port={port}"
     return f"postgresql://{host}:{port}/{dbname}"
+
+
+# ------------------------------------------------------------------ state folders
+
+
+class _FolderTables(PostgresStorage):
+    """The tables and connections of a :class:`PostgresFolder`; its errors name the folder.
+
+    Its sessions (``_begin``) take the namespace's lock exclusively, and nothing else.
+    """
+
+    def __init__(self, conninfo: str, namespace: str, **options: Any) -> None:
+        super().__init__(conninfo, key=namespace, **options)
+        self._folder_location = self._namespace_location(namespace)
+        self._session_locks = [(self._namespace_key(namespace), False)]
+        self._unchanged = "every document of the folder is unchanged"
+        self._whole = (
+            "Every document of the group is the old one or every one is the new one; "
+            "read() them to see which before running the transaction again."
+        )
+
+    @property
+    def location(self) -> str:
+        return self._folder_location
+
+    @property
+    def identity(self) -> str:
+        return self._folder_location
+
+    def __repr__(self) -> str:
+        return f"_FolderTables({self.location!r})"
+
+
+class PostgresFolder:
+    """A state folder kept in PostgreSQL: documents that share one lock and commit together.
+
+    The twin of :class:`~statestore.StateFolder`, with the same methods, for
+    processes on several machines. The documents are rows of ``table`` keyed
+    ``<namespace>/<name>``; a :meth:`transaction` is one SQL transaction that
+    holds the namespace's advisory lock, so the documents it changed are
+    committed together or not at all, and :meth:`read` is one ``SELECT`` of
+    several rows (one snapshot). ``docs/postgres.md`` tells the whole story.
+
+    >>> folder = PostgresFolder("postgresql://app@db/app", "planning")  # doctest: +SKIP
+    >>> roadmap = folder.store(Roadmap, "roadmap.json", default=Roadmap)  # doctest: +SKIP
+    >>> progress = folder.store(Progress, "progress.json", default=Progress)  # doctest: +SKIP
+    >>> with folder.transaction() as tx:  # doctest: +SKIP
+    ...     task = tx[roadmap].tasks.pop(0)
+    ...     tx[progress].doing.append(task)
+
+    ``timeout`` is how long a locked operation waits for the folder's lock (and
+    a store's, for its document's); ``durable=False`` commits with
+    ``synchronous_commit = off``. ``table``, ``schema``, ``backup_table`` and
+    ``max_idle`` are :class:`PostgresStorage`'s; the folder and its stores
+    share one pool of connections.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        namespace: str,
+        *,
+        table: str = DEFAULT_TABLE,
+        schema: str | None = None,
+        backup_table: str | None = None,
+        timeout: float = 10.0,
+        durable: bool = True,
+        max_idle: int = 2,
+    ) -> None:
+        if not isinstance(namespace, str) or not namespace or "\0" in namespace:
+            raise ValueError(f"namespace must be a non-empty string without NUL, not {namespace!r}")
+        self._tables = _FolderTables(
+            conninfo,
+            namespace,
+            table=table,
+            schema=schema,
+            backup_table=backup_table,
+            durable=durable,
+            max_idle=max_idle,
+        )
+        self.namespace = namespace
+        self.table = table
+        self.schema = schema
+        self.backup_table = self._tables.backup_table
+        self.timeout = timeout
+        self.durable = durable
+        self._conninfo = conninfo
+        self._max_idle = max_idle
+        self._stores: dict[str, StateStore[Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"PostgresFolder({self.location!r})"
+
+    @property
+    def location(self) -> str:
+        """``postgresql://host:port/dbname#table/namespace/``: no user name, no password."""
+        return self._tables.location
+
+    @property
+    def lock_id(self) -> int:
+        """The namespace's advisory lock key (``pg_locks``: ``classid``/``objid``), asked
+        of the server as :attr:`PostgresStorage.lock_id` is."""
+        return self._tables.lock_id
+
+    def store(
+        self,
+        model: type[M],
+        name: str,
+        *,
+        default: M | Callable[[], M] | None = None,
+        version: int = 1,
+        migrations: Migrations | None = None,
+        schema_ref: str | None = None,
+        read_attempts: int = 3,
+        read_delay: float = 0.05,
+    ) -> StateStore[M]:
+        """A store of the document ``name`` (without ``/``) of this folder: the row
+        keyed ``<namespace>/<name>``.
+
+        An ordinary :class:`StateStore` in every way; its sessions take the
+        folder's lock (shared) before the document's own, so they wait for a
+        folder transaction, and it for them.
+        """
+        if not isinstance(name, str) or not name or "/" in name or "\0" in name:
+            raise ValueError(
+                f"{name!r}: a folder's document is named by a non-empty name without '/' "
+                "or NUL (make another PostgresFolder, namespace '<namespace>/<sub>', for "
+                "a subfolder)"
+            )
+        t = self._tables
+        storage = PostgresStorage(
+            self._conninfo,
+            key=self._key(name),
+            table=t.table,
+            schema=t.schema,
+            backup_table=t.backup_table,
+            durable=self.durable,
+            max_idle=self._max_idle,
+        )
+        storage._pool = t._pool  # one pool for the folder and its stores
+        made = StateStore(
+            model,
+            storage,
+            default=default,
+            timeout=self.timeout,
+            version=version,
+            migrations=migrations,
+            schema_ref=schema_ref,
+            read_attempts=read_attempts,
+            read_delay=read_delay,
+        )
+        self._stores[name] = made
+        return made
+
+    @property
+    def stores(self) -> tuple[StateStore[Any], ...]:
+        """The stores made with :meth:`store`, one per document (the latest), by name."""
+        return tuple(self._stores[n] for n in sorted(self._stores))
+
+    @contextmanager
+    def transaction(self) -> Iterator[PostgresFolderTransaction]:
+        """``with folder.transaction() as tx:`` change several documents, commit them together.
+
+        One SQL transaction holding the folder's lock. ``tx[store]`` is the
+        loaded, mutable model of that store's document (loaded on first use,
+        migrated in memory, the newer-version guard checked). On normal exit
+        every changed document (and the backup of each migrated one) is written
+        and the transaction committed; if the block raises, it is rolled back
+        and nothing is written.
+        """
+        mark = (threading.get_ident(), self.location)
+        with _marks_lock:
+            if mark in _folder_marks or _store_marks.get(mark):
+                raise NestedTransactionError(
+                    self.location,
+                    "transaction() called inside a transaction of this folder, or of one "
+                    "of its documents, in the same thread: it would wait for itself. "
+                    "Change the state yielded by the outer transaction instead",
+                )
+            _folder_marks.add(mark)
+        try:
+            tx = PostgresFolderTransaction(self, self._tables._begin(self.timeout))
+            try:
+                yield tx
+            except BaseException:
+                tx.abort()
+                raise
+            tx.commit()
+        finally:
+            with _marks_lock:
+                _folder_marks.discard(mark)
+
+    def read(self, *stores: StateStore[Any]) -> PostgresFolderSnapshot:
+        """The documents of ``stores`` as of one moment, without the lock.
+
+        One ``SELECT`` of their rows: a statement sees one snapshot of the
+        database, in which a folder transaction is committed entirely or not at
+        all. Each is validated (and migrated in memory) as :meth:`StateStore.load`
+        does; a missing one is its store's default.
+        """
+        names = {self._name_of(s): s for s in stores}
+        keys = [self._key(n) for n in names]
+        t = self._tables
+        query = sql.SQL(
+            "SELECT key, convert_to(document, 'UTF8') FROM {} WHERE key = ANY(%s)"
+        ).format(t._table_id)
+
+        def run(conn: _Conn) -> list[tuple[Any, ...]]:
+            try:
+                return conn.execute(query, (keys,)).fetchall()
+            except pgerrors.UndefinedTable:
+                return []  # nothing was ever saved to this table
+
+        rows: list[tuple[Any, ...]] = t._with_connection(run, StateReadError, "reading")
+        found = {str(key): bytes(data) for key, data in rows}
+        states: dict[str, Any] = {}
+        for name, store in names.items():
+            data = found.get(self._key(name))
+            doc = store.document
+            states[name] = doc.make_default() if data is None else doc.parse(data).model
+        return PostgresFolderSnapshot(self, states)
+
+    def recover(self) -> bool:
+        """Whether an unfinished group commit was completed: never, on PostgreSQL (the
+        server rolls back the transaction of a holder that died). For programs
+        written for :class:`~statestore.StateFolder`."""
+        return False
+
+    def close(self) -> None:
+        """Close the idle connections of the folder and its stores."""
+        self._tables.close()
+
+    def __enter__(self) -> PostgresFolder:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- internals
+
+    def _key(self, name: str) -> str:
+        return f"{self.namespace}/{name}"
+
+    def _name_of(self, store: StateStore[Any]) -> str:
+        """The name of ``store``'s document in this folder; a typed error if it is not one."""
+        storage = store.storage
+        t = self._tables
+        if not (
+            isinstance(storage, PostgresStorage)
+            and not isinstance(storage, _FolderTables)
+            and storage._base == t._base
+            and storage._qualified == t._qualified
+            and storage.backup_table == t.backup_table
+            and storage.namespace == self.namespace
+        ):
+            raise StateStoreError(
+                store.location,
+                f"is not a document of the state folder {self.location} (a folder's "
+                "documents are the rows of its table keyed '<namespace>/<name>', with its "
+                "backup table; make the store with folder.store())",
+            )
+        return storage.key.rpartition("/")[2]
+
+
+class PostgresFolderTransaction:
+    """The documents of one :meth:`PostgresFolder.transaction`: ``tx[store]``."""
+
+    def __init__(self, folder: PostgresFolder, conn: _Conn) -> None:
+        self._folder = folder
+        self._conn = conn
+        self._pid = os.getpid()
+        self._open: dict[str, tuple[StateStore[Any], Transaction[Any], PostgresSession]] = {}
+        self._ended = False
+
+    @overload
+    def __getitem__(self, store: StateStore[M]) -> M: ...
+    @overload
+    def __getitem__(self, store: Any) -> Any: ...
+
+    def __getitem__(self, store: Any) -> Any:
+        if self._ended:
+            raise RuntimeError("the folder transaction has ended")
+        if not isinstance(store, StateStore):
+            raise TypeError(f"tx[...] takes a StateStore of the folder, not {type(store).__name__}")
+        name = self._folder._name_of(store)
+        found = self._open.get(name)
+        if found is not None:
+            if found[0] is not store and found[0].model is not store.model:
+                raise StateStoreError(
+                    store.location,
+                    "is already open in this transaction through another store with "
+                    f"another model ({found[0].model.__name__}); use one store per document",
+                )
+            return found[1].loaded.model
+        storage = store.storage
+        assert isinstance(storage, PostgresStorage)
+        # The document's statements run in the folder's transaction, on its connection.
+        session = PostgresSession(storage, self._conn)
+        session._pid = self._pid
+        txn: Transaction[Any] = Transaction(store.document, session)
+        txn.begin()
+        self._open[name] = (store, txn, session)
+        return txn.loaded.model
+
+    def is_loaded(self, store: StateStore[Any]) -> bool:
+        """Whether ``store``'s document was loaded into this transaction."""
+        return self._folder._name_of(store) in self._open
+
+    def abort(self) -> None:
+        """End without writing: roll the transaction back (what a block that raises does)."""
+        if self._ended:
+            return
+        self._ended = True
+        for _, txn, _ in self._open.values():
+            txn.abort()
+        _end_transaction(self._folder._tables, self._conn, None, self._pid, commit=False)
+
+    def commit(self) -> None:
+        """Write every changed document and commit them as one SQL transaction (what the
+        end of the block does)."""
+        if self._ended:
+            raise RuntimeError("the folder transaction has ended")
+        self._ended = True
+        xid: str | None = None
+        try:
+            # Proved (and each migrated document's backup kept) first, written in the
+            # order of their keys, all in the one transaction.
+            writes: list[tuple[PostgresSession, bytes]] = []
+            for name in sorted(self._open):
+                store, txn, session = self._open[name]
+                doc = store.document
+                loaded: Loaded[Any] = txn.loaded
+                doc.check_type(loaded.model, "the transaction's state is")
+                data = doc.frame(doc.dump(loaded.model), loaded.schema)
+                _, changed = doc.prepare(session, data, loaded)
+                if changed:
+                    writes.append((session, data))
+            for session, data in writes:
+                session.write(data)
+            for _, _, session in self._open.values():
+                xid = xid or session._xid
+        except BaseException:
+            _end_transaction(self._folder._tables, self._conn, None, self._pid, commit=False)
+            raise
+        _end_transaction(self._folder._tables, self._conn, xid, self._pid, commit=True)
+
+
+class PostgresFolderSnapshot:
+    """Documents read together by :meth:`PostgresFolder.read`: ``snapshot[store]``."""
+
+    def __init__(self, folder: PostgresFolder, states: dict[str, Any]) -> None:
+        self._folder = folder
+        self._states = states
+
+    @overload
+    def __getitem__(self, store: StateStore[M]) -> M: ...
+    @overload
+    def __getitem__(self, store: Any) -> Any: ...
+
+    def __getitem__(self, store: Any) -> Any:
+        sync = getattr(store, "sync", store)  # an AsyncStateStore reads as its store
+        try:
+            return self._states[self._folder._name_of(sync)]
+        except (KeyError, StateStoreError, AttributeError):
+            raise KeyError(f"{store!r} was not read into this snapshot") from None
