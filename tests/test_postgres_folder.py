@@ -339,6 +339,65 @@ def test_a_folder_transaction_and_a_plain_store_exclude_each_other(
     assert counts(admin, table, namespace) == {"a": TOTAL + 1, "b": 1}
 
 
+@pytest.mark.parametrize("timeout", [0.0, 0.4], ids=["no-wait", "wait"])
+@pytest.mark.parametrize("held", ["key", "namespace"])
+def test_one_timeout_bounds_the_wait_for_both_locks(
+    folder: PostgresFolder, table: str, namespace: str, timeout: float, held: str
+) -> None:
+    seed(folder)
+    plain = StateStore(
+        Counter, PostgresStorage(DSN, key=f"{namespace}/a", table=table), timeout=timeout
+    )
+    inside, leave = threading.Event(), threading.Event()
+    backend: list[int] = []
+
+    def hold() -> None:
+        if held == "key":  # another session of the same document
+            with PostgresStorage(DSN, key=f"{namespace}/a", table=table).session(5) as s:
+                backend.append(s.backend_pid)
+                inside.set()
+                leave.wait(10)
+        else:
+            with folder.transaction() as tx:
+                backend.append(tx._conn.info.backend_pid)
+                inside.set()
+                leave.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        began = time.monotonic()
+        with pytest.raises(LockTimeout) as e:
+            plain.update(test_postgres.bump)
+        waited = time.monotonic() - began
+        assert timeout <= waited < timeout + 2
+        assert e.value.holder is not None and e.value.holder["pid"] == backend[0]
+        assert str(e.value).startswith(plain.location)
+        if held == "namespace":
+            quick = PostgresFolder(DSN, namespace, table=table, timeout=timeout)
+            with pytest.raises(LockTimeout) as e:
+                with quick.transaction():
+                    pass
+            assert str(e.value).startswith(folder.location)
+    finally:
+        leave.set()
+        holder.join()
+    assert plain.update(test_postgres.bump).count == TOTAL + 1
+
+
+def test_durable_false_commits_without_waiting_for_the_flush(table: str, namespace: str) -> None:
+    for durable, expected in ((True, "on"), (False, "off")):
+        f = PostgresFolder(DSN, namespace, table=table, durable=durable)
+        store = f.store(Counter, "a", default=Counter)
+        assert store.storage.durable is durable  # type: ignore[attr-defined]
+        with f.transaction() as tx:
+            tx[store].count += 1
+            found = tx._conn.execute("SHOW synchronous_commit").fetchone()
+            assert found == (expected,)
+        f.close()
+
+
 def test_no_update_is_lost_between_plain_stores_and_folder_transactions(
     admin: psycopg.Connection[Any], folder: PostgresFolder, table: str, tmp_path: Path
 ) -> None:

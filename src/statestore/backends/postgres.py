@@ -23,6 +23,37 @@ deterministic collation: a table whose key column compares otherwise (citext,
 a case-insensitive collation, ``char(n)``), a view, a foreign table, a
 partition or a table in an inheritance tree (rows that another name also
 reaches) is refused.
+
+State folders (:class:`PostgresFolder`, the twin of ``StateFolder``): the rules.
+
+* **A namespace is a key's prefix.** The documents of the folder ``namespace``
+  are the rows keyed ``<namespace>/<name>`` (``name`` without ``/``) of its
+  table. Every key that holds a ``/`` belongs to the namespace before its last
+  one, so no declaration is needed and none can be missed or raced: a plain
+  ``PostgresStorage(..., key="planning/roadmap")`` made anywhere is a
+  document of the folder ``"planning"`` of its table.
+* **One lock per namespace, taken by everyone.** The namespace's advisory lock
+  is keyed by (table OID, namespace), like a row's but from an input no row's
+  key gives. A folder transaction takes it exclusively; every session of a
+  document of the namespace (the folder's stores and plain ones alike) takes
+  it shared, before its own key's lock (always in that order, one timeout for
+  both). So a folder transaction and a store's locked call on one of its
+  documents exclude each other, while stores of two documents of a namespace
+  still run side by side.
+* **One group, one SQL transaction.** ``transaction()`` holds the lock in one
+  READ COMMITTED transaction; ``tx[store]`` reads the row in it on first use
+  (migrating in memory, the newer-version guard checked, through the store's
+  own format: ``Document``, ``Transaction``); at the end every changed row,
+  and the backup of each migrated one, is written in it, in key order, and it
+  commits: all of them or none, whatever fails or is killed. A block that
+  raises rolls it back. There is no unfinished group to recover.
+* **One statement, one snapshot.** ``read()`` is a single ``SELECT`` of the
+  rows, without a lock: a statement sees one snapshot, in which a folder
+  transaction is either committed entirely or not at all.
+* **No nesting.** In one thread, a store's locked call on a document of a
+  namespace inside that namespace's folder transaction, or a folder
+  transaction inside one (or inside a session of one of its documents), would
+  wait for itself: :class:`NestedTransactionError` at once.
 """
 
 from __future__ import annotations
