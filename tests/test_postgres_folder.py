@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from test_postgres import DSN, put, row, terminate
 
 from statestore import (
+    DurabilityError,
     LockCompromisedError,
     LockTimeout,
     MigrationError,
@@ -250,6 +251,38 @@ def test_connection_lost_inside_the_block_saves_nothing(
     with folder.transaction() as tx:
         tx[a].count += 1
     assert counts(admin, table, namespace)["a"] == TOTAL + 1
+
+
+@pytest.mark.parametrize("server_answers", [True, False], ids=["asked", "unreachable"])
+def test_commit_answer_lost(
+    admin: psycopg.Connection[Any],
+    folder: PostgresFolder,
+    table: str,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    server_answers: bool,
+) -> None:
+    a, b = seed(folder)
+    if not server_answers:
+
+        def refuse() -> None:
+            raise psycopg.OperationalError("connection refused")
+
+        monkeypatch.setattr(folder._tables, "_connect", refuse)
+
+    def transfer() -> None:
+        with folder.transaction() as tx:
+            tx[a].count -= 7
+            tx[b].count += 7
+            monkeypatch.setattr(tx, "_conn", test_postgres._CommitThenDrop(tx._conn, admin))
+
+    if server_answers:
+        transfer()  # the server says the transaction committed: no error
+    else:
+        with pytest.raises(DurabilityError, match="every one is the new one") as e:
+            transfer()
+        assert str(e.value).startswith(folder.location)
+    assert counts(admin, table, namespace) == {"a": TOTAL - 7, "b": 7}
 
 
 def test_lock_id_is_the_namespaces_as_the_server_resolves_the_table(
