@@ -78,7 +78,9 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=60)
     args = parser.parse_args()
     print(f"{len(Doc().model_dump_json(indent=2))} bytes per document, durable")
-    print("| k | folder.transaction() | k x update(), folder lock held | k x update(), shared lock |")
+    print(
+        "| k | folder.transaction() | k x update(), folder lock held | k x update(), shared lock |"
+    )
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         for k in map(int, args.docs.split(",")):

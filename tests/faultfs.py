@@ -57,7 +57,12 @@ OS_FUNCTIONS = (
 )
 #: statestore modules that call the builtin ``open`` (reading the state file,
 #: the lock's owner record, /proc).
-OPEN_USERS = ("statestore._atomic", "statestore._lock", "statestore._owner", "statestore._handoff")
+OPEN_USERS = (
+    "statestore._atomic",
+    "statestore._lock.liveness",
+    "statestore._lock.record",
+    "statestore._lock.handoff",
+)
 
 
 class Interposer:

@@ -169,7 +169,8 @@ def test_argparse_usage_errors_exit_2(
         ("cli_fixtures:missing", "cli_fixtures:missing: 'cli_fixtures' has no attribute 'missing'"),
         (
             "cli_fixtures:not_a_store",
-            "cli_fixtures:not_a_store: expected a StateStore, a StateFolder or a pydantic model, found int",
+            "cli_fixtures:not_a_store: expected a StateStore, a StateFolder or a pydantic "
+            "model, found int",
         ),
         (
             "cli_fixtures:Settings",
@@ -583,11 +584,18 @@ def test_schema_internal_regenerates_the_committed_files(
 ) -> None:
     assert run(capsys, "schema", "internal", "--out", str(tmp_path)) == (
         0,
-        f"wrote {tmp_path}/lock-owner.v1.schema.json\n",
+        f"wrote {tmp_path}/lock-owner.v1.schema.json\nwrote {tmp_path}/folder.v1.schema.json\n",
         "",
     )
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(internal_schemas()) == ["lock-owner.v1.schema.json"]
+    assert (
+        names
+        == sorted(internal_schemas())
+        == [
+            "folder.v1.schema.json",
+            "lock-owner.v1.schema.json",
+        ]
+    )
     for name in names:
         assert (tmp_path / name).read_bytes() == (ROOT / "schemas" / name).read_bytes()
 

@@ -27,10 +27,11 @@ from statestore import (
     StateStoreError,
     StateWriteError,
     _atomic,
-    _lock,
 )
-from statestore._handoff import WaitQueue
-from statestore._owner import new_owner
+from statestore._lock import create
+from statestore._lock.handoff import WaitQueue
+from statestore._lock.paths import canonical as _canonical
+from statestore._lock.record import new_owner
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -123,8 +124,8 @@ def test_countdown_fault_at_every_call_of_a_save(
         if scenario.endswith("waiter"):
             # A waiter queued on this host (it is this process, holding its pipe open):
             # the store does not wait its turn (no patience), and its release wakes it.
-            monkeypatch.setattr(_lock, "QUEUE_PATIENCE", 0.0)
-            waiter = WaitQueue(_lock._canonical(f"{path}.lock")).join()
+            monkeypatch.setattr(create, "QUEUE_PATIENCE", 0.0)
+            waiter = WaitQueue(_canonical(f"{path}.lock")).join()
             assert waiter is not None
         before = _everything(*folders)
         store = StateStore(Counter, path, default=OLD if old is None else None)

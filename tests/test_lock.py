@@ -25,9 +25,10 @@ from statestore import (
     LockTimeout,
     NestedTransactionError,
     StateStore,
-    _lock,
 )
-from statestore._owner import identity, new_owner
+from statestore._lock import observe
+from statestore._lock.liveness import identity
+from statestore._lock.record import new_owner
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -171,7 +172,7 @@ def test_reused_pid_with_another_start_time_is_dead(tmp_path: Path) -> None:
 
 def test_another_boot_waits_for_the_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same host name, other boot id: a cloned machine or a container, not proof of death."""
-    monkeypatch.setattr(_lock, "CLOCK_SKEW", 0.3)
+    monkeypatch.setattr(observe, "CLOCK_SKEW", 0.3)
     pid = dead_pid()
     now = time.time()
     write_record(
@@ -190,7 +191,7 @@ def test_another_boot_waits_for_the_lease(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_live_pid_with_matching_start_time_is_respected(tmp_path: Path) -> None:
     parent = os.getppid()
-    from statestore._owner import _proc_stat
+    from statestore._lock.liveness import _proc_stat
 
     stat = _proc_stat(parent)
     assert stat is not None
@@ -203,7 +204,7 @@ def test_live_pid_with_matching_start_time_is_respected(tmp_path: Path) -> None:
 def test_other_host_is_broken_only_after_its_lease_and_skew(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_lock, "CLOCK_SKEW", 0.5)
+    monkeypatch.setattr(observe, "CLOCK_SKEW", 0.5)
     now = time.time()
     write_record(
         tmp_path / "x.lock", host="elsewhere.example", pid=1, acquired_at=now, expires_at=now + 1.0
@@ -409,7 +410,7 @@ def test_a_claim_left_by_a_dead_breaker_is_taken_over_at_once(tmp_path: Path) ->
 
 def test_a_claim_of_a_live_process_is_never_taken_over(tmp_path: Path) -> None:
     """A breaker that merely stalls keeps its claim, however old (spec/ CLAIM_TAKEOVER)."""
-    from statestore._owner import _proc_stat
+    from statestore._lock.liveness import _proc_stat
 
     lock_dir = tmp_path / "x.lock"
     write_record(lock_dir, pid=dead_pid())
@@ -427,7 +428,7 @@ def test_a_claim_of_a_live_process_is_never_taken_over(tmp_path: Path) -> None:
 def test_commit_waits_out_a_claim_that_is_undone(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     store = StateStore(Counter, path, default=Counter)
-    from statestore._owner import _proc_stat
+    from statestore._lock.liveness import _proc_stat
 
     stat = _proc_stat(os.getpid())
     assert stat is not None

@@ -1,6 +1,6 @@
 """Attacks on the directory lock from outside: odd arguments, odd files, odd processes.
 
-Each test pins one rule of ``src/statestore/_lock.py``'s module docstring (or of
+Each test pins one rule of ``src/statestore/_lock/``'s package docstring (or of
 ``docs/locking.md``) against an input a hostile or unusual world produces. Attacks
 that broke the lock come with the fix; the rest pin behaviour that held.
 """
@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import workers
 
-from statestore import DirectoryLock, _lock
-from statestore._lock import MAX_LEASE
-from statestore._owner import LockOwner, new_owner, read_owner_at
+from statestore import DirectoryLock
+from statestore._lock import MAX_LEASE, create, turns
+from statestore._lock.record import LockOwner, new_owner, read_owner_at
 
 SPAWN = mp.get_context("spawn")
 
@@ -213,10 +213,13 @@ def test_an_interrupt_between_taking_the_turn_and_the_directory_leaks_nothing(
     try that gives it back used to leave the turn with nobody: every later acquire
     of the path in the process waited out its timeout."""
     path = tmp_path / "l.lock"
-    turn = _lock.DirectoryLock._turn
+    turn = turns.take_turn
     # The first line run after the turn is ours: the one before the call (a 'try:'
     # there once left a gap) or the call itself.
-    line = _line_of(turn, "held = self._acquire_dir(deadline, wait, st.queue, gave_up)")
+    line = _line_of(
+        turn,
+        "held = acquire_dir(path, key, lease, deadline, wait, st.queue, gave_up)",
+    )
     lock = DirectoryLock(path)  # kept: the path's state lives as long as it
     sys.settrace(_interrupt_at(turn.__code__, line - 1, line))
     try:
@@ -239,8 +242,8 @@ def test_an_interrupt_between_mkdir_and_the_owner_record_leaves_no_directory(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "l.lock"
-    publish = _lock.DirectoryLock._publish
-    line = _line_of(publish, "dirfd = os.open(self.path, _DIR_FLAGS)")
+    publish = create.publish
+    line = _line_of(publish, "dirfd = os.open(path, DIR_FLAGS)")
     lock = DirectoryLock(path)
     sys.settrace(_interrupt_at(publish.__code__, line))
     try:

@@ -40,8 +40,11 @@ import pytest
 import workers
 from conftest import Counter
 
-from statestore import DirectoryLock, LockError, LockTimeout, StateStore, _claim, _cli, _lock
-from statestore._owner import identity, new_owner
+from statestore import DirectoryLock, LockError, LockTimeout, StateStore, _cli
+from statestore._lock import claim as _claim
+from statestore._lock import observe
+from statestore._lock.liveness import identity
+from statestore._lock.record import new_owner
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,7 +151,8 @@ _PRELUDE = """
 import errno, json, os, sys, tempfile, time, traceback
 from conftest import Counter
 from statestore import DirectoryLock, LockError, LockTimeout, StateStore, StateStoreError
-from statestore._owner import LockOwner, holder_alive, identity, read_owner_at
+from statestore._lock.liveness import holder_alive, identity
+from statestore._lock.record import LockOwner, read_owner_at
 
 def _warm_up():
     # Run every code path once while we may still read our own files: nothing is
@@ -542,7 +546,7 @@ def test_a_record_that_may_be_from_another_machine_waits_for_its_lease(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: dict[str, object]
 ) -> None:
     """Same host name, dead pid, but nothing that proves it is our pid: not dead."""
-    monkeypatch.setattr(_lock, "CLOCK_SKEW", 0.3)
+    monkeypatch.setattr(observe, "CLOCK_SKEW", 0.3)
     pid = dead_pid()
     now = time.time()
     lock = tmp_path / "x.lock"
@@ -558,7 +562,7 @@ def test_a_record_that_may_be_from_another_machine_waits_for_its_lease(
 def test_a_live_pid_without_its_start_time_is_not_taken_for_dead_or_alive(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_lock, "CLOCK_SKEW", 0.3)
+    monkeypatch.setattr(observe, "CLOCK_SKEW", 0.3)
     now = time.time()
     lock = tmp_path / "x.lock"
     plant_record(lock, pid=os.getppid(), start_time=None, expires_at=now + 1.0)
@@ -766,7 +770,7 @@ IN_JSON = sorted(
 def test_the_schema_of_the_owner_record_refuses_what_the_reader_refuses(name: str) -> None:
     from jsonschema import Draft202012Validator
 
-    from statestore._owner import LockOwner
+    from statestore._lock.record import LockOwner
     from statestore._schema import internal_schemas
 
     doc = record(**BAD_FIELDS[name])

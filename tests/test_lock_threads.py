@@ -38,11 +38,12 @@ from statestore import (
     LockTimeout,
     NestedTransactionError,
     StateStore,
-    _handoff,
-    _lease,
 )
 from statestore._cli import main as cli_main
-from statestore._lock import WaitAbandoned, _canonical
+from statestore._lock import WaitAbandoned
+from statestore._lock import handoff as _handoff
+from statestore._lock import registry as _lease
+from statestore._lock.paths import canonical as _canonical
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -4,6 +4,11 @@ A name another module of the package (or a test, a benchmark, a tool) imports
 from a private module is in that module's ``__all__``; a name in ``__all__``
 that nobody imports is not; and no module of the package takes an
 underscore name from another (that would be a missing public seam).
+
+A private subpackage (``statestore._lock``) is one module to the rest of the
+package: its files import each other, and every other module of statestore
+takes what it needs from the package itself, never from one of its files
+(tests may, for internal names).
 """
 
 from __future__ import annotations
@@ -97,3 +102,43 @@ def test_each_private_module_lists_what_the_others_take() -> None:
         if listed != wanted:
             wrong[module] = {"unused": sorted(listed - wanted), "missing": sorted(wanted - listed)}
     assert wrong == {}
+
+
+SUBPACKAGES = ["statestore._lock"]
+
+
+def _imports_of(path: Path) -> list[str]:
+    """The statestore modules ``path`` (a file of the package) imports from."""
+    here = _module_of(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            found.append(source)
+            found += [f"{source}.{a.name}" for a in node.names if _is_module(f"{source}.{a.name}")]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+    return [m for m in found if m.startswith("statestore")]
+
+
+def test_no_module_outside_a_subpackage_imports_its_files() -> None:
+    crossings = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        here = _module_of(path)
+        for sub in SUBPACKAGES:
+            if here == sub or here.startswith(sub + "."):
+                continue
+            crossings += [
+                f"{here} imports {m}" for m in _imports_of(path) if m.startswith(sub + ".")
+            ]
+    assert crossings == []
+
+
+def test_the_subpackage_rule_sees_a_file_import() -> None:
+    """Positive control: an import of one of the lock's files is seen as one."""
+    assert "statestore._lock.claim" in _imports_of(PACKAGE / "_lock" / "__init__.py")

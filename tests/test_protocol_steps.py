@@ -248,7 +248,7 @@ def test_breaker_re_inspects_after_taking_its_claim(
 
     A breaker that inspected a lock whose lease had run out must look again
     after it has taken the claim, and back off when the holder's heartbeat has
-    renewed the lease meanwhile (``_lock._break``: ``now = self._observe()``).
+    renewed the lease meanwhile (``release.break_stale``: ``now = observe(path, key)``).
     Without the re-inspection it moves a live holder's lock away.
     """
     lock_dir = tmp_path / "x.lock"
@@ -293,7 +293,7 @@ def _creator_meets_a_breaker(
 
     ``window``: "claim-seen" moves it after the creator's first look at its claims
     and deletes it later; "between-looks" moves and deletes it (claim included, as
-    ``_break`` does) right after the creator's first ``lstat`` of the lock path.
+    ``break_stale`` does) right after the creator's first ``lstat`` of the lock path.
     """
     lock_dir = tmp_path / "x.lock"
     breaker_fd: list[int] = []
@@ -317,7 +317,7 @@ def _creator_meets_a_breaker(
     if window == "claim-seen":
         script.at("listdir", after=breaker_moves_it_and_takes_the_lock)
     else:
-        # The creator's look at the lock path (``_settle`` uses lstat: a link planted
+        # The creator's look at the lock path (``settle`` uses lstat: a link planted
         # at the path must not pass for its target).
         script.at("lstat", is_lock_path(lock_dir), after=breaker_moves_it_and_takes_the_lock)
     script.install(monkeypatch)
@@ -345,8 +345,8 @@ def test_creator_settles_after_publishing_its_record(
     ``spec/README.md`` finding 1).
 
     The creator finds the breaker's claim in its directory after writing its
-    record. It must wait for the claim to be decided (``_try_once``:
-    ``self._settle(...)``) and, when its directory is moved away, try again
+    record. It must wait for the claim to be decided (``create.publish``:
+    ``settle(...)``) and, when its directory is moved away, try again
     rather than believe it holds: the breaker holds the lock now.
     """
     _creator_meets_a_breaker(tmp_path, monkeypatch, other, window="claim-seen")
@@ -358,7 +358,7 @@ def test_creator_settle_sees_a_breaker_that_finishes_between_its_two_looks(
     """Acquire, the same step (``L == own[me] && !CLAIMED(own[me])``, one atomic
     step in ``spec/lock.pml``), where the code takes it in two system calls.
 
-    ``_settle`` looks at the lock path (still ours), then at the claims in its
+    ``settle`` looks at the lock path (still ours), then at the claims in its
     directory. A breaker that renames the directory aside and deletes it, claim
     and all, between those two looks leaves no trace for the second one: the
     creator holds a lock that is no longer at the path, and so does the breaker.
@@ -377,7 +377,7 @@ def test_owner_record_is_created_exclusively(
     ``spec/README.md``: the model's creator always writes into the directory it made).
 
     The code opens the directory it made by path, then writes its record with
-    ``O_EXCL`` (``_publish``). When the directory was replaced in between (the
+    ``O_EXCL`` (``create.publish``). When the directory was replaced in between (the
     creator stalled past the grace, was broken, and the breaker took the lock),
     the descriptor is the new holder's directory and ``O_EXCL`` is what says
     so; without it the creator overwrites the new holder's record and both hold.
@@ -454,7 +454,7 @@ def test_heartbeat_believes_a_new_expiry_only_after_settling(
     The holder's heartbeat stalls past the lease; a breaker inspects (expired),
     claims, and re-inspects (still expired) before the heartbeat's write lands.
     The heartbeat writes, sees the claim, and keeps its old expiry
-    (``_refresh_locked``: the ``_settle`` after ``write_owner``), so the holder
+    (``lease._refresh_locked``: the ``settle`` after ``write_owner``), so the holder
     still knows its lease ran out; once the breaker has moved the lock away the
     heartbeat finds the lock lost. A heartbeat that believes what it wrote holds
     a lease on a lock that another process takes.
@@ -514,10 +514,10 @@ def test_release_without_a_claim_checks_its_token_first(
     """Release while the lease runs, step F1 of ``spec/lock.pml`` ("F1: not
     ours: lost", property 6, ``release_moved_other``).
 
-    The release that takes no claim (``_release_fast``) reads its token at the
+    The release that takes no claim (``release._release_fast``) reads its token at the
     lock path before it renames the path aside. Here the holder's lock was
     broken with ``force`` and another process holds the lock now: the release
-    must leave that lock alone (``self._lost(held)``).
+    must leave that lock alone (``_lost(path, held)``).
     """
     lock_dir = tmp_path / "x.lock"
     lock = DirectoryLock(lock_dir, lease=30.0)  # a long lease: the release takes no claim
@@ -549,7 +549,7 @@ def _judged(lock_dir: Path) -> tuple[str, bool | None]:
 def test_dead_at_once_needs_our_boot_and_our_pid_namespace(tmp_path: Path) -> None:
     """Stale by a dead holder: ``STALE(k)`` in ``spec/lock.pml`` is ``dead[ipid[k]]``
     for a recorded lock; only this kernel's boot id and pid namespace make the
-    pid in a record name a process here (``_owner.process_alive``).
+    pid in a record name a process here (``liveness.process_alive``).
 
     Positive control for the two tests below: a record with our boot id, our
     pid namespace and a pid that has exited is dead at once.
@@ -589,7 +589,7 @@ def test_another_boot_is_not_judged_alive_by_its_pid(tmp_path: Path, other: Proc
 def test_a_forked_child_records_its_own_identity(tmp_path: Path) -> None:
     """``dead[ipid[k]]`` of ``STALE(k)`` (``spec/lock.pml``) needs ``ipid[k]`` to
     be the process that made ``k``: a child forked after its parent looked up its
-    identity records its own pid and start time (``_owner.identity`` is
+    identity records its own pid and start time (``liveness.identity`` is
     recomputed after a fork). Otherwise a lock left by a dead child names its
     live parent and blocks everyone until the lease runs out.
     """

@@ -17,7 +17,7 @@ from jsonschema.protocols import Validator
 from pydantic import BaseModel, ConfigDict, Field
 
 from statestore import LockOwner, StateStore, StateValidationError
-from statestore._owner import new_owner
+from statestore._lock.record import new_owner
 from statestore._schema import DIALECTS, document_schema, dump_schema, internal_schemas
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -64,11 +64,14 @@ class Mutation:
     pin: str | None = None  # the test that fails with it: tests/<file>.py::<name>
 
 
-L = "src/statestore/_lock.py"
-C = "src/statestore/_claim.py"
-O = "src/statestore/_owner.py"  # noqa: E741
+CR = "src/statestore/_lock/create.py"
+OB = "src/statestore/_lock/observe.py"
+RL = "src/statestore/_lock/release.py"
+LS = "src/statestore/_lock/lease.py"
+C = "src/statestore/_lock/claim.py"
+LV = "src/statestore/_lock/liveness.py"
 A = "src/statestore/_atomic.py"
-S = "src/statestore/_store.py"
+S = "src/statestore/_document.py"
 F = "src/statestore/backends/file.py"
 P = "tests/test_protocol_steps.py::"
 
@@ -76,82 +79,83 @@ MUTATIONS: tuple[Mutation, ...] = (
     # ---- the nine that survived the whole suite at 831d08f
     Mutation(
         "breaker skips the re-check after its claim",
-        L,
+        RL,
         (
             (
-                "                now = self._observe()\n                same = now.ino",
-                "                now = seen\n                same = now.ino",
+                "            now = observe(path, key)\n            same = now.ino",
+                "            now = seen\n            same = now.ino",
             ),
         ),
         P + "test_breaker_re_inspects_after_taking_its_claim",
     ),
     Mutation(
         "creator skips the post-publish settle",
-        L,
+        CR,
         (
             (
-                "            state = self._settle(dirfd, ino, patience=2 * CLAIM_GRACE)",
-                '            state = "ours"',
+                "        state = settle(path, dirfd, ino, patience=2 * CLAIM_GRACE)",
+                '        state = "ours"',
             ),
         ),
         P + "test_creator_settles_after_publishing_its_record",
     ),
     Mutation(
         "verify() ignores an expired lease",
-        L,
+        LS,
         (
             (
-                "        if now >= held.owner.expires_at:\n            raise LockCompromisedError(",
-                "        if False:\n            raise LockCompromisedError(",
+                "    if now >= held.owner.expires_at:\n        raise LockCompromisedError(",
+                "    if False:\n        raise LockCompromisedError(",
             ),
         ),
         P + "test_verify_refuses_once_the_lease_has_run_out",
     ),
     Mutation(
         "refresh believes a new expiry without settling",
-        L,
+        LS,
         (
             (
-                "            state = self._settle(held.dirfd, held.ino, patience=0.0)",
-                '            state = "ours"',
+                "        state = settle(path, held.dirfd, held.ino, patience=0.0)",
+                '        state = "ours"',
             ),
         ),
         P + "test_heartbeat_believes_a_new_expiry_only_after_settling",
     ),
     Mutation(
         "fast release without the token check",
-        L,
+        RL,
         (
             (
-                '        if self._lost(held):\n            log.warning("lock %s was lost before '
-                'release (lease expired)", self.path)\n            return None\n',
-                "        if False:\n            return None\n",
+                "    if _lost(path, held):\n"
+                '        log.warning("lock %s was lost before release (lease expired)", path)\n'
+                "        return None\n",
+                "    if False:\n        return None\n",
             ),
         ),
         P + "test_release_without_a_claim_checks_its_token_first",
     ),
     Mutation(
         "owner record written without O_EXCL",
-        L,
+        CR,
         (
             (
-                "                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,\n"
-                "                0o644,\n                dir_fd=dirfd,",
-                "                os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,\n"
-                "                0o644,\n                dir_fd=dirfd,",
+                "            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,\n"
+                "            0o644,\n            dir_fd=dirfd,",
+                "            os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,\n"
+                "            0o644,\n            dir_fd=dirfd,",
             ),
         ),
         P + "test_owner_record_is_created_exclusively",
     ),
     Mutation(
         "liveness ignores the boot id",
-        O,
+        LV,
         (("    if boot_id and me.boot_id and boot_id != me.boot_id:\n        return False\n", ""),),
         P + "test_another_boot_is_not_judged_alive_by_its_pid",
     ),
     Mutation(
         "liveness ignores the pid namespace",
-        O,
+        LV,
         (("    if pid_ns and me.pid_ns and pid_ns != me.pid_ns:\n        return None\n", ""),),
         P + "test_another_pid_namespace_is_not_judged_by_its_pid",
     ),
@@ -169,72 +173,67 @@ MUTATIONS: tuple[Mutation, ...] = (
     # ---- the lock: more steps
     Mutation(
         "settle ignores claims",
-        L,
-        (
-            (
-                '            if not claimed:\n                return "ours"',
-                '            return "ours"',
-            ),
-        ),
+        CR,
+        (('        if not claimed:\n            return "ours"', '        return "ours"'),),
         P + "test_creator_settles_after_publishing_its_record",
     ),
     Mutation(
         "breaker skips the inode check of its descriptor",
-        L,
+        RL,
         (
             (
-                "            if (st.st_dev, st.st_ino) != seen.ino:\n                return False",
-                "            if False:\n                return False",
+                "        if (st.st_dev, st.st_ino) != seen.ino:\n            return False",
+                "        if False:\n            return False",
             ),
         ),
     ),
     Mutation(
         "_lost() drops the token comparison (both releases)",
-        L,
+        RL,
         (
             (
-                "            return held.token_mark not in read_owner_at(self.path)",
-                "            read_owner_at(self.path)\n            return False",
+                "        return held.token_mark not in read_owner_at(path)",
+                "        read_owner_at(path)\n        return False",
             ),
         ),
         P + "test_release_without_a_claim_checks_its_token_first",
     ),
     Mutation(
         "verify() drops the token comparison",
-        L,
+        LS,
         (
             (
-                "                ours = held.token_mark in read_owner_at(self.path)",
-                "                ours = bool(read_owner_at(self.path))",
+                "            ours = held.token_mark in read_owner_at(path)",
+                "            ours = bool(read_owner_at(path))",
             ),
         ),
     ),
     Mutation(
         "a lock without a record is stale at once (no creation grace)",
-        L,
+        OB,
         (
             (
-                '                age > CREATE_GRACE,\n                f"no owner record',
-                '                True,\n                f"no owner record',
+                '            age > CREATE_GRACE,\n            f"no owner record',
+                '            True,\n            f"no owner record',
             ),
         ),
         "tests/test_lock.py::test_missing_owner_record_is_a_lock_being_created",
     ),
     Mutation(
         "no clock-skew allowance for other hosts",
-        L,
+        OB,
         (
             (
-                "        expiry = owner.expires_at + (CLOCK_SKEW if alive is None else 0.0)",
-                "        expiry = owner.expires_at",
+                "    expiry = owner.expires_at + (CLOCK_SKEW if alive is None else 0.0)",
+                "    expiry = owner.expires_at",
             ),
         ),
         "tests/test_lock.py::test_other_host_is_broken_only_after_its_lease_and_skew",
     ),
     Mutation(
         "release wakes no waiter",
-        L,
-        (("                queue.wake_first()", "                pass"),),
+        RL,
+        (("            queue.wake_first()", "            pass"),),
     ),
     # ---- claims
     Mutation(
@@ -273,19 +272,19 @@ MUTATIONS: tuple[Mutation, ...] = (
     # ---- liveness
     Mutation(
         "a reused pid is taken for its old process (start time ignored)",
-        O,
+        LV,
         (("    return start == start_time", "    return True"),),
         "tests/test_lock.py::test_reused_pid_with_another_start_time_is_dead",
     ),
     Mutation(
         "a zombie holder counts as alive",
-        O,
+        LV,
         (('    if state in ("Z", "X"):', "    if False:"),),
         "tests/test_lock.py::test_holder_killed_with_sigkill_is_replaced_within_a_second",
     ),
     Mutation(
         "identity not recomputed after fork",
-        O,
+        LV,
         (
             ("    if _identity is None or _identity.pid != pid:", "    if _identity is None:"),
             ("    global _identity\n    _identity = None\n", "    global _identity\n"),
@@ -296,7 +295,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # lease (not in 831d08f: reported as "snippet not found" until that rule lands)
     Mutation(
         "liveness ignores the boot id (rule: another boot waits)",
-        O,
+        LV,
         (
             (
                 "    if host != me.host or not (boot_id and boot_id == me.boot_id):\n"
@@ -308,7 +307,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "liveness ignores the pid namespace (rule: another boot waits)",
-        O,
+        LV,
         (("    if not (pid_ns and pid_ns == me.pid_ns):\n        return None\n", ""),),
         P + "test_another_pid_namespace_is_not_judged_by_its_pid",
     ),
@@ -388,10 +387,69 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             (
                 "            return self.digest.startswith(_length(data)) and "
-                "_digest(data) == self.digest",
+                "digest(data) == self.digest",
                 "            return self.digest.startswith(_length(data))",
             ),
         ),
+    ),
+    # ---- the transaction core, the async store and state folders
+    Mutation(
+        "an async plain fn's result is committed though the task was cancelled meanwhile",
+        "src/statestore/_async.py",
+        (
+            (
+                "            if gave_up.is_set():  # the task was cancelled while fn ran: "
+                "do not commit\n                raise _Abandon",
+                "            pass",
+            ),
+        ),
+        "tests/test_async.py::test_cancelled_while_a_plain_fn_runs_in_the_thread",
+    ),
+    Mutation(
+        "a sync call does not see the lock an async operation holds for its thread",
+        "src/statestore/_store.py",
+        (("what, lock=lock),", "what),"),),
+        "tests/test_core.py::test_a_blocking_call_inside_an_async_update_is_refused_not_waited_out",
+    ),
+    Mutation(
+        "an uncontended async acquire starts a thread",
+        "src/statestore/_lock/aio.py",
+        (
+            (
+                "                handle = lock._take(0.0, None, None, task)",
+                "                raise LockTimeout(lock.path)",
+            ),
+        ),
+        "tests/test_core.py::test_an_uncontended_async_update_starts_no_thread_of_its_own",
+    ),
+    Mutation(
+        "a file store ignores its folder's marker",
+        F,
+        (("            st = os.lstat(marker)\n", "            raise FileNotFoundError(marker)\n"),),
+        "tests/test_folder.py::test_the_folder_is_declared_on_disk_and_plain_stores_take_its_lock",
+    ),
+    Mutation(
+        "a session in a folder reads before completing an unfinished group",
+        F,
+        (
+            (
+                "                recover(folder)  # what this session reads must not "
+                "predate a group\n",
+                "",
+            ),
+        ),
+        "tests/test_folder.py::test_a_dead_holders_unfinished_group_is_completed_before_a_plain_store_reads",
+    ),
+    Mutation(
+        "a single save in a folder bypasses the journal",
+        F,
+        (
+            (
+                "        if self.folder is not None:\n            # Through the folder's journal",
+                "        if False:\n            # Through the folder's journal",
+            ),
+        ),
+        "tests/test_folder.py::test_lock_free_snapshots_in_other_processes_keep_the_sum",
     ),
 )
 

@@ -9,7 +9,7 @@
 Counter(count=1)
 """
 
-from ._async import AsyncAcquiredLock, AsyncDirectoryLock, AsyncStateStore
+from ._async import AsyncStateStore
 from ._async_folder import AsyncFolderTransaction, AsyncStateFolder
 from ._errors import (
     CrossDeviceError,
@@ -31,7 +31,14 @@ from ._errors import (
     WaitAbandoned,
 )
 from ._folder import FolderSnapshot, FolderTransaction, StateFolder
-from ._lock import AcquiredLock, DirectoryLock, LockOwner
+from ._lock import (
+    AcquiredLock,
+    AsyncAcquiredLock,
+    AsyncDirectoryLock,
+    DirectoryLock,
+    LockOwner,
+    LockStatus,
+)
 from ._migrate import MigrationReport
 from ._store import StateStore
 
@@ -53,6 +60,7 @@ __all__ = [
     "LockError",
     "LockOwner",
     "LockPermissionError",
+    "LockStatus",
     "LockTimeout",
     "MigrationError",
     "MigrationReport",

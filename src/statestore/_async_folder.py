@@ -18,10 +18,10 @@ from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
 
-from ._async import AsyncDirectoryLock, AsyncStateStore, inside, run_step
+from ._async import AsyncStateStore, inside, run_step
 from ._errors import NestedTransactionError
 from ._folder import FolderSnapshot, FolderTransaction, StateFolder
-from ._lock import DEFAULT_LEASE
+from ._lock import DEFAULT_LEASE, AsyncDirectoryLock
 from ._migrate import Migrations
 from ._transaction import lock_identity, lock_key
 

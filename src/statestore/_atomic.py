@@ -50,7 +50,7 @@ from collections.abc import Callable
 from typing import Final, NamedTuple
 
 from ._errors import DurabilityError, StateReadError, StateStoreError, write_error
-from ._owner import identity, process_alive
+from ._lock import identity, process_alive
 
 __all__ = [
     "DEFAULT_MAX_SIZE",

@@ -342,9 +342,9 @@ def _lock_of(path: str) -> DirectoryLock:
 
 def _cmd_lock_status(args: argparse.Namespace) -> int:
     lock = _lock_of(args.path)
-    seen = lock._observe()
+    seen = lock.status()
     _out(f"lock:     {lock.path}")
-    if seen.ino is None:
+    if seen.state == "free":
         _out("state:    free")
         return EXIT_OK
     _out(f"state:    {'stale' if seen.stale else 'held'} ({seen.reason})")
@@ -366,8 +366,8 @@ def _cmd_lock_status(args: argparse.Namespace) -> int:
 
 def _cmd_lock_break(args: argparse.Namespace) -> int:
     lock = _lock_of(args.path)
-    seen = lock._observe()
-    if seen.ino is None:
+    seen = lock.status()
+    if seen.state == "free":
         _out(f"{lock.path}: free; nothing to break")
         return EXIT_OK
     if not seen.stale and not args.force:

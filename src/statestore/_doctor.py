@@ -48,11 +48,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from ._atomic import abandoned_temp_files, read_bytes, sweep_temp_files
-from ._claim import remove_leftover
 from ._document import decode
 from ._errors import LockError, LockTimeout, StateCorruptError, StateReadError, StateStoreError
 from ._folder_journal import JOURNAL, MARKER, pending, read_marker, recover
-from ._lock import DirectoryLock
+from ._lock import DirectoryLock, remove_leftover
 from .backends.file import QUARANTINE, FileStorage, quarantined_copies
 
 __all__ = ["doctor", "scan"]
@@ -122,10 +121,10 @@ def _parse_problem(path: str) -> Finding | None:
 def _lock_finding(path: str) -> Finding | None:
     name = os.path.basename(path)
     try:
-        seen = DirectoryLock(path)._observe()
+        seen = DirectoryLock(path).status()
     except LockError as e:
         return Finding("lock", name, e.message, True)
-    if seen.ino is None:
+    if seen.state == "free":
         return None  # released since the listing
     if seen.stale:
         return Finding("stale lock", name, seen.reason, True)

@@ -48,8 +48,12 @@ hand-edited journal is detected. No journal is generation 0, done.
    created with the final file's mode, given its owner and group as the
    single-file write does), fsynced when ``durable``;
 4. calls ``verify()`` (the lock's fencing check);
-5. writes the journal ``pending N+1`` listing the entries (temporary file,
-   fsync, rename, fsync of F): **the commit point**;
+5. writes the journal ``pending N+1`` listing the entries to its own temporary
+   file, fsyncs it, **fsyncs F** (so the temporary files' names are on disk
+   before the record's: a power loss may keep a later change of names and lose
+   an earlier one no folder fsync covered, which would leave a committed record
+   naming a temporary file that never existed), then renames it over the
+   journal: that rename is **the commit point**; then fsyncs F;
 6. renames each temporary file over its final name, fsyncs F;
 7. writes the journal ``done N+1`` without any fsync. Why none is needed: the
    renames are already durable (step 6's fsync came first), so if ``done`` is
@@ -58,23 +62,26 @@ hand-edited journal is detected. No journal is generation 0, done.
    journal is *torn* (below), which is recognised.
 
 Failure before the commit point: exactly the temporary files this call
-created are removed (nothing else), and :class:`StateWriteError` is raised;
-every document is old. Failure after it: :class:`DurabilityError` — the group
-is committed and the next :func:`recover` (by the next holder of the lock)
+created are removed (nothing else), and :class:`StateWriteError` (or, for a
+file it could not even look at, :class:`StateReadError`) is raised; every
+document is old. Failure after it: :class:`DurabilityError` — the group is
+committed and the next :func:`recover` (by the next holder of the lock)
 completes it; every document is then new.
 
-One document (k = 1): a single rename is atomic, so the pending record need
-not be durable: it is written without fsync, but still before the rename, so
-the generation moves and lock-free readers see it. This costs one small
-create, write and rename more than a single-file save (the ``done`` record one
-more); no extra fsync.
+One document (k = 1): a single rename is atomic, so no pending record is
+needed: the journal gets ``done N+1`` (not synced) *before* the rename, so the
+generation moves between any two commits, which is what lock-free readers need
+(a reader can only see a mix if two commits happen between its reads, and the
+second one's generation bump comes before its rename). The rename itself is the
+commit point (a failure of it is a :class:`StateWriteError`, the document
+untouched), then F is fsynced. Against a single-file save this costs one small
+create, write and rename more, and no extra fsync.
 
-A *torn* journal is the only garbled journal the protocol can leave: a record
-written without fsync whose rename reached the disk while its data did not (a
-power loss after a ``done`` record, or after a k = 1 pending record). It is
-empty, all zero bytes, or a truncated text that starts as our journal does and
-does not parse. In every such case each document is whole (old or new): a
-``done`` record follows durable renames, a k = 1 group is one rename. So
+A *torn* journal is the only garbled journal the protocol can leave: a ``done``
+record (never synced) whose rename reached the disk while its data did not. It
+is empty, all zero bytes, or a truncated text that starts as our journal does
+and does not parse. In every such case each document is whole (old or new): a
+k > 1 ``done`` record follows durable renames, a k = 1 group is one rename. So
 :func:`recover` replaces a torn journal by a fresh durable ``done`` record (the
 generation continues above any generation named by our temporary files); any
 other garbled journal is a :class:`StateCorruptError` (a person must look).
@@ -151,7 +158,7 @@ from ._errors import (
     StateWriteError,
     write_error,
 )
-from ._owner import identity
+from ._lock import identity
 
 __all__ = [
     "JOURNAL",
@@ -815,7 +822,7 @@ def group_commit(
         if verify is not None:
             verify()
         where = os.path.join(folder, JOURNAL)
-        what = "write the journal's commit record"
+        what = "write the journal's record"
         many = len(entries) > 1
         if many:
             # The rename of the journal is the commit point: once it is done, the group
@@ -854,8 +861,12 @@ def group_commit(
     except OSError as e:
         raise DurabilityError(
             os.path.join(folder, JOURNAL),
-            f"group {gen} is committed, but {what} failed ({e.strerror or e}): the next "
-            "holder of the lock completes it (recover); every document will be new",
+            f"group {gen} is committed, but {what} failed ({e.strerror or e}): "
+            + (
+                "the next holder of the lock completes it (recover); every document will be new"
+                if many
+                else "the document is in place; it may not survive a power loss"
+            ),
             errno=e.errno,
         ) from e
     return gen

@@ -30,8 +30,8 @@ from urllib.parse import quote
 from pydantic import BaseModel, TypeAdapter
 
 from ._document import SCHEMA_KEY, VERSION_KEY
-from ._owner import FORMAT, FORMAT_VERSION, LockOwner
-from ._owner import LIMITS as OWNER_LIMITS
+from ._lock import FORMAT, FORMAT_VERSION, LockOwner
+from ._lock import LIMITS as OWNER_LIMITS
 
 __all__ = [
     "DIALECTS",
@@ -322,7 +322,7 @@ def _lock_owner_schema() -> dict[str, Any]:
 def internal_schemas() -> dict[str, dict[str, Any]]:
     """The schemas of the records statestore writes itself, by file name.
 
-    The lock's owner record is the only one: state files and their backups are
+    The lock's owner record and the state folder's marker: state files and their backups are
     the user's documents (:func:`document_schema`), temporary files are
     partial copies of them.
     """

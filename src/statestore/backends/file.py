@@ -396,7 +396,7 @@ class FileStorage:
         # Imported here: a program that never uses asyncio does not import it.
         import asyncio
 
-        from .._async import AsyncDirectoryLock
+        from .._lock import AsyncDirectoryLock
 
         lock, folder = self._lock_and_folder()
         level = await AsyncDirectoryLock.over(lock).acquire(timeout)

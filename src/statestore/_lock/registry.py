@@ -37,10 +37,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from ._handoff import WaitQueue
-from ._owner import LockOwner
+from .handoff import WaitQueue
+from .record import LockOwner
 
-__all__ = ["PID", "Held", "Hold", "first_sweep", "heartbeat", "mark_held", "sizes", "state"]
+__all__ = [
+    "PID",
+    "Held",
+    "Hold",
+    "PathState",
+    "first_sweep",
+    "heartbeat",
+    "mark_held",
+    "sizes",
+    "state",
+]
 
 log = logging.getLogger("statestore")
 

@@ -41,7 +41,8 @@ import stat
 import time
 from typing import Final
 
-from ._owner import OWNER_FILE, RECORD_HEAD, claim_maker_alive, claim_tag
+from .liveness import claim_maker_alive, claim_tag
+from .record import OWNER_FILE, RECORD_HEAD
 
 __all__ = [
     "CLAIM_GRACE",
