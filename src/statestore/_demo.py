@@ -60,7 +60,10 @@ def _worker(path: str, updates: int, start: Any, results: Any) -> None:
     results.put(waits)
 
 
-def run_demo(processes: int, updates: int, folder: str, out: TextIO = sys.stdout) -> DemoResult:
+def run_demo(
+    processes: int, updates: int, folder: str, out: TextIO | None = None
+) -> DemoResult:
+    out = sys.stdout if out is None else out  # the stdout of the moment, not of the import
     path = os.path.join(folder, "demo-counter.json")
     store = StateStore(DemoCounter, path, default=DemoCounter)
     store.save(DemoCounter())
@@ -118,7 +121,10 @@ def run_demo(processes: int, updates: int, folder: str, out: TextIO = sys.stdout
     return result
 
 
-def demo_main(processes: int, updates: int, folder: str | None, out: TextIO = sys.stdout) -> int:
+def demo_main(
+    processes: int, updates: int, folder: str | None, out: TextIO | None = None
+) -> int:
+    out = sys.stdout if out is None else out
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="statestore-demo-") as tmp:
             result = run_demo(processes, updates, tmp, out)
