@@ -419,6 +419,70 @@ def test_one_timeout_bounds_the_wait_for_both_locks(
     assert plain.update(test_postgres.bump).count == TOTAL + 1
 
 
+def test_the_wait_for_the_namespace_counts_against_the_keys_timeout(
+    folder: PostgresFolder, table: str, namespace: str
+) -> None:
+    a, _ = seed(folder)
+    storage = a.storage
+    assert isinstance(storage, PostgresStorage)
+    a.update(test_postgres.bump)  # a pooled connection: no connect time below
+    waiting, release = threading.Event(), threading.Event()
+    left: list[int] = []
+
+    def hold() -> None:
+        with folder.transaction():
+            waiting.set()
+            release.wait(10)
+            time.sleep(0.5)  # the session below waits on the namespace's lock this long
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert waiting.wait(10)
+    release.set()
+    with storage.session(5.0) as session:
+        found = session._conn.execute(
+            "SELECT setting::int FROM pg_settings WHERE name = 'lock_timeout'"
+        ).fetchone()
+        assert found is not None
+        left.append(found[0])
+    holder.join()
+    # The key's lock got what was left of the 5 s, not 5 s more.
+    assert 0 < left[0] <= 4800
+
+
+def test_an_async_store_of_a_folder_document_takes_the_folders_lock(
+    folder: PostgresFolder,
+) -> None:
+    import asyncio
+
+    from statestore import AsyncStateStore
+
+    a, b = seed(folder)
+    async_a = AsyncStateStore.from_store(a)
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with folder.transaction() as tx:
+            tx[a].count -= 1
+            tx[b].count += 1
+            inside.set()
+            leave.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(10)
+    quick = AsyncStateStore.from_store(
+        PostgresFolder(DSN, folder.namespace, table=folder.table, timeout=0.2).store(Counter, "a")
+    )
+    with pytest.raises(LockTimeout):
+        asyncio.run(quick.update(test_postgres.bump))
+    leave.set()
+    holder.join()
+    assert asyncio.run(async_a.update(test_postgres.bump)).count == TOTAL
+    snap = folder.read(a, b)
+    assert (snap[a].count, snap[b].count) == (TOTAL, 1)
+
+
 def test_durable_false_commits_without_waiting_for_the_flush(table: str, namespace: str) -> None:
     for durable, expected in ((True, "on"), (False, "off")):
         f = PostgresFolder(DSN, namespace, table=table, durable=durable)

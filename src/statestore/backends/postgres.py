@@ -1065,7 +1065,10 @@ class PostgresFolder:
             durable=self.durable,
             max_idle=self._max_idle,
         )
-        storage._pool = t._pool  # one pool for the folder and its stores
+        # One pool for the folder and its stores, closed when the first of them goes
+        # (the others open connections again as they need them).
+        storage._pool = t._pool
+        weakref.finalize(storage, t._pool.close)
         made = StateStore(
             model,
             storage,
