@@ -60,9 +60,7 @@ def _worker(path: str, updates: int, start: Any, results: Any) -> None:
     results.put(waits)
 
 
-def run_demo(
-    processes: int, updates: int, folder: str, out: TextIO | None = None
-) -> DemoResult:
+def run_demo(processes: int, updates: int, folder: str, out: TextIO | None = None) -> DemoResult:
     out = sys.stdout if out is None else out  # the stdout of the moment, not of the import
     path = os.path.join(folder, "demo-counter.json")
     store = StateStore(DemoCounter, path, default=DemoCounter)
@@ -121,9 +119,7 @@ def run_demo(
     return result
 
 
-def demo_main(
-    processes: int, updates: int, folder: str | None, out: TextIO | None = None
-) -> int:
+def demo_main(processes: int, updates: int, folder: str | None, out: TextIO | None = None) -> int:
     out = sys.stdout if out is None else out
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="statestore-demo-") as tmp:

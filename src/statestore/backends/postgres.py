@@ -23,6 +23,37 @@ deterministic collation: a table whose key column compares otherwise (citext,
 a case-insensitive collation, ``char(n)``), a view, a foreign table, a
 partition or a table in an inheritance tree (rows that another name also
 reaches) is refused.
+
+State folders (:class:`PostgresFolder`, the twin of ``StateFolder``): the rules.
+
+* **A namespace is a key's prefix.** The documents of the folder ``namespace``
+  are the rows keyed ``<namespace>/<name>`` (``name`` without ``/``) of its
+  table. Every key that holds a ``/`` belongs to the namespace before its last
+  one, so no declaration is needed and none can be missed or raced: a plain
+  ``PostgresStorage(..., key="planning/roadmap")`` made anywhere is a
+  document of the folder ``"planning"`` of its table.
+* **One lock per namespace, taken by everyone.** The namespace's advisory lock
+  is keyed by (table OID, namespace), like a row's but from an input no row's
+  key gives. A folder transaction takes it exclusively; every session of a
+  document of the namespace (the folder's stores and plain ones alike) takes
+  it shared, before its own key's lock (always in that order, one timeout for
+  both). So a folder transaction and a store's locked call on one of its
+  documents exclude each other, while stores of two documents of a namespace
+  still run side by side.
+* **One group, one SQL transaction.** ``transaction()`` holds the lock in one
+  READ COMMITTED transaction; ``tx[store]`` reads the row in it on first use
+  (migrating in memory, the newer-version guard checked, through the store's
+  own format: ``Document``, ``Transaction``); at the end every changed row,
+  and the backup of each migrated one, is written in it, in key order, and it
+  commits: all of them or none, whatever fails or is killed. A block that
+  raises rolls it back. There is no unfinished group to recover.
+* **One statement, one snapshot.** ``read()`` is a single ``SELECT`` of the
+  rows, without a lock: a statement sees one snapshot, in which a folder
+  transaction is either committed entirely or not at all.
+* **No nesting.** In one thread, a store's locked call on a document of a
+  namespace inside that namespace's folder transaction, or a folder
+  transaction inside one (or inside a session of one of its documents), would
+  wait for itself: :class:`NestedTransactionError` at once.
 """
 
 from __future__ import annotations
@@ -38,7 +69,9 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
+
+from pydantic import BaseModel
 
 try:
     import psycopg
@@ -52,17 +85,30 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "statestore.backends.postgres needs psycopg 3: pip install 'statestore[postgres]'"
     ) from e
 
+from .._document import Loaded
 from .._errors import (
     DurabilityError,
     LockCompromisedError,
     LockError,
     LockTimeout,
+    NestedTransactionError,
     StateReadError,
     StateStoreError,
     StateWriteError,
 )
+from .._migrate import Migrations
+from .._store import StateStore
+from .._transaction import Transaction
 
-__all__ = ["PostgresSession", "PostgresStorage"]
+__all__ = [
+    "PostgresFolder",
+    "PostgresFolderSnapshot",
+    "PostgresFolderTransaction",
+    "PostgresSession",
+    "PostgresStorage",
+]
+
+M = TypeVar("M", bound=BaseModel)
 
 _Conn = psycopg.Connection[TupleRow]
 
@@ -81,9 +127,22 @@ _inherited: list[_Conn] = []
 _pools: weakref.WeakSet[_Pool] = weakref.WeakSet()
 
 
+# Which namespaces this process's threads are inside: (thread, namespace location) of
+# each open folder transaction, and the number of open store sessions per (thread,
+# namespace). A store's session waiting for the folder transaction its own thread holds
+# (or the reverse) would wait for itself until its timeout: refused at once instead.
+_marks_lock = threading.Lock()
+_folder_marks: set[tuple[int, str]] = set()
+_store_marks: dict[tuple[int, str], int] = {}
+
+
 def _forget_parent_connections() -> None:
+    global _marks_lock
     for pool in list(_pools):
         pool.after_fork()
+    _marks_lock = threading.Lock()
+    _folder_marks.clear()  # a forked child is inside none of its parent's transactions
+    _store_marks.clear()
 
 
 os.register_at_fork(after_in_child=_forget_parent_connections)
@@ -181,6 +240,14 @@ _CREATE_KEY: Final = (
     "'statestore:create:' || quote_ident(coalesce({schema}, current_schema())) || '.' "
     "|| quote_ident({table}), 'UTF8')) FROM 1 FOR 8), 'hex'))::bit(64)::bigint"
 )
+#: The advisory lock key of a namespace (a state folder's documents ``<namespace>/<name>``):
+#: SHA-256("statestore-folder:<table OID>:<namespace>"), which no row's key can give
+#: (a row's input starts "statestore:").
+_NAMESPACE_KEY: Final = (
+    "('x' || encode(substring(sha256(convert_to("
+    "'statestore-folder:' || {table}::regclass::oid::text || ':' || {namespace}, 'UTF8')) "
+    "FROM 1 FOR 8), 'hex'))::bit(64)::bigint"
+)
 #: Key column types whose equality is byte equality (with a deterministic collation).
 _KEY_TYPES: Final = ("text", "character varying")
 
@@ -189,6 +256,23 @@ def _lock_key(table_oid: int, key: str) -> int:
     """The advisory lock key of a row, as :data:`_LOCK_KEY` computes it on the server."""
     digest = hashlib.sha256(f"statestore:{table_oid}:{key}".encode()).digest()[:8]
     return int.from_bytes(digest, "big", signed=True)
+
+
+def _namespace_lock_key(table_oid: int, namespace: str) -> int:
+    """The advisory lock key of a namespace, as :data:`_NAMESPACE_KEY` computes it."""
+    digest = hashlib.sha256(f"statestore-folder:{table_oid}:{namespace}".encode()).digest()[:8]
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _namespace_of(key: str) -> str | None:
+    """The namespace of a document's key: what comes before its last ``/`` (or None).
+
+    The documents of a :class:`PostgresFolder` are the keys ``<namespace>/<name>``
+    (``name`` without ``/``); every session of such a key takes the namespace's
+    lock too, so no declaration is needed for a store to find its folder.
+    """
+    namespace, slash, _ = key.rpartition("/")
+    return namespace if slash else None
 
 
 def _check_name(what: str, name: str) -> None:
@@ -257,56 +341,70 @@ class PostgresSession:
             self._xid = str(row[0])
 
     def _end(self, commit: bool) -> None:
-        s = self._storage
-        conn = self._conn
-        if os.getpid() != self._pid:
-            _inherited.append(conn)  # the parent's: never touch it
-            if commit:
-                self._usable()  # raises LockCompromisedError
-            return
-        if not commit or self._xid is None:
-            # Nothing to keep: a failed rollback or commit loses nothing.
-            try:
-                conn.execute("ROLLBACK")
-            except psycopg.Error:
-                conn.close()
-            s._pool.give(conn)
-            return
-        if conn.info.transaction_status == TransactionStatus.INERROR:
-            # A statement failed and its error was caught: COMMIT would only roll back.
-            conn.execute("ROLLBACK")
-            s._pool.give(conn)
-            raise StateWriteError(
-                s.location,
-                "a statement of this session failed, so the transaction was rolled back; "
-                "nothing was saved; the stored document is unchanged",
+        _end_transaction(self._storage, self._conn, self._xid, self._pid, commit)
+
+
+def _end_transaction(
+    owner: PostgresStorage, conn: _Conn, xid: str | None, pid: int, commit: bool
+) -> None:
+    """Commit (or roll back) the transaction of a session or a folder transaction.
+
+    ``xid`` is the transaction's id once it changed something (None: nothing to
+    keep, so it is rolled back); ``pid`` the process that opened it. Errors
+    name ``owner.location``, and what is unchanged (``owner._unchanged``).
+    """
+    unchanged = owner._unchanged
+    if os.getpid() != pid:
+        _inherited.append(conn)  # the parent's: never touch it
+        if commit:
+            raise LockCompromisedError(
+                owner.location,
+                "this process was forked inside a session: the lock belongs to the "
+                "parent's connection, so the child cannot read or write under it",
             )
+        return
+    if not commit or xid is None:
+        # Nothing to keep: a failed rollback or commit loses nothing.
         try:
-            conn.execute("COMMIT")
-        except psycopg.Error as e:
-            broken = conn.broken
+            conn.execute("ROLLBACK")
+        except psycopg.Error:
             conn.close()
-            # A COMMIT the server answered with an error rolled back. One lost with the
-            # connection may or may not have happened: ask the server about the transaction.
-            status = s._xact_status(self._xid) if broken else "aborted"
-            if status == "committed":
-                return
-            if status == "aborted":
-                raise StateWriteError(
-                    s.location,
-                    f"{_describe(e, 'committing')}. The transaction was rolled back: "
-                    "nothing was saved; the stored document is unchanged. The lock was "
-                    "released with it, so run the update again.",
-                ) from e
-            # Not a StateWriteError, which promises nothing was saved: running the
-            # same update again could apply its change twice.
-            raise DurabilityError(
-                s.location,
-                f"{_describe(e, 'committing')}, and whether the commit happened could not "
-                "be found out. The stored document is whole: either the old one or the new "
-                "one. load() it to see which before running the update again.",
+        owner._pool.give(conn)
+        return
+    if conn.info.transaction_status == TransactionStatus.INERROR:
+        # A statement failed and its error was caught: COMMIT would only roll back.
+        conn.execute("ROLLBACK")
+        owner._pool.give(conn)
+        raise StateWriteError(
+            owner.location,
+            "a statement of this session failed, so the transaction was rolled back; "
+            f"nothing was saved; {unchanged}",
+        )
+    try:
+        conn.execute("COMMIT")
+    except psycopg.Error as e:
+        broken = conn.broken
+        conn.close()
+        # A COMMIT the server answered with an error rolled back. One lost with the
+        # connection may or may not have happened: ask the server about the transaction.
+        status = owner._xact_status(xid) if broken else "aborted"
+        if status == "committed":
+            return
+        if status == "aborted":
+            raise StateWriteError(
+                owner.location,
+                f"{_describe(e, 'committing')}. The transaction was rolled back: "
+                f"nothing was saved; {unchanged}. The lock was "
+                "released with it, so run the update again.",
             ) from e
-        s._pool.give(conn)
+        # Not a StateWriteError, which promises nothing was saved: running the
+        # same update again could apply its change twice.
+        raise DurabilityError(
+            owner.location,
+            f"{_describe(e, 'committing')}, and whether the commit happened could not "
+            f"be found out. {owner._whole}",
+        ) from e
+    owner._pool.give(conn)
 
 
 class PostgresStorage:
@@ -365,6 +463,23 @@ class PostgresStorage:
         self._create_key = sql.SQL(_CREATE_KEY).format(
             schema=sql.Literal(schema), table=sql.Literal(table)
         )
+        #: The state folder namespace the document belongs to (its key's part before
+        #: the last ``/``), or None. Its sessions take the namespace's lock shared,
+        #: which a :class:`PostgresFolder` transaction takes exclusively.
+        self.namespace = _namespace_of(key)
+        #: The advisory locks a session takes, in this order: (key expression, shared).
+        self._session_locks: list[tuple[sql.Composable, bool]] = [(self._lock_key, False)]
+        self._namespace_mark: str | None = None
+        if self.namespace is not None:
+            self._session_locks.insert(0, (self._namespace_key(self.namespace), True))
+            self._namespace_mark = self._namespace_location(self.namespace)
+        #: What a failed commit leaves unchanged, and what a commit of unknown outcome
+        #: leaves, as the messages of its errors say.
+        self._unchanged = "the stored document is unchanged"
+        self._whole = (
+            "The stored document is whole: either the old one or the new "
+            "one. load() it to see which before running the update again."
+        )
         self._ready = False
         # The pool must not refer back to the storage, or the finalizer (which closes
         # the idle connections when the storage is collected) would keep it alive.
@@ -397,6 +512,15 @@ class PostgresStorage:
             "key text NOT NULL, label text NOT NULL, document text NOT NULL, "
             "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (key, label))"
         ).format(t, b)
+
+    def _namespace_key(self, namespace: str) -> sql.Composed:
+        return sql.SQL(_NAMESPACE_KEY).format(
+            table=sql.Literal(self._qualified), namespace=sql.Literal(namespace)
+        )
+
+    def _namespace_location(self, namespace: str) -> str:
+        """``postgresql://host:port/dbname#table/namespace/``: a state folder, for messages."""
+        return f"{self._base}#{self._qualified.replace(chr(34), '')}/{namespace}/"
 
     def _ident(self, name: str) -> sql.Identifier:
         return sql.Identifier(self.schema, name) if self.schema else sql.Identifier(name)
@@ -454,7 +578,8 @@ class PostgresStorage:
         return key
 
     def _resolve_lock_key(self, conn: _Conn) -> int:
-        row = conn.execute(sql.SQL("SELECT {}").format(self._lock_key)).fetchone()
+        # The session's own lock: the key's (a folder's: its namespace's), taken last.
+        row = conn.execute(sql.SQL("SELECT {}").format(self._session_locks[-1][0])).fetchone()
         assert row is not None
         return int(row[0])
 
@@ -474,14 +599,45 @@ class PostgresStorage:
 
     @contextmanager
     def session(self, timeout: float) -> Iterator[PostgresSession]:
-        """A transaction holding the key's lock; committed on normal exit, else rolled back."""
-        session = PostgresSession(self, self._begin(timeout))
+        """A transaction holding the key's lock; committed on normal exit, else rolled back.
+
+        A key in a namespace (``"<namespace>/<name>"``) also holds the namespace's
+        lock, shared: sessions of its documents run side by side, and a
+        :class:`PostgresFolder` transaction of the namespace excludes them all.
+        """
+        mark = self._enter_namespace()
         try:
-            yield session
-        except BaseException:
-            session._end(commit=False)
-            raise
-        session._end(commit=True)
+            session = PostgresSession(self, self._begin(timeout))
+            try:
+                yield session
+            except BaseException:
+                session._end(commit=False)
+                raise
+            session._end(commit=True)
+        finally:
+            if mark is not None:
+                with _marks_lock:
+                    left = _store_marks.pop(mark) - 1
+                    if left:
+                        _store_marks[mark] = left
+
+    def _enter_namespace(self) -> tuple[int, str] | None:
+        """Count this thread as in a session of the namespace; refuse a session that
+        the thread's own folder transaction would keep waiting."""
+        if self._namespace_mark is None:
+            return None
+        mark = (threading.get_ident(), self._namespace_mark)
+        with _marks_lock:
+            if mark in _folder_marks:
+                raise NestedTransactionError(
+                    self.location,
+                    "a locked call of a document of the state folder "
+                    f"{self._namespace_mark} inside that folder's transaction() in the same "
+                    "thread would wait for itself (the transaction holds the folder's lock). "
+                    "Change the document through tx[store] instead",
+                )
+            _store_marks[mark] = _store_marks.get(mark, 0) + 1
+        return mark
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -613,23 +769,46 @@ class PostgresStorage:
             )
 
     def _begin(self, timeout: float) -> _Conn:
-        """A connection in a transaction that holds the key's advisory lock."""
+        """A connection in a transaction that holds the session's advisory locks."""
         # READ COMMITTED whatever the server's default: each statement then sees what
         # was committed before the lock was granted. Under REPEATABLE READ the snapshot
         # would be taken before the wait, and an update could be lost.
         setup = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
         if not self.durable:
             setup += "; SET LOCAL synchronous_commit = off"
-        # The key is computed in the locking statement itself, from the table's OID as
+        # Each key is computed in the locking statement itself, from the table's OID as
         # the server resolves the name now (see the module's docstring).
+        locks = self._session_locks
         if timeout <= 0:
-            lock = "SELECT pg_try_advisory_xact_lock(l.id) FROM (SELECT {} AS id) AS l"
+            tries = [
+                sql.SQL("pg_try_advisory_xact_lock{}({})").format(
+                    sql.SQL("_shared" if shared else ""), key
+                )
+                for key, shared in locks
+            ]
+            statements = [sql.SQL("SELECT ") + sql.SQL(" AND ").join(tries)]
         else:
             # lock_timeout 0 means "wait forever", so round up to at least 1 ms.
             ms = 0 if math.isinf(timeout) else max(1, math.ceil(timeout * 1000))
             setup += f"; SET LOCAL lock_timeout = {ms}"
-            lock = "SELECT true FROM (SELECT {} AS id) AS l, pg_advisory_xact_lock(l.id)"
-        statement = sql.SQL(f"{setup}; {lock}").format(self._lock_key)
+            statements = []
+            for i, (key, shared) in enumerate(locks):
+                if i and ms:
+                    # The locks are taken one after the other, always in this order (the
+                    # namespace's first), and the timeout bounds the whole wait: the next
+                    # lock gets what is left of it since the transaction began.
+                    statements.append(
+                        sql.SQL(
+                            "SELECT set_config('lock_timeout', greatest(1, {} - floor(extract("
+                            "epoch FROM clock_timestamp() - now()) * 1000))::bigint::text, true)"
+                        ).format(sql.Literal(ms))
+                    )
+                statements.append(
+                    sql.SQL(
+                        "SELECT true FROM (SELECT {} AS id) AS l, pg_advisory_xact_lock{}(l.id)"
+                    ).format(key, sql.SQL("_shared" if shared else ""))
+                )
+        statement = sql.SQL("; ").join([sql.SQL(setup), *statements])
 
         def run(conn: _Conn) -> _Conn:
             self._ensure_tables(conn)
@@ -652,15 +831,31 @@ class PostgresStorage:
     def _timeout(self, conn: _Conn, timeout: float) -> LockTimeout:
         """A LockTimeout that names the server session holding the lock, when it can be seen."""
         try:
-            key = self._resolve_lock_key(conn) & 0xFFFF_FFFF_FFFF_FFFF
+            locks = self._session_locks
+            found = conn.execute(
+                sql.SQL("SELECT ") + sql.SQL(", ").join(key for key, _ in locks)
+            ).fetchone()
+            assert found is not None
+            # A holder of a lock this session asked for: any holder of an exclusive
+            # one, an exclusive holder of a shared one.
+            wanted: list[sql.Composable] = []
+            params: list[Any] = []
+            for key, (_, shared) in zip(found, locks, strict=True):
+                key &= 0xFFFF_FFFF_FFFF_FFFF
+                mode = " AND l.mode = 'ExclusiveLock'" if shared else ""
+                wanted.append(sql.SQL(f"(l.classid::int8 = %s AND l.objid::int8 = %s{mode})"))
+                params += [key >> 32, key & 0xFFFF_FFFF]
             row = conn.execute(
-                "SELECT a.pid, host(a.client_addr), a.application_name, "
-                "extract(epoch FROM clock_timestamp() - a.xact_start)::float8 "
-                "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-                "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-                "AND l.classid::int8 = %s AND l.objid::int8 = %s",
-                (key >> 32, key & 0xFFFF_FFFF),
+                sql.SQL(
+                    "SELECT a.pid, host(a.client_addr), a.application_name, "
+                    "extract(epoch FROM clock_timestamp() - a.xact_start)::float8 "
+                    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                    "AND l.pid <> pg_backend_pid() AND l.database = "
+                    "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+                    "AND ({}) ORDER BY a.xact_start LIMIT 1"
+                ).format(sql.SQL(" OR ").join(wanted)),
+                params,
             ).fetchone()
         except psycopg.Error:
             row = None
@@ -731,3 +926,376 @@ def _base_location(params: dict[str, Any]) -> str:
     if host.startswith("/"):  # a Unix socket folder
         return f"postgresql:///{dbname}?host={host}&port={port}"
     return f"postgresql://{host}:{port}/{dbname}"
+
+
+# ------------------------------------------------------------------ state folders
+
+
+class _FolderTables(PostgresStorage):
+    """The tables and connections of a :class:`PostgresFolder`; its errors name the folder.
+
+    Its sessions (``_begin``) take the namespace's lock exclusively, and nothing else.
+    """
+
+    def __init__(self, conninfo: str, namespace: str, **options: Any) -> None:
+        super().__init__(conninfo, key=namespace, **options)
+        self._folder_location = self._namespace_location(namespace)
+        self._session_locks = [(self._namespace_key(namespace), False)]
+        self._unchanged = "every document of the folder is unchanged"
+        self._whole = (
+            "Every document of the group is the old one or every one is the new one; "
+            "read() them to see which before running the transaction again."
+        )
+
+    @property
+    def location(self) -> str:
+        return self._folder_location
+
+    @property
+    def identity(self) -> str:
+        return self._folder_location
+
+    def __repr__(self) -> str:
+        return f"_FolderTables({self.location!r})"
+
+
+class PostgresFolder:
+    """A state folder kept in PostgreSQL: documents that share one lock and commit together.
+
+    The twin of :class:`~statestore.StateFolder`, with the same methods, for
+    processes on several machines. The documents are rows of ``table`` keyed
+    ``<namespace>/<name>``; a :meth:`transaction` is one SQL transaction that
+    holds the namespace's advisory lock, so the documents it changed are
+    committed together or not at all, and :meth:`read` is one ``SELECT`` of
+    several rows (one snapshot). ``docs/postgres.md`` tells the whole story.
+
+    >>> folder = PostgresFolder("postgresql://app@db/app", "planning")  # doctest: +SKIP
+    >>> roadmap = folder.store(Roadmap, "roadmap.json", default=Roadmap)  # doctest: +SKIP
+    >>> progress = folder.store(Progress, "progress.json", default=Progress)  # doctest: +SKIP
+    >>> with folder.transaction() as tx:  # doctest: +SKIP
+    ...     task = tx[roadmap].tasks.pop(0)
+    ...     tx[progress].doing.append(task)
+
+    ``timeout`` is how long a locked operation waits for the folder's lock (and
+    a store's, for its document's); ``durable=False`` commits with
+    ``synchronous_commit = off``. ``table``, ``schema``, ``backup_table`` and
+    ``max_idle`` are :class:`PostgresStorage`'s; the folder and its stores
+    share one pool of connections.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        namespace: str,
+        *,
+        table: str = DEFAULT_TABLE,
+        schema: str | None = None,
+        backup_table: str | None = None,
+        timeout: float = 10.0,
+        durable: bool = True,
+        max_idle: int = 2,
+    ) -> None:
+        if not isinstance(namespace, str) or not namespace or "\0" in namespace:
+            raise ValueError(f"namespace must be a non-empty string without NUL, not {namespace!r}")
+        self._tables = _FolderTables(
+            conninfo,
+            namespace,
+            table=table,
+            schema=schema,
+            backup_table=backup_table,
+            durable=durable,
+            max_idle=max_idle,
+        )
+        self.namespace = namespace
+        self.table = table
+        self.schema = schema
+        self.backup_table = self._tables.backup_table
+        self.timeout = timeout
+        self.durable = durable
+        self._conninfo = conninfo
+        self._max_idle = max_idle
+        self._stores: dict[str, StateStore[Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"PostgresFolder({self.location!r})"
+
+    @property
+    def location(self) -> str:
+        """``postgresql://host:port/dbname#table/namespace/``: no user name, no password."""
+        return self._tables.location
+
+    @property
+    def lock_id(self) -> int:
+        """The namespace's advisory lock key (``pg_locks``: ``classid``/``objid``), asked
+        of the server as :attr:`PostgresStorage.lock_id` is."""
+        return self._tables.lock_id
+
+    def store(
+        self,
+        model: type[M],
+        name: str,
+        *,
+        default: M | Callable[[], M] | None = None,
+        version: int = 1,
+        migrations: Migrations | None = None,
+        schema_ref: str | None = None,
+        read_attempts: int = 3,
+        read_delay: float = 0.05,
+    ) -> StateStore[M]:
+        """A store of the document ``name`` (without ``/``) of this folder: the row
+        keyed ``<namespace>/<name>``.
+
+        An ordinary :class:`StateStore` in every way; its sessions take the
+        folder's lock (shared) before the document's own, so they wait for a
+        folder transaction, and it for them.
+        """
+        if not isinstance(name, str) or not name or "/" in name or "\0" in name:
+            raise ValueError(
+                f"{name!r}: a folder's document is named by a non-empty name without '/' "
+                "or NUL (make another PostgresFolder, namespace '<namespace>/<sub>', for "
+                "a subfolder)"
+            )
+        t = self._tables
+        storage = PostgresStorage(
+            self._conninfo,
+            key=self._key(name),
+            table=t.table,
+            schema=t.schema,
+            backup_table=t.backup_table,
+            durable=self.durable,
+            max_idle=self._max_idle,
+        )
+        # One pool for the folder and its stores, closed when the first of them goes
+        # (the others open connections again as they need them).
+        storage._pool = t._pool
+        weakref.finalize(storage, t._pool.close)
+        made = StateStore(
+            model,
+            storage,
+            default=default,
+            timeout=self.timeout,
+            version=version,
+            migrations=migrations,
+            schema_ref=schema_ref,
+            read_attempts=read_attempts,
+            read_delay=read_delay,
+        )
+        self._stores[name] = made
+        return made
+
+    @property
+    def stores(self) -> tuple[StateStore[Any], ...]:
+        """The stores made with :meth:`store`, one per document (the latest), by name."""
+        return tuple(self._stores[n] for n in sorted(self._stores))
+
+    @contextmanager
+    def transaction(self) -> Iterator[PostgresFolderTransaction]:
+        """``with folder.transaction() as tx:`` change several documents, commit them together.
+
+        One SQL transaction holding the folder's lock. ``tx[store]`` is the
+        loaded, mutable model of that store's document (loaded on first use,
+        migrated in memory, the newer-version guard checked). On normal exit
+        every changed document (and the backup of each migrated one) is written
+        and the transaction committed; if the block raises, it is rolled back
+        and nothing is written.
+        """
+        mark = (threading.get_ident(), self.location)
+        with _marks_lock:
+            if mark in _folder_marks or _store_marks.get(mark):
+                raise NestedTransactionError(
+                    self.location,
+                    "transaction() called inside a transaction of this folder, or of one "
+                    "of its documents, in the same thread: it would wait for itself. "
+                    "Change the state yielded by the outer transaction instead",
+                )
+            _folder_marks.add(mark)
+        try:
+            tx = PostgresFolderTransaction(self, self._tables._begin(self.timeout))
+            try:
+                yield tx
+            except BaseException:
+                tx.abort()
+                raise
+            tx.commit()
+        finally:
+            with _marks_lock:
+                _folder_marks.discard(mark)
+
+    def read(self, *stores: StateStore[Any]) -> PostgresFolderSnapshot:
+        """The documents of ``stores`` as of one moment, without the lock.
+
+        One ``SELECT`` of their rows: a statement sees one snapshot of the
+        database, in which a folder transaction is committed entirely or not at
+        all. Each is validated (and migrated in memory) as :meth:`StateStore.load`
+        does; a missing one is its store's default.
+        """
+        names = {self._name_of(s): s for s in stores}
+        keys = [self._key(n) for n in names]
+        t = self._tables
+        query = sql.SQL(
+            "SELECT key, convert_to(document, 'UTF8') FROM {} WHERE key = ANY(%s)"
+        ).format(t._table_id)
+
+        def run(conn: _Conn) -> list[tuple[Any, ...]]:
+            try:
+                return conn.execute(query, (keys,)).fetchall()
+            except pgerrors.UndefinedTable:
+                return []  # nothing was ever saved to this table
+
+        rows: list[tuple[Any, ...]] = t._with_connection(run, StateReadError, "reading")
+        found = {str(key): bytes(data) for key, data in rows}
+        states: dict[str, Any] = {}
+        for name, store in names.items():
+            data = found.get(self._key(name))
+            doc = store.document
+            states[name] = doc.make_default() if data is None else doc.parse(data).model
+        return PostgresFolderSnapshot(self, states)
+
+    def recover(self) -> bool:
+        """Whether an unfinished group commit was completed: never, on PostgreSQL (the
+        server rolls back the transaction of a holder that died). For programs
+        written for :class:`~statestore.StateFolder`."""
+        return False
+
+    def close(self) -> None:
+        """Close the idle connections of the folder and its stores."""
+        self._tables.close()
+
+    def __enter__(self) -> PostgresFolder:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- internals
+
+    def _key(self, name: str) -> str:
+        return f"{self.namespace}/{name}"
+
+    def _name_of(self, store: StateStore[Any]) -> str:
+        """The name of ``store``'s document in this folder; a typed error if it is not one."""
+        storage = store.storage
+        t = self._tables
+        if not (
+            isinstance(storage, PostgresStorage)
+            and not isinstance(storage, _FolderTables)
+            and storage._base == t._base
+            and storage._qualified == t._qualified
+            and storage.backup_table == t.backup_table
+            and storage.namespace == self.namespace
+        ):
+            raise StateStoreError(
+                store.location,
+                f"is not a document of the state folder {self.location} (a folder's "
+                "documents are the rows of its table keyed '<namespace>/<name>', with its "
+                "backup table; make the store with folder.store())",
+            )
+        return storage.key.rpartition("/")[2]
+
+
+class PostgresFolderTransaction:
+    """The documents of one :meth:`PostgresFolder.transaction`: ``tx[store]``."""
+
+    def __init__(self, folder: PostgresFolder, conn: _Conn) -> None:
+        self._folder = folder
+        self._conn = conn
+        self._pid = os.getpid()
+        self._open: dict[str, tuple[StateStore[Any], Transaction[Any], PostgresSession]] = {}
+        self._ended = False
+
+    @overload
+    def __getitem__(self, store: StateStore[M]) -> M: ...
+    @overload
+    def __getitem__(self, store: Any) -> Any: ...
+
+    def __getitem__(self, store: Any) -> Any:
+        if self._ended:
+            raise RuntimeError("the folder transaction has ended")
+        if not isinstance(store, StateStore):
+            raise TypeError(f"tx[...] takes a StateStore of the folder, not {type(store).__name__}")
+        name = self._folder._name_of(store)
+        found = self._open.get(name)
+        if found is not None:
+            if found[0] is not store and found[0].model is not store.model:
+                raise StateStoreError(
+                    store.location,
+                    "is already open in this transaction through another store with "
+                    f"another model ({found[0].model.__name__}); use one store per document",
+                )
+            return found[1].loaded.model
+        storage = store.storage
+        assert isinstance(storage, PostgresStorage)
+        # The document's statements run in the folder's transaction, on its connection.
+        session = PostgresSession(storage, self._conn)
+        session._pid = self._pid
+        txn: Transaction[Any] = Transaction(store.document, session)
+        txn.begin()
+        self._open[name] = (store, txn, session)
+        return txn.loaded.model
+
+    def is_loaded(self, store: StateStore[Any]) -> bool:
+        """Whether ``store``'s document was loaded into this transaction."""
+        return self._folder._name_of(store) in self._open
+
+    def abort(self) -> None:
+        """End without writing: roll the transaction back (what a block that raises does)."""
+        if self._ended:
+            return
+        self._ended = True
+        for _, txn, _ in self._open.values():
+            txn.abort()
+        _end_transaction(self._folder._tables, self._conn, None, self._pid, commit=False)
+
+    def commit(self) -> None:
+        """Write every changed document and commit them as one SQL transaction (what the
+        end of the block does)."""
+        if self._ended:
+            raise RuntimeError("the folder transaction has ended")
+        self._ended = True
+        xid: str | None = None
+        try:
+            # Proved (and each migrated document's backup kept) first, written in the
+            # order of their keys, all in the one transaction.
+            writes: list[tuple[PostgresSession, bytes]] = []
+            for name in sorted(self._open):
+                store, txn, session = self._open[name]
+                doc = store.document
+                loaded: Loaded[Any] = txn.loaded
+                doc.check_type(loaded.model, "the transaction's state is")
+                data = doc.frame(doc.dump(loaded.model), loaded.schema)
+                _, changed = doc.prepare(session, data, loaded)
+                if changed:
+                    writes.append((session, data))
+            for session, data in writes:
+                session.write(data)
+            for _, _, session in self._open.values():
+                xid = xid or session._xid
+        except BaseException:
+            _end_transaction(self._folder._tables, self._conn, None, self._pid, commit=False)
+            raise
+        _end_transaction(self._folder._tables, self._conn, xid, self._pid, commit=True)
+
+
+class PostgresFolderSnapshot:
+    """Documents read together by :meth:`PostgresFolder.read`: ``snapshot[store]``."""
+
+    def __init__(self, folder: PostgresFolder, states: dict[str, Any]) -> None:
+        self._folder = folder
+        self._states = states
+
+    @overload
+    def __getitem__(self, store: StateStore[M]) -> M: ...
+    @overload
+    def __getitem__(self, store: Any) -> Any: ...
+
+    def __getitem__(self, store: Any) -> Any:
+        sync = getattr(store, "sync", store)  # an AsyncStateStore reads as its store
+        try:
+            return self._states[self._folder._name_of(sync)]
+        except (KeyError, StateStoreError, AttributeError):
+            raise KeyError(f"{store!r} was not read into this snapshot") from None
