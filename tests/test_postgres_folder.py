@@ -789,3 +789,23 @@ def test_read_gives_defaults_for_missing_documents_and_names_what_it_read(
             tx[b]
     assert not a.exists()
     assert folder.recover() is False
+
+
+def test_show_and_validate_take_a_postgres_folder(
+    table: str, namespace: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from statestore._cli import main as cli
+
+    app = tmp_path / "pgapp.py"
+    app.write_text(
+        "from statestore.backends.postgres import PostgresFolder\n"
+        "from conftest import Counter\n"
+        f"folder = PostgresFolder({DSN!r}, {namespace!r}, table={table!r}, timeout=5)\n"
+        "a = folder.store(Counter, 'a.json', default=Counter)\n"
+        "b = folder.store(Counter, 'b.json', default=Counter)\n"
+    )
+    assert cli(["validate", f"{app}:folder"]) == 0
+    assert capsys.readouterr().out.count("no such document yet") == 2
+    assert cli(["show", f"{app}:folder"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert set(shown) == {"a.json", "b.json"}

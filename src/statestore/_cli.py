@@ -53,6 +53,8 @@ from .backends import FileStorage
 
 __all__ = ["main"]
 
+_Folder = Any  # a StateFolder, or a PostgresFolder (imported only where psycopg is)
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -103,7 +105,7 @@ def _import_file(ref: str, filename: str) -> Any:
     return module
 
 
-def _resolve(ref: str) -> StateStore[Any] | StateFolder | type[BaseModel]:
+def _resolve(ref: str) -> StateStore[Any] | _Folder | type[BaseModel]:
     module_name, sep, attr = ref.rpartition(":")
     if not (sep and module_name and attr):
         raise UsageError(
@@ -128,8 +130,10 @@ def _resolve(ref: str) -> StateStore[Any] | StateFolder | type[BaseModel]:
             obj = getattr(obj, part)
         except AttributeError:
             raise UsageError(f"{ref}: {module_name!r} has no attribute {attr!r}") from None
-    if isinstance(obj, (StateStore, StateFolder)) or (
-        isinstance(obj, type) and issubclass(obj, BaseModel)
+    if (
+        isinstance(obj, StateStore)
+        or _is_folder(obj)
+        or (isinstance(obj, type) and issubclass(obj, BaseModel))
     ):
         return obj
     found = type(obj).__name__
@@ -138,22 +142,31 @@ def _resolve(ref: str) -> StateStore[Any] | StateFolder | type[BaseModel]:
     )
 
 
-def _folder_or_store(ref: str, path: str | None) -> StateFolder | StateStore[Any]:
-    obj = _resolve(ref)
+def _is_folder(obj: object) -> bool:
+    """A state folder of files (StateFolder) or of rows (PostgresFolder): its stores,
+    read together by ``read(*stores)``."""
     if isinstance(obj, StateFolder):
+        return True
+    folder_type = sys.modules.get("statestore.backends.postgres")
+    return folder_type is not None and isinstance(obj, folder_type.PostgresFolder)
+
+
+def _folder_or_store(ref: str, path: str | None) -> _Folder | StateStore[Any]:
+    obj = _resolve(ref)
+    if _is_folder(obj):
         if path is not None:
             raise UsageError(f"{ref} is a state folder: --path does not apply to it")
-        if not obj.stores:
+        if not getattr(obj, "stores", ()):
             raise UsageError(f"{ref}: the folder has no stores (make them with folder.store())")
         return obj
     return _store(ref, path, obj)
 
 
 def _store(
-    ref: str, path: str | None, obj: StateStore[Any] | StateFolder | type[BaseModel] | None = None
+    ref: str, path: str | None, obj: StateStore[Any] | _Folder | type[BaseModel] | None = None
 ) -> StateStore[Any]:
     obj = _resolve(ref) if obj is None else obj
-    if isinstance(obj, StateFolder):
+    if _is_folder(obj):
         raise UsageError(f"{ref} is a state folder; name one of its stores")
     if isinstance(obj, StateStore):
         if path is None:
@@ -173,7 +186,7 @@ def _schema_of(ref: str) -> tuple[str, int, Callable[[Draft], dict[str, Any]]]:
         store = obj
         name, version = schema_filename(schema_name(store.model), store.version), store.version
         return name, version, lambda draft: store.json_schema(draft)
-    if isinstance(obj, StateFolder):
+    if _is_folder(obj):
         raise UsageError(f"{ref} is a state folder; name one of its stores")
     model = obj
     return schema_filename(schema_name(model), 1), 1, lambda d: document_schema(model, 1, draft=d)
@@ -195,7 +208,7 @@ def _validation_lines(store: StateStore[Any], e: StateValidationError) -> list[s
 
 def _cmd_show(args: argparse.Namespace) -> int:
     found = _folder_or_store(args.ref, args.path)
-    if isinstance(found, StateFolder):
+    if not isinstance(found, StateStore):
         # One consistent snapshot of every document, as {"name": state, ...}.
         snapshot = found.read(*found.stores)
         parts = [
@@ -212,7 +225,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     found = _folder_or_store(args.ref, args.path)
-    if isinstance(found, StateFolder):
+    if not isinstance(found, StateStore):
         # Every document; exit 1 if any fails.
         codes = [_validate_one(s) for s in found.stores]
         return EXIT_FAILED if EXIT_FAILED in codes else EXIT_OK
