@@ -352,6 +352,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 '            raise OSError(errno.EINVAL, "not followed")',
             ),
         ),
+        "tests/test_store.py::test_a_link_and_its_target_share_one_lock",
     ),
     Mutation(
         "the file backend never verifies the lock",
@@ -369,6 +370,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 '        if not raw.startswith(b"{\\n"):',
             ),
         ),
+        "tests/test_store.py::test_nan_and_infinity_are_refused_in_the_stores_own_layout",
     ),
     Mutation(
         "a large file of the same length is taken as unchanged",
@@ -380,6 +382,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "            return self.digest.startswith(_length(data))",
             ),
         ),
+        "tests/test_store.py::test_a_large_unchanged_state_is_not_rewritten",
     ),
     # ---- the transaction core, the async store and state folders
     Mutation(
