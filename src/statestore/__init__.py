@@ -11,7 +11,9 @@ Counter(count=1)
 
 from ._async import AsyncAcquiredLock, AsyncDirectoryLock, AsyncStateStore
 from ._async_folder import AsyncFolderTransaction, AsyncStateFolder
+from ._document import Snapshot, WrittenBy
 from ._errors import (
+    ConflictError,
     CrossDeviceError,
     DurabilityError,
     LockCompromisedError,
@@ -31,6 +33,7 @@ from ._errors import (
     WaitAbandoned,
 )
 from ._folder import FolderSnapshot, FolderTransaction, StateFolder
+from ._history import HistoryEntry
 from ._lock import AcquiredLock, DirectoryLock, LockOwner
 from ._migrate import MigrationReport
 from ._store import StateStore
@@ -44,11 +47,13 @@ __all__ = [
     "AsyncFolderTransaction",
     "AsyncStateFolder",
     "AsyncStateStore",
+    "ConflictError",
     "CrossDeviceError",
     "DirectoryLock",
     "DurabilityError",
     "FolderSnapshot",
     "FolderTransaction",
+    "HistoryEntry",
     "LockCompromisedError",
     "LockError",
     "LockOwner",
@@ -58,6 +63,7 @@ __all__ = [
     "MigrationReport",
     "NestedTransactionError",
     "SchemaVersionError",
+    "Snapshot",
     "StateCorruptError",
     "StateFolder",
     "StateMissingError",
@@ -68,4 +74,5 @@ __all__ = [
     "StateValidationError",
     "StateWriteError",
     "WaitAbandoned",
+    "WrittenBy",
 ]

@@ -301,6 +301,19 @@ class History:
                 )
             return out
 
+    def newest(self) -> HistoryEntry | None:
+        """The newest kept version (reading only its file), or None."""
+        with self._folder(create=False) as fd:
+            if fd is None:
+                return None
+            names = self._names(fd, writing=False)
+            if not names:
+                return None
+            meta, _data = self._read(fd, names[-1][1])
+            return HistoryEntry(
+                str(meta["revision"]), float(meta["time"]), meta.get("written_by"), int(meta["size"])
+            )
+
     def read(self, revision: str) -> bytes:
         """The bytes committed as ``revision`` (the newest such, if recorded twice)."""
         with self._folder(create=False) as fd:
