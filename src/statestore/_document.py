@@ -147,7 +147,11 @@ class WrittenBy:
         try:
             when = datetime.fromisoformat(str(stamp["time"]).replace("Z", "+00:00"))
             return cls(
-                int(stamp["pid"]), str(stamp["host"]), str(stamp["user"]), str(stamp["program"]), when
+                int(stamp["pid"]),
+                str(stamp["host"]),
+                str(stamp["user"]),
+                str(stamp["program"]),
+                when,
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -253,6 +257,7 @@ def revision_of(raw: bytes | None, counter: int | None = None) -> str:
     if counter is None:
         counter = read_stamp(raw)[0]
     return f"{counter}-{hashlib.sha256(raw).hexdigest()[:_REVISION_HEX]}"
+
 
 _gc_lock = threading.Lock()
 #: Objects allocated during a pause above which they are promoted without a scan.
@@ -798,7 +803,9 @@ class Document(Generic[ModelT]):
     def commit(self, session: Session, state: ModelT, loaded: Loaded[ModelT]) -> ModelT:
         # The body is framed at once and let go: a large document is not held twice
         # while it is checked.
-        return self.publish(session, self.frame(self.dump(state), loaded.schema, after=loaded), loaded)
+        return self.publish(
+            session, self.frame(self.dump(state), loaded.schema, after=loaded), loaded
+        )
 
     def publish(self, session: Session, data: bytes, loaded: Loaded[ModelT]) -> ModelT:
         """Write the file's bytes ``data`` unless they would not load back; return

@@ -311,7 +311,10 @@ class History:
                 return None
             meta, _data = self._read(fd, names[-1][1])
             return HistoryEntry(
-                str(meta["revision"]), float(meta["time"]), meta.get("written_by"), int(meta["size"])
+                str(meta["revision"]),
+                float(meta["time"]),
+                meta.get("written_by"),
+                int(meta["size"]),
             )
 
     def read(self, revision: str) -> bytes:

@@ -261,9 +261,7 @@ class StateStore(Generic[ModelT]):
         """The kept versions, newest first (``history=N``): each one's ``revision``,
         ``time`` (seconds since the epoch), ``written_by`` and ``size``."""
         keeper = self._keeper()
-        return [
-            e._replace(written_by=WrittenBy.from_stamp(e.written_by)) for e in keeper.entries()
-        ]
+        return [e._replace(written_by=WrittenBy.from_stamp(e.written_by)) for e in keeper.entries()]
 
     def restore(self, revision: str) -> ModelT:
         """Make the kept version ``revision`` current again, as a new commit under

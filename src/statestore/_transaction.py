@@ -224,9 +224,7 @@ class Transaction(Generic[ModelT]):
         validated (and migrated from an older schema version), committed anew."""
         keeper = self._history()
         if keeper is None:
-            raise TypeError(
-                f"{self.document.location}: restore() needs a store with history=N"
-            )
+            raise TypeError(f"{self.document.location}: restore() needs a store with history=N")
         self.begin(missing_ok=True)
         old = keeper.read(revision)
         state = self.document.parse(old).model
