@@ -421,7 +421,11 @@ class Watch(Generic[ModelT]):
         if revision == self.last:
             return None
         self.last = revision
-        loaded = store._doc.load(lambda: raw)
+        if raw is None:
+            return Snapshot(store._doc.make_default(), revision, None)
+        # Parsed once: a writer that does not rename atomically, seen halfway, is an
+        # error event now and its finished file the next snapshot.
+        loaded = store._doc.parse(raw)
         return Snapshot(loaded.model, revision, loaded.written_by)
 
     @property
