@@ -57,18 +57,6 @@ def _writer(path: Path, times: int, pause: float) -> subprocess.Popen[str]:
     )
 
 
-def _collect(store: StateStore[Counter], until: int, limit: float = 30.0) -> list[Snapshot[Counter]]:
-    seen: list[Snapshot[Counter]] = []
-    end = time.monotonic() + limit
-    with store.watch(timeout=1.0) as watch:
-        while time.monotonic() < end:
-            for snap in watch:
-                seen.append(snap)
-                if snap.state.count >= until:
-                    return seen
-    return seen
-
-
 def test_a_slow_writer_in_another_process_is_seen_at_every_revision(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     store = StateStore(Counter, path, default=Counter)

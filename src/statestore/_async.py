@@ -49,9 +49,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
+from ._document import Snapshot
 from ._errors import LockError, LockTimeout, NestedTransactionError
 from ._lock import DEFAULT_LEASE, AcquiredLock, DirectoryLock, WaitAbandoned, wait_time
-from ._document import Snapshot
 from ._migrate import MigrationReport, Migrations
 from ._schema import Draft
 from ._store import ModelT, StateStore, Watch
