@@ -9,7 +9,7 @@
 Counter(count=1)
 """
 
-from ._async import AsyncAcquiredLock, AsyncDirectoryLock, AsyncStateStore
+from ._async import AsyncAcquiredLock, AsyncDirectoryLock, AsyncStateStore, AsyncWatch
 from ._async_folder import AsyncFolderTransaction, AsyncStateFolder
 from ._document import Snapshot, WrittenBy
 from ._errors import (
@@ -36,7 +36,7 @@ from ._folder import FolderSnapshot, FolderTransaction, StateFolder
 from ._history import HistoryEntry
 from ._lock import AcquiredLock, DirectoryLock, LockOwner
 from ._migrate import MigrationReport
-from ._store import StateStore
+from ._store import ChangeHandle, StateStore, Watch
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,8 @@ __all__ = [
     "AsyncFolderTransaction",
     "AsyncStateFolder",
     "AsyncStateStore",
+    "AsyncWatch",
+    "ChangeHandle",
     "ConflictError",
     "CrossDeviceError",
     "DirectoryLock",
@@ -74,5 +76,6 @@ __all__ = [
     "StateValidationError",
     "StateWriteError",
     "WaitAbandoned",
+    "Watch",
     "WrittenBy",
 ]

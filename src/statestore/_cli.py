@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ._atomic import write_atomic
+from ._document import COMMIT_KEY, NO_REVISION
 from ._errors import (
     MigrationError,
     SchemaVersionError,
@@ -425,7 +426,7 @@ def _cmd_log(args: argparse.Namespace) -> int:
     except StateStoreError:
         current = None  # the file does not load now: the history still lists
     entries = store.history()
-    if current is not None and current != "0" and all(e.revision != current for e in entries):
+    if current is not None and current != NO_REVISION and all(e.revision != current for e in entries):
         _out(f"* {current}  (current; not in the history: changed by hand since the last commit)")
     for e in entries:
         mark = "*" if e.revision == current else " "
@@ -440,7 +441,7 @@ def _as_text(data: bytes, label: str) -> list[str]:
     except ValueError:
         return data.decode("utf-8", "replace").splitlines(keepends=True)
     if isinstance(doc, dict):
-        doc.pop("$commit", None)
+        doc.pop(COMMIT_KEY, None)
     return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").splitlines(keepends=True)
 
 

@@ -107,7 +107,10 @@ __all__ = [
     "Snapshot",
     "WrittenBy",
     "decode",
+    "errors_of",
+    "read_stamp",
     "revision_of",
+    "strip_stamp",
 ]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -126,7 +129,7 @@ _SCHEMA_LINE: Final = f'  "{SCHEMA_KEY}": '.encode()
 _COMMIT_LINE: Final = f'  "{COMMIT_KEY}": '.encode()
 #: Hex digits of the file's SHA-256 in a revision; of the content's in the stamp.
 _REVISION_HEX: Final = 16
-_STAMP_HEX: Final = 32
+_STAMP_HEX: Final = 16
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,15 @@ def stamp_span(raw: bytes | bytearray) -> tuple[int, int] | None:
             return None
         return pos, end + 1
     return pos, pos
+
+
+def strip_stamp(data: bytes) -> bytes:
+    """``data`` without its commit line: what the document holds, whoever wrote it
+    (bytes not in the store's layout are returned as they are)."""
+    span = stamp_span(data)
+    if span is None or span[0] == span[1]:
+        return data
+    return data[: span[0]] + data[span[1] :]
 
 
 def _content_hash(raw: bytes | bytearray, span: tuple[int, int]) -> Any:
@@ -367,7 +379,8 @@ def _content_digest(data: bytes) -> bytes:
     """A digest of ``data`` without its commit stamp (of all of it outside the layout)."""
     span = stamp_span(data) or (0, 0)
     size = len(data) - (span[1] - span[0])
-    return size.to_bytes(8, "little") + _content_hash(data, span).digest()
+    found: bytes = _content_hash(data, span).digest()
+    return size.to_bytes(8, "little") + found
 
 
 def digest(data: bytes) -> bytes:

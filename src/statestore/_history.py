@@ -81,11 +81,13 @@ def _via(fd: int, path: str) -> str:
 
 class HistoryEntry(NamedTuple):
     """One kept version: its revision, when it was recorded (seconds since the
-    epoch), who wrote it (as given to ``record``), and its size in bytes."""
+    epoch), who wrote it (as given to ``record``; from a store's ``history()``, a
+    :class:`~statestore.WrittenBy`, None for a version made by hand), and its
+    size in bytes."""
 
     revision: str
     time: float
-    written_by: dict[str, Any] | None
+    written_by: Any
     size: int
 
 
