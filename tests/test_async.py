@@ -225,6 +225,7 @@ def test_load_save_exists_and_update(state_path: Path) -> None:
 
     run(main())
     saved = json.loads(state_path.read_text())
+    assert saved.pop("$commit")["revision"] == 7  # one per commit
     assert saved == {"schema_version": 1, "count": 172, "note": "async"}
     assert statestore_threads() == []
 
