@@ -35,23 +35,26 @@ TESTS = str(Path(__file__).parent)
 
 _WRITER = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     sys.path.insert(0, sys.argv[1])
     from conftest import Counter
     from statestore import StateStore
     store = StateStore(Counter, sys.argv[2], default=Counter)
-    times, pause = int(sys.argv[3]), float(sys.argv[4])
-    for _ in range(times):
+    times, pause, ack = int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+    for n in range(1, times + 1):
         store.update(lambda s: Counter(count=s.count + 1))
         print(store.read().revision, flush=True)
         time.sleep(pause)
+        end = time.monotonic() + 20
+        while ack and not os.path.exists(f"{ack}{n}") and time.monotonic() < end:
+            time.sleep(0.001)  # a slow writer: the next commit after the watcher saw this one
     """
 )
 
 
-def _writer(path: Path, times: int, pause: float) -> subprocess.Popen[str]:
+def _writer(path: Path, times: int, pause: float, ack: str = "") -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", _WRITER, TESTS, str(path), str(times), str(pause)],
+        [sys.executable, "-c", _WRITER, TESTS, str(path), str(times), str(pause), ack],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -62,10 +65,12 @@ def test_a_slow_writer_in_another_process_is_seen_at_every_revision(tmp_path: Pa
     store = StateStore(Counter, path, default=Counter)
     store.save(Counter(count=0))
     watch = store.watch(timeout=10.0)
-    proc = _writer(path, 5, 0.3)
+    ack = str(tmp_path / "seen-")
+    proc = _writer(path, 5, 0.05, ack)
     seen = []
     for snap in watch:
         seen.append(snap)
+        Path(f"{ack}{snap.state.count}").touch()
         if snap.state.count == 5:
             break
     watch.close()
@@ -178,15 +183,20 @@ _WATCHER = textwrap.dedent(
     import sys
     sys.path.insert(0, sys.argv[1])
     from conftest import Counter
-    from statestore import StateStore
+    from statestore import StateStore, StateStoreError
     store = StateStore(Counter, sys.argv[2], default=Counter)
     until = int(sys.argv[3])
     with store.watch(timeout=20.0) as watch:
         print("ready", flush=True)
-        for snap in watch:
-            print(snap.revision, snap.state.count, flush=True)
-            if snap.state.count >= until:
-                break
+        while True:
+            try:
+                for snap in watch:
+                    print(snap.revision, snap.state.count, flush=True)
+                    if snap.state.count >= until:
+                        sys.exit(0)
+                sys.exit(1)  # timed out
+            except StateStoreError as e:  # a hand edit seen halfway: an error event
+                print("error", type(e).__name__, flush=True)
     """
 )
 
@@ -204,16 +214,20 @@ def test_a_watcher_in_another_process_sees_every_revision_and_a_hand_edit(
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
-    made = []
+    made, seen = [], []
     for n in (1, 2, 3):
         store.save(Counter(count=n))
         made.append(store.read().revision)
-        time.sleep(0.3)
-    path.write_text(path.read_text().replace('"count": 3', '"count": 4'))  # by hand
+        seen.append(proc.stdout.readline().split()[0])  # the writer is slow: one at a time
+    # By hand, in place (truncate, then write): the watcher may see the empty file
+    # between the two, an error event, never a state.
+    path.write_text(path.read_text().replace('"count": 3', '"count": 4'))
     made.append(store.read().revision)
-    out = proc.communicate(timeout=30)[0].split("\n")
+    rest = proc.communicate(timeout=30)[0].split("\n")
     assert proc.returncode == 0
-    assert [line.split()[0] for line in out if line] == made
+    seen += [line.split()[0] for line in rest if line and not line.startswith("error")]
+    assert seen == made
+    assert all(line.split()[1] == "StateCorruptError" for line in rest if line.startswith("error"))
 
 
 def test_on_change_calls_back_and_stops(tmp_path: Path) -> None:

@@ -426,7 +426,11 @@ def _cmd_log(args: argparse.Namespace) -> int:
     except StateStoreError:
         current = None  # the file does not load now: the history still lists
     entries = store.history()
-    if current is not None and current != NO_REVISION and all(e.revision != current for e in entries):
+    if (
+        current is not None
+        and current != NO_REVISION
+        and all(e.revision != current for e in entries)
+    ):
         _out(f"* {current}  (current; not in the history: changed by hand since the last commit)")
     for e in entries:
         mark = "*" if e.revision == current else " "

@@ -70,6 +70,7 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -77,7 +78,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -189,6 +190,46 @@ def _user() -> str:
                 name = str(uid)
         _user_by_uid[uid] = name
     return name
+
+
+_writer_cache: dict[tuple[int, int, str], str] = {}
+
+
+def _writer_fields() -> str:
+    """``"pid": ..., "host": ..., "user": ..., "program": ...`` as JSON, made once per
+    process, user and host name (a commit only adds the time)."""
+    pid = os.getpid()
+    uid = os.geteuid() if hasattr(os, "geteuid") else -1
+    host = socket.gethostname()
+    key = (pid, uid, host)
+    found = _writer_cache.get(key)
+    if found is None:
+        found = (
+            f'"pid": {pid}, "host": {json.dumps(host)}, "user": {json.dumps(_user())}, '
+            f'"program": {json.dumps(_program())}'
+        )
+        _writer_cache.clear()  # one entry: a fork or setuid makes a new one
+        _writer_cache[key] = found
+    return found
+
+
+def _now() -> str:
+    ms = int(time.time() * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+_COUNTER_RE: Final = re.compile(rb'\{"revision": ([0-9]{1,18})[,}]')
+
+
+def read_counter(raw: bytes) -> int:
+    """The revision counter of the stamp, without checking the stamp (a commit
+    only needs the number to count on from)."""
+    span = stamp_span(raw)
+    if span is not None and span[0] != span[1]:
+        m = _COUNTER_RE.match(raw, span[0] + len(_COMMIT_LINE))
+        if m is not None:
+            return int(m.group(1))
+    return read_stamp(raw)[0]
 
 
 def _program() -> str:
@@ -322,6 +363,16 @@ class Loaded(Generic[ModelT]):
     digest: bytes | None = None  # stands in for a large ``raw`` once it was let go
     _stamp: tuple[int, dict[str, Any] | None] | None = None
     _revision: str | None = None
+    _counter: int | None = None
+
+    def counter(self) -> int:
+        """The revision counter of the bytes found (0: none, or no stamp)."""
+        if self._counter is None:
+            if self._stamp is not None:
+                self._counter = self._stamp[0]
+            else:
+                self._counter = read_counter(self.raw) if self.raw else 0
+        return self._counter
 
     def stamp(self) -> tuple[int, dict[str, Any] | None]:
         """(the revision counter, the trusted stamp or None), read from the bytes once."""
@@ -333,7 +384,7 @@ class Loaded(Generic[ModelT]):
     def revision(self) -> str:
         """The revision of the bytes found (``NO_REVISION``: no document)."""
         if self._revision is None:
-            self._revision = revision_of(self.raw, self.stamp()[0] if self.raw else 0)
+            self._revision = revision_of(self.raw, self.counter() if self.raw else 0)
         return self._revision
 
     @property
@@ -349,7 +400,7 @@ class Loaded(Generic[ModelT]):
         save. ``raw`` becomes empty (the file still exists).
         """
         if self.version == current and self.raw is not None and len(self.raw) > _SHED_ABOVE:
-            _ = self.revision  # while the bytes are there
+            _ = self.revision, self.counter()  # while the bytes are there
             self.digest = _content_digest(self.raw)
             self.raw = b""
 
@@ -801,16 +852,11 @@ class Document(Generic[ModelT]):
         content = hashlib.sha256()
         for part in parts:
             content.update(part)
-        stamp = {
-            "revision": after.stamp()[0] + 1,
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z",
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "user": _user(),
-            "program": _program(),
-            "sha256": content.hexdigest()[:_STAMP_HEX],
-        }
-        line = _COMMIT_LINE + json.dumps(stamp).encode() + b",\n"
+        stamp = (
+            f'{{"revision": {after.counter() + 1}, "time": "{_now()}", {_writer_fields()}, '
+            f'"sha256": "{content.hexdigest()[:_STAMP_HEX]}"}}'
+        )
+        line = _COMMIT_LINE + stamp.encode() + b",\n"
         return b"".join((parts[0], line, *parts[1:]))
 
     def commit(self, session: Session, state: ModelT, loaded: Loaded[ModelT]) -> ModelT:
