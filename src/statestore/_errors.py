@@ -22,7 +22,7 @@ survives pickling (so it crosses process pools intact)::
     ├── SchemaVersionError          (ValueError)     file newer than the code, bad chain
     ├── MigrationError              (ValueError)     a migration step failed
     ├── NestedTransactionError      (RuntimeError)   update() inside transaction()
-    └── ConflictError                                save(expect=) found another revision
+    └── ConflictError               (RuntimeError)   save(expect=) found another revision
 
 A ``StateWriteError`` means nothing was saved: retrying the same ``update(fn)``
 applies ``fn`` once. An error raised after the new document was published is
@@ -354,7 +354,7 @@ class NestedTransactionError(StateStoreError, RuntimeError):
     """update() or transaction() called inside a transaction of the same store."""
 
 
-class ConflictError(StateStoreError):
+class ConflictError(StateStoreError, RuntimeError):
     """``save(state, expect=revision)`` found the document at another revision:
     someone committed meanwhile; nothing was written."""
 
