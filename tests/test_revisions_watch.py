@@ -308,3 +308,15 @@ def test_watch_is_refused_for_a_storage_without_a_file(tmp_path: Path) -> None:
     store = StateStore(Counter, Memory(), default=Counter)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="file stores"):
         store.watch()
+
+
+def test_a_document_created_and_deleted_while_watched(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    store = StateStore(Counter, path, default=Counter)
+    with store.watch(timeout=10.0) as watch:
+        StateStore(Counter, path).save(Counter(count=2))
+        created = next(watch)
+        assert created.state.count == 2 and created.revision != "0"
+        path.unlink()
+        gone = next(watch)
+        assert gone.revision == "0" and gone.state == Counter() and gone.written_by is None
