@@ -246,3 +246,13 @@ def test_update_and_transaction_are_unchanged(tmp_path: Path) -> None:
         state.count = 5
     assert store.update(lambda s: Counter(count=s.count + 1)).count == 6
     assert _counter(store.read().revision) == 2
+
+
+@pytest.mark.parametrize("model", [Counter, Strict])
+def test_a_stamped_file_stays_on_loads_fast_path(tmp_path: Path, model: type[BaseModel]) -> None:
+    store = StateStore(model, tmp_path / "s.json", default=model, schema_ref="s.schema.json")
+    store.save(model(count=3))
+    raw = (tmp_path / "s.json").read_bytes()
+    assert b'"$commit"' in raw
+    fast = store.document._fast_load(raw)  # not the general path: no dict built
+    assert fast is not None and fast.model == model(count=3)
