@@ -298,7 +298,9 @@ def test_migrate(tmp_path: Path) -> None:
         assert json.loads(path.read_text())["schema_version"] == 1
         report = await store.migrate()
         assert report.written
-        assert json.loads(path.read_text()) == {"schema_version": 2, "count": 4, "note": ""}
+        migrated = json.loads(path.read_text())
+        assert migrated.pop("$commit")["revision"] == 1
+        assert migrated == {"schema_version": 2, "count": 4, "note": ""}
 
     run(main())
 
