@@ -236,6 +236,7 @@ def test_load_save_exists_and_update(state_path: Path) -> None:
 
     run(main())
     saved = json.loads(state_path.read_text())
+    assert saved.pop("$commit")["revision"] == 7  # one per commit
     assert saved == {"schema_version": 1, "count": 172, "note": "async"}
     assert statestore_threads() == []
 
@@ -308,7 +309,9 @@ def test_migrate(tmp_path: Path) -> None:
         assert json.loads(path.read_text())["schema_version"] == 1
         report = await store.migrate()
         assert report.written
-        assert json.loads(path.read_text()) == {"schema_version": 2, "count": 4, "note": ""}
+        migrated = json.loads(path.read_text())
+        assert migrated.pop("$commit")["revision"] == 1
+        assert migrated == {"schema_version": 2, "count": 4, "note": ""}
 
     run(main())
 

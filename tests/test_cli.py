@@ -413,7 +413,9 @@ def test_migrate_dry_run_then_for_real(capsys: pytest.CaptureFixture[str], tmp_p
         f"{path}: upgraded from version 1 to 2 (1->2); backup at {path}.v1.bak\n",
         "",
     )
-    assert json.loads(path.read_text()) == {
+    migrated = json.loads(path.read_text())
+    assert migrated.pop("$commit")["revision"] == 1
+    assert migrated == {
         "schema_version": 2,
         "name": "lamp",
         "color": "blue",

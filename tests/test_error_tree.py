@@ -15,6 +15,7 @@ from faultfs import Interposer
 
 import statestore
 from statestore import (
+    ConflictError,
     CrossDeviceError,
     DurabilityError,
     LockCompromisedError,
@@ -47,6 +48,7 @@ TREE: dict[type[StateStoreError], tuple[type[StateStoreError], type[BaseExceptio
     SchemaVersionError: (StateStoreError, ValueError),
     MigrationError: (StateStoreError, ValueError),
     NestedTransactionError: (StateStoreError, RuntimeError),
+    ConflictError: (StateStoreError, RuntimeError),
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import statestore
 from statestore import (
+    ConflictError,
     CrossDeviceError,
     DurabilityError,
     LockCompromisedError,
@@ -42,11 +43,13 @@ EXAMPLES = [
     SchemaVersionError("/s/x.json", "newer"),
     MigrationError("/s/x.json", "step 1 failed"),
     NestedTransactionError("/s/x.json", "nested"),
+    ConflictError("/s/x.json", expected="1-aa", found="2-bb"),
 ]
 
 BUILTINS = {
     LockTimeout: TimeoutError,
     LockCompromisedError: RuntimeError,
+    ConflictError: RuntimeError,
     LockError: OSError,
     LockPermissionError: PermissionError,  # a LockError made with EACCES/EPERM
     StateNotFoundError: FileNotFoundError,

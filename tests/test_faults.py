@@ -28,6 +28,7 @@ from statestore import (
     StateWriteError,
     _atomic,
 )
+from statestore._document import strip_stamp
 from statestore._lock import create
 from statestore._lock.handoff import WaitQueue
 from statestore._lock.paths import canonical as _canonical
@@ -47,12 +48,21 @@ NEW = _bump(OLD)
 
 
 def _encoded(model: Counter) -> bytes:
-    """The exact bytes the store writes for ``model``."""
+    """The exact bytes the store writes for ``model``, the commit stamp left out
+    (it differs from one commit to the next: compare with :func:`_doc`)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         StateStore(Counter, os.path.join(d, "s.json")).save(model)
-        return Path(d, "s.json").read_bytes()
+        return strip_stamp(Path(d, "s.json").read_bytes())
+
+
+def _doc(content: bytes | None) -> bytes | None:
+    return None if content is None else strip_stamp(content)
+
+
+def _docs(outcomes: dict[bytes | None, str]) -> dict[bytes | None, str]:
+    return {_doc(c): how for c, how in outcomes.items()}
 
 
 OLD_BYTES = _encoded(OLD)
@@ -148,7 +158,7 @@ def test_countdown_fault_at_every_call_of_a_save(
                 f"{where}: {type(error).__name__} leaked instead of a typed error:\n"
                 + "".join(traceback.format_exception(error))
             )
-        content = target.read_bytes() if target.exists() else None
+        content = _doc(target.read_bytes()) if target.exists() else None
 
         if fs.fired is None:  # every call went through: the save completed
             assert error is None, where
@@ -216,7 +226,7 @@ def _record(
     with rec.active():
         store.update(_bump)
     monkeypatch.undo()
-    assert path.read_bytes() == NEW_BYTES
+    assert strip_stamp(path.read_bytes()) == NEW_BYTES
     initial = {"state.json": old} if old is not None else {}
     return initial, inodes, rec.ops
 
@@ -236,7 +246,7 @@ def test_power_loss_at_any_point_of_a_durable_save_leaves_old_or_new(
     assert ops[0].name.startswith(prefix) and ops[0].name.endswith(suffix)
     assert ops[3].target == "state.json"
 
-    points = crash_outcomes(initial, ops, inodes, "state.json")
+    points = [(p, _docs(o)) for p, o in crash_outcomes(initial, ops, inodes, "state.json")]
     assert len(points) == len(ops) + 1
     for point, outcomes in points:
         bad = {c: how for c, how in outcomes.items() if c not in (old, NEW_BYTES)}
@@ -260,14 +270,15 @@ def test_power_loss_model_catches_a_save_without_fsync(
     found = {
         content: how
         for _, outcomes in crash_outcomes(initial, ops, inodes, "state.json")
-        for content, how in outcomes.items()
+        for content, how in _docs(outcomes).items()
         if content not in (OLD_BYTES, NEW_BYTES)
     }
+    written = (tmp_path / "state.json").read_bytes()
     assert b"" in found  # the rename reached the disk, the data did not
-    assert NEW_BYTES[:10] in found  # torn
-    assert bytes(len(NEW_BYTES)) in found  # the size reached the disk, the data did not
+    assert written[:10] in found  # torn
+    assert bytes(len(written)) in found  # the size reached the disk, the data did not
     # Each of these is a file the store refuses to load: a broken state, not old or new.
-    for content in (b"", NEW_BYTES[:10]):
+    for content in (b"", written[:10]):
         (tmp_path / "state.json").write_bytes(content)
         with pytest.raises(StateStoreError):
             StateStore(Counter, tmp_path / "state.json", read_attempts=1).load()
@@ -280,6 +291,6 @@ def test_power_loss_model_catches_a_save_without_the_folder_fsync(
     monkeypatch.setattr(_atomic, "_fsync_dir", lambda folder: None)
     initial, inodes, ops = _record(tmp_path, monkeypatch, durable=True, old=OLD_BYTES)
     assert _kinds(ops) == ["create", "write", "fsync", "rename"], ops
-    after_return = crash_outcomes(initial, ops, inodes, "state.json")[-1][1]
+    after_return = _docs(crash_outcomes(initial, ops, inodes, "state.json")[-1][1])
     assert OLD_BYTES in after_return, "the model should lose the un-synced rename"
     assert "none of the un-synced changes" in after_return[OLD_BYTES]

@@ -227,10 +227,10 @@ def test_a_file_whose_size_lies_is_still_bounded(tmp_path: Path) -> None:
 def test_a_save_above_the_limit_is_refused(tmp_path: Path) -> None:
     # It could not be read again: the old file stays.
     path = tmp_path / "state.json"
-    store = StateStore(Counter, path, default=Counter, max_size=200)
+    store = StateStore(Counter, path, default=Counter, max_size=400)
     store.update(_bump)
     before = path.read_bytes()
-    with pytest.raises(StateWriteError, match="more than the store's limit of 200") as info:
+    with pytest.raises(StateWriteError, match="more than the store's limit of 400") as info:
         store.update(lambda s: Counter(count=2, note="y" * 300))
     assert info.value.errno == errno.EFBIG
     assert path.read_bytes() == before

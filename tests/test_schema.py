@@ -17,6 +17,7 @@ from jsonschema.protocols import Validator
 from pydantic import BaseModel, ConfigDict, Field
 
 from statestore import LockOwner, StateStore, StateValidationError
+from statestore._document import strip_stamp
 from statestore._lock.record import new_owner
 from statestore._schema import DIALECTS, document_schema, dump_schema, internal_schemas
 
@@ -142,9 +143,10 @@ def test_layout_is_canonical(tmp_path: Path) -> None:
     assert list(schema)[-1] == "$defs"
     middle = list(schema)[2:-1]
     assert middle == sorted(middle)
-    # Properties keep the model's order, after the two keys the store itself writes.
+    # Properties keep the model's order, after the keys the store itself writes.
     assert list(schema["properties"]) == [
         "$schema",
+        "$commit",
         "schema_version",
         "name",
         "age",
@@ -400,7 +402,7 @@ def test_editor_document_with_schema_key_round_trips(tmp_path: Path) -> None:
     store = StateStore(Settings, path)
     assert store.load() == Settings(theme="dark")
     store.update(lambda s: s.model_copy(update={"size": 14}))
-    assert path.read_text(encoding="utf-8") == (
+    assert strip_stamp(path.read_bytes()).decode() == (
         '{\n  "$schema": "./settings.schema.json",\n  "schema_version": 1,\n'
         '  "theme": "dark",\n  "size": 14\n}\n'
     )
@@ -415,7 +417,7 @@ def test_schema_ref_writes_the_schema_key(tmp_path: Path) -> None:
     store = StateStore(Settings, path, schema_ref="https://example.org/settings.v1.schema.json")
     store.save(Settings())
     doc = json.loads(path.read_text(encoding="utf-8"))
-    assert list(doc)[:2] == ["$schema", "schema_version"]
+    assert list(doc)[:3] == ["$schema", "$commit", "schema_version"]
     assert doc["$schema"] == store.json_schema()["$id"]
     assert store.load() == Settings()
     for draft in VALIDATORS:

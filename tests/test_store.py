@@ -40,7 +40,11 @@ def test_file_format_diffs_well(state_path: Path) -> None:
     store = StateStore(Counter, state_path)
     store.save(Counter(count=3, note="héllo"))
     text = state_path.read_text(encoding="utf-8")
-    assert text == '{\n  "schema_version": 1,\n  "count": 3,\n  "note": "héllo"\n}\n'
+    # One line of the store's commit stamp (the one line every commit changes), then
+    # one line per field.
+    stamp, rest = text.split("\n", 2)[1], text.split("\n", 2)[2]
+    assert stamp.startswith('  "$commit": {"revision": 1, ') and stamp.endswith("},")
+    assert "{\n" + rest == '{\n  "schema_version": 1,\n  "count": 3,\n  "note": "héllo"\n}\n'
 
 
 def test_empty_model_is_written_as_an_object(tmp_path: Path) -> None:
@@ -49,7 +53,9 @@ def test_empty_model_is_written_as_an_object(tmp_path: Path) -> None:
 
     store = StateStore(Empty, tmp_path / "e.json")
     store.save(Empty())
-    assert json.loads((tmp_path / "e.json").read_text()) == {"schema_version": 1}
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert doc.pop("$commit")["revision"] == 1
+    assert doc == {"schema_version": 1}
     assert store.load() == Empty()
 
 

@@ -9,9 +9,11 @@
 Counter(count=1)
 """
 
-from ._async import AsyncStateStore
+from ._async import AsyncStateStore, AsyncWatch
 from ._async_folder import AsyncFolderTransaction, AsyncStateFolder
+from ._document import Snapshot, WrittenBy
 from ._errors import (
+    ConflictError,
     CrossDeviceError,
     DurabilityError,
     LockCompromisedError,
@@ -31,6 +33,7 @@ from ._errors import (
     WaitAbandoned,
 )
 from ._folder import FolderSnapshot, FolderTransaction, StateFolder
+from ._history import HistoryEntry
 from ._lock import (
     AcquiredLock,
     AsyncAcquiredLock,
@@ -40,7 +43,7 @@ from ._lock import (
     LockStatus,
 )
 from ._migrate import MigrationReport
-from ._store import StateStore
+from ._store import ChangeHandle, StateStore, Watch
 
 __version__ = "0.1.0"
 
@@ -51,11 +54,15 @@ __all__ = [
     "AsyncFolderTransaction",
     "AsyncStateFolder",
     "AsyncStateStore",
+    "AsyncWatch",
+    "ChangeHandle",
+    "ConflictError",
     "CrossDeviceError",
     "DirectoryLock",
     "DurabilityError",
     "FolderSnapshot",
     "FolderTransaction",
+    "HistoryEntry",
     "LockCompromisedError",
     "LockError",
     "LockOwner",
@@ -66,6 +73,7 @@ __all__ = [
     "MigrationReport",
     "NestedTransactionError",
     "SchemaVersionError",
+    "Snapshot",
     "StateCorruptError",
     "StateFolder",
     "StateMissingError",
@@ -76,4 +84,6 @@ __all__ = [
     "StateValidationError",
     "StateWriteError",
     "WaitAbandoned",
+    "Watch",
+    "WrittenBy",
 ]

@@ -22,6 +22,10 @@ document or lock in the same task would wait for itself): the sync check is
 per thread, and the worker thread that runs a plain update function is marked
 too.
 
+Watching (``docs/watching.md``): :meth:`AsyncStateStore.watch` is the async
+iterator of :meth:`StateStore.watch`: the loop waits on the watcher's inotify
+descriptor (or sleeps between polls), and each read runs on a worker thread.
+
 See ``docs/async.md`` for what runs where and what cancellation does.
 """
 
@@ -41,16 +45,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
+from ._document import Snapshot
 from ._errors import LockTimeout, NestedTransactionError
 from ._lock import DirectoryLock, consume, turn_gate, wait_time
 from ._migrate import MigrationReport, Migrations
 from ._schema import Draft
-from ._store import ModelT, StateStore
+from ._store import ModelT, StateStore, Watch
 from ._transaction import Transaction, entered, lock_identity, lock_key
 from .backends import Storage, complete
 
 __all__ = [
     "AsyncStateStore",
+    "AsyncWatch",
     "inside",
     "run_step",
     "threaded_session",
@@ -228,6 +234,7 @@ class AsyncStateStore(Generic[ModelT]):
         read_delay: float = 0.05,
         max_size: int | None = None,
         missing_wait: float | None = None,
+        history: int | None = None,
     ) -> None:
         self._store: StateStore[ModelT] = StateStore(
             model,
@@ -243,6 +250,7 @@ class AsyncStateStore(Generic[ModelT]):
             read_delay=read_delay,
             max_size=max_size,
             missing_wait=missing_wait,
+            history=history,
         )
         self._storage = complete(self._store.storage)
 
@@ -301,13 +309,26 @@ class AsyncStateStore(Generic[ModelT]):
         """Read, migrate in memory and validate the state, without taking the lock."""
         return await asyncio.to_thread(self._store.load)
 
+    async def read(self) -> Snapshot[ModelT]:
+        """The state with its revision and writer: see :meth:`StateStore.read`."""
+        return await asyncio.to_thread(self._store.read)
+
+    def watch(self, timeout: float | None = None) -> AsyncWatch[ModelT]:
+        """``async for snapshot in store.watch():`` a :class:`Snapshot` for each new
+        revision; the rules of :meth:`StateStore.watch` (an invalid document raises
+        its typed error from ``__anext__``, and the iterator stays usable)."""
+        return AsyncWatch(self._store.watch(timeout))
+
     # ------------------------------------------------------------------ locked
 
-    async def save(self, state: ModelT) -> None:
-        """Validate ``state`` and write it, under the lock (see :meth:`StateStore.save`)."""
+    async def save(self, state: ModelT, *, expect: str | None = None) -> None:
+        """Validate ``state`` and write it, under the lock (see :meth:`StateStore.save`;
+        ``expect``: commit only at that revision, else :class:`ConflictError`)."""
         self._store.document.check_type(state, "save()")
+        if expect is not None and not isinstance(expect, str):
+            raise TypeError(f"expect= takes a revision string, not {type(expect).__name__}")
         async with self._begin("save()") as txn:
-            await run_step(lambda: txn.save(state))
+            await run_step(lambda: txn.save(state, expect))
 
     async def update(
         self, fn: Callable[[ModelT], ModelT | Awaitable[ModelT | None] | None]
@@ -424,6 +445,45 @@ class AsyncStateStore(Generic[ModelT]):
         async with self._storage.async_session(store.timeout) as session:
             token = inside.set(inside.get() | keys)
             try:
-                yield Transaction(store.document, session)
+                yield Transaction(store.document, session, store.history_size)
             finally:
                 inside.reset(token)
+
+
+class AsyncWatch(Generic[ModelT]):
+    """What :meth:`AsyncStateStore.watch` returns: ``async for``; ``close()``."""
+
+    def __init__(self, watch: Watch[ModelT]) -> None:
+        self._watch = watch
+
+    def __aiter__(self) -> AsyncWatch[ModelT]:
+        return self
+
+    async def __anext__(self) -> Snapshot[ModelT]:
+        from ._watch import wait_async
+
+        watch = self._watch
+        loop = asyncio.get_running_loop()
+        timeout = watch.timeout
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = None if deadline is None else max(deadline - loop.time(), 0.0)
+            if watch.closed or not await wait_async(watch._watcher, left):
+                raise StopAsyncIteration
+            snapshot = await run_step(watch.check)
+            if snapshot is not None:
+                return snapshot
+
+    @property
+    def closed(self) -> bool:
+        return self._watch.closed
+
+    def close(self) -> None:
+        """Stop watching (from any thread); a waiting ``__anext__`` ends."""
+        self._watch.close()
+
+    async def __aenter__(self) -> AsyncWatch[ModelT]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

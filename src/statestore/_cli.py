@@ -24,9 +24,10 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ._atomic import write_atomic
+from ._document import COMMIT_KEY, NO_REVISION
 from ._errors import (
     MigrationError,
     SchemaVersionError,
@@ -410,6 +411,264 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- parser
 
 
+# ------------------------------------------------ revisions, history, fields
+
+
+def _kept(ref: str, path: str | None) -> StateStore[Any]:
+    store = _store(ref, path)
+    if store.history_size is None:
+        raise UsageError(f"{ref}: the store keeps no history; give it history=N")
+    return store
+
+
+def _when(seconds: float) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{stamp}.{int(seconds % 1 * 1000):03d}Z"
+
+
+def _writer(who: Any) -> str:
+    if who is None:
+        return "(by hand, or an older version)"
+    return f"{who.user}@{who.host} pid {who.pid} {who.program}"
+
+
+def _cmd_log(args: argparse.Namespace) -> int:
+    store = _kept(args.ref, args.path)
+    try:
+        current: str | None = store.read().revision
+    except StateStoreError:
+        current = None  # the file does not load now: the history still lists
+    entries = store.history()
+    if (
+        current is not None
+        and current != NO_REVISION
+        and all(e.revision != current for e in entries)
+    ):
+        _out(f"* {current}  (current; not in the history: changed by hand since the last commit)")
+    for e in entries:
+        mark = "*" if e.revision == current else " "
+        _out(f"{mark} {e.revision}  {_when(e.time)}  {_writer(e.written_by)}  {e.size} bytes")
+    return EXIT_OK
+
+
+def _as_text(data: bytes, label: str) -> list[str]:
+    """A version's document as indented JSON lines, the commit stamp left out."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return data.decode("utf-8", "replace").splitlines(keepends=True)
+    if isinstance(doc, dict):
+        doc.pop(COMMIT_KEY, None)
+    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").splitlines(keepends=True)
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    import difflib
+
+    store = _kept(args.ref, args.path)
+    revs: list[str] = args.revisions
+    if len(revs) > 2:
+        raise UsageError("diff takes at most two revisions: REV (against the current) or REV REV")
+
+    def current() -> tuple[str, bytes]:
+        data = store.storage.read()
+        if data is None:
+            raise UsageError(f"{store.location}: there is no document to compare with")
+        return store.read().revision, data
+
+    if not revs:
+        entries = store.history()
+        now, data = current()
+        older = [e for e in entries if e.revision != now]
+        if not older:
+            _out("(no earlier version in the history)")
+            return EXIT_OK
+        a = (older[0].revision, store.version_bytes(older[0].revision))
+        b = (now, data)
+    elif len(revs) == 1:
+        a, b = (revs[0], store.version_bytes(revs[0])), current()
+    else:
+        a = (revs[0], store.version_bytes(revs[0]))
+        b = (revs[1], store.version_bytes(revs[1]))
+    lines = difflib.unified_diff(
+        _as_text(a[1], a[0]), _as_text(b[1], b[0]), fromfile=a[0], tofile=b[0]
+    )
+    text = "".join(lines)
+    _out(text.rstrip("\n") if text else "(no difference)")
+    return EXIT_OK
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    store = _kept(args.ref, args.path)
+    store.restore(args.revision)
+    _out(f"{store.location}: restored {args.revision} as revision {store.read().revision}")
+    return EXIT_OK
+
+
+def _walk(doc: Any, dotted: str) -> tuple[Any, Any]:
+    """(the container holding the field, its key) for ``a.b.0.c``; UsageError if absent."""
+    parts = dotted.split(".") if dotted else []
+    if not parts or any(p == "" for p in parts):
+        raise UsageError(f"{dotted!r} is not a dotted path (e.g. settings.theme or items.0.name)")
+    holder: Any = None
+    key: Any = None
+    node = doc
+    for i, part in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, dict):
+            if part not in node:
+                raise UsageError(f"the document has no field {where!r}")
+            holder, key = node, part
+        elif isinstance(node, list):
+            try:
+                index = int(part)
+                node[index]
+            except (ValueError, IndexError):
+                raise UsageError(f"{where!r}: no item {part!r} in a list of {len(node)}") from None
+            holder, key = node, index
+        else:
+            raise UsageError(f"{'.'.join(parts[:i]) or dotted!r} is a value, not an object")
+        node = holder[key]
+    return holder, key
+
+
+def _show_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    store = _store(args.ref, args.path)
+    doc = store.load().model_dump(mode="json", by_alias=True)
+    holder, key = _walk(doc, args.field)
+    _out(_show_value(holder[key]))
+    return EXIT_OK
+
+
+def _cmd_set(args: argparse.Namespace) -> int:
+    from ._document import errors_of
+
+    store = _store(args.ref, args.path)
+    try:
+        value = json.loads(args.value)
+    except ValueError:
+        value = args.value  # not JSON: the text itself
+    model = store.model
+
+    def change(state: Any) -> Any:
+        doc = state.model_dump(mode="json", by_alias=True)
+        holder, key = _walk(doc, args.field)
+        holder[key] = value
+        try:
+            return model.model_validate_json(json.dumps(doc, ensure_ascii=False))
+        except ValidationError as e:
+            raise StateValidationError(
+                store.location,
+                f"{args.field} = {args.value!r} does not fit the model; nothing was written",
+                errors=errors_of(e),
+            ) from e
+
+    if args.expect is not None:
+        snap = store.read()
+        store.save(change(snap.state), expect=args.expect)
+        saved = store.load()
+    else:
+        saved = store.update(change)
+    holder, key = _walk(saved.model_dump(mode="json", by_alias=True), args.field)
+    _out(_show_value(holder[key]))
+    return EXIT_OK
+
+
+_NOTE = "//"
+
+
+def _run_editor(path: str) -> None:
+    import shlex
+    import subprocess
+
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    try:
+        done = subprocess.run([*shlex.split(editor), path], check=False)
+    except OSError as e:
+        raise UsageError(f"cannot run the editor {editor!r} ($VISUAL / $EDITOR): {e}") from e
+    if done.returncode != 0:
+        raise UsageError(f"the editor {editor!r} exited with {done.returncode}; nothing was saved")
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ._document import errors_of
+    from ._errors import ConflictError
+
+    store = _store(args.ref, args.path)
+    snap = store.read()
+    model = store.model
+    start = snap.state.model_dump_json(indent=2, by_alias=True) + "\n"
+    text, notes = start, ""
+    last_bad: str | None = None
+    with tempfile.TemporaryDirectory(prefix="statestore-edit-") as tmp:  # 0700
+        draft = os.path.join(tmp, os.path.basename(store.location) or "state.json")
+        while True:
+            with open(draft, "w", encoding="utf-8") as f:
+                f.write(notes + text)
+            _run_editor(draft)
+            with open(draft, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines(keepends=True)
+            text = "".join(line for line in lines if not line.lstrip().startswith(_NOTE))
+            if not text.strip():
+                _out(f"{store.location}: the document was left empty; edit cancelled")
+                return EXIT_FAILED
+            if text == start:
+                _out(f"{store.location}: no change")
+                return EXIT_OK
+            try:
+                new = model.model_validate_json(text)
+            except ValidationError as e:
+                if text == last_bad:
+                    _out(f"{store.location}: still does not validate; edit cancelled")
+                    return EXIT_FAILED
+                last_bad = text
+                found = [
+                    f"{_NOTE} {'.'.join(map(str, err['loc'])) or '(document)'}: {err['msg']}\n"
+                    for err in errors_of(e)
+                ]
+                notes = (
+                    f"{_NOTE} statestore: this does not validate; fix it and save (lines "
+                    f"starting with {_NOTE} are ignored; an empty file cancels):\n" + "".join(found)
+                )
+                continue
+            expect = snap.revision
+            while True:
+                try:
+                    store.save(new, expect=expect)
+                except ConflictError as e:
+                    now = store.read()
+                    import difflib
+
+                    changed = difflib.unified_diff(
+                        start.splitlines(keepends=True),
+                        (now.state.model_dump_json(indent=2, by_alias=True) + "\n").splitlines(
+                            keepends=True
+                        ),
+                        fromfile=f"{e.expected} (you started from)",
+                        tofile=f"{e.found} (now)",
+                    )
+                    _out(f"{store.location}: changed by someone else meanwhile:")
+                    _out("".join(changed).rstrip("\n"))
+                    sys.stdout.write("Save your version over it? [y/N] ")
+                    sys.stdout.flush()
+                    answer = sys.stdin.readline().strip().lower()
+                    if answer not in ("y", "yes"):
+                        _out(f"{store.location}: not saved; your version was:")
+                        _out(text.rstrip("\n"))
+                        return EXIT_FAILED
+                    start, expect = text, now.revision
+                    continue
+                break
+            _out(f"{store.location}: saved as revision {store.read().revision}")
+            return EXIT_OK
+
+
 def _at_least_1(text: str) -> int:
     try:
         value = int(text)
@@ -555,6 +814,69 @@ def _parser() -> argparse.ArgumentParser:
         help="increments per process (default: 250)",
     )
     p.add_argument("--dir", metavar="D", help="folder for the state file (default: a temp folder)")
+
+    p = command(
+        sub,
+        "log",
+        "list the kept versions: revision, time, writer, size (history=N)",
+        _cmd_log,
+        description="List the versions the store's history keeps, newest first; the "
+        "current one is marked with *.",
+    )
+    ref_and_path(p)
+    p = command(
+        sub,
+        "diff",
+        "show what changed between two versions, as a JSON diff",
+        _cmd_diff,
+        description="No REV: the newest kept version before the current one against the "
+        "current document; REV: that version against the current; REV REV: the two "
+        "versions. The commit stamp is left out.",
+    )
+    ref_and_path(p)
+    p.add_argument("revisions", nargs="*", metavar="REV", help="a revision (statestore log)")
+    p = command(
+        sub,
+        "restore",
+        "make a kept version current again, as a new commit (validated, migrated)",
+        _cmd_restore,
+    )
+    ref_and_path(p)
+    p.add_argument("revision", metavar="REV", help="a revision from statestore log")
+    p = command(
+        sub,
+        "get",
+        "print one field of the state (strings as text, the rest as JSON)",
+        _cmd_get,
+    )
+    ref_and_path(p)
+    p.add_argument("field", metavar="FIELD", help="a dotted path: settings.theme, items.0.name")
+    p = command(
+        sub,
+        "set",
+        "change one field, validated, under the lock; print the value stored",
+        _cmd_set,
+        description='VALUE is JSON (3, true, null, [1, 2], "text"), else taken as text. '
+        "The field must exist. The new state is validated by the model: nothing is "
+        "written if it does not fit.",
+    )
+    ref_and_path(p)
+    p.add_argument("field", metavar="FIELD", help="a dotted path: settings.theme, items.0.name")
+    p.add_argument("value", metavar="VALUE", help="the new value (JSON, or text)")
+    p.add_argument(
+        "--expect", metavar="REV", help="commit only if the document is at this revision"
+    )
+    p = command(
+        sub,
+        "edit",
+        "edit the state in $EDITOR; validated, committed only if nobody changed it meanwhile",
+        _cmd_edit,
+        description="Opens the state in $VISUAL or $EDITOR without holding the lock. What "
+        "you save is validated (the editor reopens with the errors on top if it does not "
+        "fit), then committed with the revision you started from; if the document changed "
+        "meanwhile, the change is shown and you are asked whether to save over it.",
+    )
+    ref_and_path(p)
     return parser
 
 

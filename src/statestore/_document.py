@@ -44,18 +44,41 @@ What a save writes (the rule of the serialise, check and publish path):
 Cost: a save whose values all have their fields' types is serialised once and
 validated once (plus the validation of the file as read); only a save that
 holds a value of another type is validated once more.
+
+Revisions (the rule of the commit stamp, ``docs/revisions.md``):
+
+- Every commit writes one line ``"$commit": {...}`` right after ``"$schema"``
+  (first when there is none): ``revision``, a counter one above the one the
+  commit replaced (0 for a file without the line), and who wrote it (``pid``,
+  ``host``, ``user``, ``program``, ``time``), and ``sha256``, a digest of the
+  file's bytes without that line.
+- A document's revision is ``"<counter>-<first 16 hex digits of the SHA-256 of
+  the file's exact bytes>"`` (``"0"`` when there is no document): it changes on
+  every commit (the stamp holds the time and the counter) and on every edit by
+  hand (any byte), and the counter orders statestore's commits.
+- ``written_by`` is trusted only while ``sha256`` matches the rest of the file:
+  a hand edit anywhere outside the line (or a reformatting) makes it None.
+- The stamp is never a model's input (a reserved key, like ``schema_version``),
+  and load()'s fast path skips the line without parsing it; files without it
+  (written by older versions, or by hand) load as before.
 """
 
 from __future__ import annotations
 
 import gc
+import getpass
 import hashlib
 import json
+import os
+import re
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -74,23 +97,220 @@ if TYPE_CHECKING:
     from .backends import Session
 
 __all__ = [
+    "COMMIT_KEY",
+    "NO_REVISION",
     "RESERVED",
     "SCHEMA_KEY",
     "VERSION_KEY",
     "Document",
     "Loaded",
     "ModelT",
+    "Snapshot",
+    "WrittenBy",
     "decode",
+    "errors_of",
+    "read_stamp",
+    "revision_of",
+    "strip_stamp",
 ]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 #: The key an editor reads to find a document's JSON Schema.
 SCHEMA_KEY: Final = "$schema"
+#: The key of the commit stamp: the revision counter and who wrote the file.
+COMMIT_KEY: Final = "$commit"
 #: The keys the store writes itself: never a model's field, never a model's input.
-RESERVED: Final = (VERSION_KEY, SCHEMA_KEY)
+RESERVED: Final = (VERSION_KEY, SCHEMA_KEY, COMMIT_KEY)
+#: The revision of a document that does not exist (``save(expect=NO_REVISION)``
+#: commits only if there is none yet).
+NO_REVISION: Final = "0"
 
 _SCHEMA_LINE: Final = f'  "{SCHEMA_KEY}": '.encode()
+_COMMIT_LINE: Final = f'  "{COMMIT_KEY}": '.encode()
+#: Hex digits of the file's SHA-256 in a revision; of the content's in the stamp.
+_REVISION_HEX: Final = 16
+_STAMP_HEX: Final = 16
+
+
+@dataclass(frozen=True)
+class WrittenBy:
+    """Who made a commit: from the stamp of the file (None in a snapshot when the
+    file was changed by hand since)."""
+
+    pid: int
+    host: str
+    user: str
+    program: str
+    time: datetime
+
+    @classmethod
+    def from_stamp(cls, stamp: dict[str, Any] | None) -> WrittenBy | None:
+        if stamp is None:
+            return None
+        try:
+            when = datetime.fromisoformat(str(stamp["time"]).replace("Z", "+00:00"))
+            return cls(
+                int(stamp["pid"]),
+                str(stamp["host"]),
+                str(stamp["user"]),
+                str(stamp["program"]),
+                when,
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class Snapshot(Generic[ModelT]):
+    """A document as read: its validated ``state``, its ``revision`` (pass it to
+    ``save(state, expect=...)``) and who committed it (None: changed by hand,
+    written by an older version, or no document yet)."""
+
+    state: ModelT
+    revision: str
+    written_by: WrittenBy | None
+
+
+_user_by_uid: dict[int, str] = {}
+
+
+def _user() -> str:
+    uid = os.geteuid() if hasattr(os, "geteuid") else -1
+    name = _user_by_uid.get(uid)
+    if name is None:
+        try:
+            import pwd
+
+            name = pwd.getpwuid(uid).pw_name
+        except (ImportError, KeyError, OSError):
+            try:
+                name = getpass.getuser()
+            except Exception:  # no name for this uid anywhere
+                name = str(uid)
+        _user_by_uid[uid] = name
+    return name
+
+
+_writer_cache: dict[tuple[int, int, str], str] = {}
+
+
+def _writer_fields() -> str:
+    """``"pid": ..., "host": ..., "user": ..., "program": ...`` as JSON, made once per
+    process, user and host name (a commit only adds the time)."""
+    pid = os.getpid()
+    uid = os.geteuid() if hasattr(os, "geteuid") else -1
+    host = socket.gethostname()
+    key = (pid, uid, host)
+    found = _writer_cache.get(key)
+    if found is None:
+        found = (
+            f'"pid": {pid}, "host": {json.dumps(host)}, "user": {json.dumps(_user())}, '
+            f'"program": {json.dumps(_program())}'
+        )
+        _writer_cache.clear()  # one entry: a fork or setuid makes a new one
+        _writer_cache[key] = found
+    return found
+
+
+def _now() -> str:
+    ms = int(time.time() * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+_COUNTER_RE: Final = re.compile(rb'\{"revision": ([0-9]{1,18})[,}]')
+
+
+def read_counter(raw: bytes) -> int:
+    """The revision counter of the stamp, without checking the stamp (a commit
+    only needs the number to count on from)."""
+    span = stamp_span(raw)
+    if span is not None and span[0] != span[1]:
+        m = _COUNTER_RE.match(raw, span[0] + len(_COMMIT_LINE))
+        if m is not None:
+            return int(m.group(1))
+    return read_stamp(raw)[0]
+
+
+def _program() -> str:
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else sys.executable
+    name = os.path.basename(argv0)
+    if name == "__main__.py":  # python -m package: the package's name
+        name = os.path.basename(os.path.dirname(argv0))
+    return name or "python"
+
+
+def stamp_span(raw: bytes | bytearray) -> tuple[int, int] | None:
+    """Where the commit line is in bytes of the store's layout: (start, end), end
+    included its newline; (p, p) at the place it would go when there is none;
+    None for bytes not in the store's layout (the stamp then cannot be trusted)."""
+    if not raw.startswith(b"{\n"):
+        return None
+    pos = 2
+    if raw.startswith(_SCHEMA_LINE, pos):
+        end = raw.find(b",\n", pos)  # JSON strings hold no raw newline
+        if end < 0:
+            return None
+        pos = end + 2
+    if raw.startswith(_COMMIT_LINE, pos):
+        end = raw.find(b"\n", pos)
+        if end < 0 or raw[end - 1 : end] != b",":
+            return None
+        return pos, end + 1
+    return pos, pos
+
+
+def strip_stamp(data: bytes) -> bytes:
+    """``data`` without its commit line: what the document holds, whoever wrote it
+    (bytes not in the store's layout are returned as they are)."""
+    span = stamp_span(data)
+    if span is None or span[0] == span[1]:
+        return data
+    return data[: span[0]] + data[span[1] :]
+
+
+def _content_hash(raw: bytes | bytearray, span: tuple[int, int]) -> Any:
+    view = memoryview(raw)
+    h = hashlib.sha256(view[: span[0]])
+    h.update(view[span[1] :])
+    return h
+
+
+def read_stamp(raw: bytes) -> tuple[int, dict[str, Any] | None]:
+    """(the revision counter, the stamp when it still matches the bytes, else None)."""
+    span = stamp_span(raw)
+    if span is not None and span[0] != span[1]:
+        start, end = span
+        try:
+            stamp = json.loads(raw[start + len(_COMMIT_LINE) : end - 2])
+        except ValueError:
+            stamp = None
+        if isinstance(stamp, dict):
+            n = stamp.get("revision")
+            counter = n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+            own = stamp.get("sha256") == _content_hash(raw, span).hexdigest()[:_STAMP_HEX]
+            return counter, (stamp if own and counter else None)
+        return 0, None
+    if span is not None:
+        return 0, None  # the store's layout, no stamp: a file of an older version
+    # Not in the store's layout (reformatted by hand): the counter as the JSON says.
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return 0, None
+    stamp = doc.get(COMMIT_KEY) if isinstance(doc, dict) else None
+    n = stamp.get("revision") if isinstance(stamp, dict) else None
+    return (n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0), None
+
+
+def revision_of(raw: bytes | None, counter: int | None = None) -> str:
+    """The revision of a document's exact bytes (``NO_REVISION`` for no document)."""
+    if raw is None:
+        return NO_REVISION
+    if counter is None:
+        counter = read_stamp(raw)[0]
+    return f"{counter}-{hashlib.sha256(raw).hexdigest()[:_REVISION_HEX]}"
+
 
 _gc_lock = threading.Lock()
 #: Objects allocated during a pause above which they are promoted without a scan.
@@ -141,25 +361,61 @@ class Loaded(Generic[ModelT]):
     version: int
     schema: str | None  # the "$schema" the file carried
     digest: bytes | None = None  # stands in for a large ``raw`` once it was let go
+    _stamp: tuple[int, dict[str, Any] | None] | None = None
+    _revision: str | None = None
+    _counter: int | None = None
+
+    def counter(self) -> int:
+        """The revision counter of the bytes found (0: none, or no stamp)."""
+        if self._counter is None:
+            if self._stamp is not None:
+                self._counter = self._stamp[0]
+            else:
+                self._counter = read_counter(self.raw) if self.raw else 0
+        return self._counter
+
+    def stamp(self) -> tuple[int, dict[str, Any] | None]:
+        """(the revision counter, the trusted stamp or None), read from the bytes once."""
+        if self._stamp is None:
+            self._stamp = (0, None) if self.raw is None else read_stamp(self.raw)
+        return self._stamp
+
+    @property
+    def revision(self) -> str:
+        """The revision of the bytes found (``NO_REVISION``: no document)."""
+        if self._revision is None:
+            self._revision = revision_of(self.raw, self.counter() if self.raw else 0)
+        return self._revision
+
+    @property
+    def written_by(self) -> WrittenBy | None:
+        return WrittenBy.from_stamp(self.stamp()[1])
 
     def shed_raw(self, current: int) -> None:
-        """Keep a digest instead of the bytes of a large file at the current version.
+        """Keep digests instead of the bytes of a large file at the current version.
 
         The bytes are needed only to skip a save that changes nothing (and, for
-        an older version, for the backup); a collision-resistant digest does the
-        first, and a large document should not be held twice during a save.
-        ``raw`` becomes empty (the file still exists).
+        an older version, for the backup) and for the revision; collision-resistant
+        digests do both, and a large document should not be held twice during a
+        save. ``raw`` becomes empty (the file still exists).
         """
         if self.version == current and self.raw is not None and len(self.raw) > _SHED_ABOVE:
-            self.digest = digest(self.raw)
+            _ = self.revision, self.counter()  # while the bytes are there
+            self.digest = _content_digest(self.raw)
             self.raw = b""
 
     def unchanged(self, data: bytes) -> bool:
-        """Whether ``data`` is exactly what the file holds."""
+        """Whether ``data`` holds what the file holds, the commit stamps aside."""
         if self.digest is not None:
-            # The length first: a save that changes the size needs no hash at all.
-            return self.digest.startswith(_length(data)) and digest(data) == self.digest
-        return data == self.raw
+            return _content_digest(data) == self.digest
+        raw = self.raw
+        if raw is None:
+            return False
+        ours, theirs = stamp_span(data), stamp_span(raw)
+        if ours is None or theirs is None:
+            return data == raw
+        a, b = memoryview(data), memoryview(raw)
+        return a[: ours[0]] == b[: theirs[0]] and a[ours[1] :] == b[theirs[1] :]
 
 
 #: Files larger than this are compared by digest, not kept in memory during a save.
@@ -168,6 +424,14 @@ _SHED_ABOVE: Final = 256 * 1024
 
 def _length(data: bytes) -> bytes:
     return len(data).to_bytes(8, "little")
+
+
+def _content_digest(data: bytes) -> bytes:
+    """A digest of ``data`` without its commit stamp (of all of it outside the layout)."""
+    span = stamp_span(data) or (0, 0)
+    size = len(data) - (span[1] - span[0])
+    found: bytes = _content_hash(data, span).digest()
+    return size.to_bytes(8, "little") + found
 
 
 def digest(data: bytes) -> bytes:
@@ -384,6 +648,12 @@ class Document(Generic[ModelT]):
             if not isinstance(value, str):
                 return None
             schema, pos = value, end + 2
+        if raw.startswith(_COMMIT_LINE, pos):
+            # The commit stamp: not the model's, and not needed to load (one search).
+            end = raw.find(b"\n", pos)
+            if end < 0 or raw[end - 1] != 0x2C:  # ","
+                return None
+            pos = end + 1
         if not raw.startswith(self._version_line, pos):
             return None
         pos += len(self._version_line)
@@ -408,6 +678,7 @@ class Document(Generic[ModelT]):
         location = self.location
         found = self.migrator.version_of(doc, location)
         schema = doc.pop(SCHEMA_KEY, None)
+        doc.pop(COMMIT_KEY, None)
         upgraded, steps = self.migrator.upgrade(doc, location)
         try:
             # JSON-mode validation, as for every other document the store reads and
@@ -534,13 +805,21 @@ class Document(Generic[ModelT]):
             ) from e
         return found.model
 
-    def frame(self, body: bytes, schema: str | None, what: str = "the new state") -> bytes:
+    def frame(
+        self,
+        body: bytes,
+        schema: str | None,
+        what: str = "the new state",
+        after: Loaded[ModelT] | None = None,
+    ) -> bytes:
         """The file's bytes: the store's own keys first, then the model's fields.
 
         ``body`` must be a JSON object (the model's dump) without the store's keys
         at its top level: a model serialiser that returns something else, or an
         extra key named like the store's own, is refused rather than framed into
-        a document that would read back differently.
+        a document that would read back differently. ``after``: the document this
+        commit replaces (as found under the lock): the bytes carry the commit
+        stamp, its counter one above that document's.
         """
         if not (body == b"{}" or body.startswith(b"{\n")):
             raise StateValidationError(
@@ -559,19 +838,33 @@ class Document(Generic[ModelT]):
                     "extra='allow', or from a serialiser), which the store writes itself; "
                     "nothing was written. Remove that key",
                 )
-        head = ""
+        first = "{\n"
         ref = self.schema_ref if self.schema_ref is not None else schema
         if ref is not None:
-            head += f'  "{SCHEMA_KEY}": {json.dumps(ref, ensure_ascii=False)},\n'
-        head += f'  "{VERSION_KEY}": {self.version}'
+            first += f'  "{SCHEMA_KEY}": {json.dumps(ref, ensure_ascii=False)},\n'
+        head = f'  "{VERSION_KEY}": {self.version}'
         if body == b"{}":
-            return ("{\n" + head + "\n}\n").encode()
-        return b"".join((("{\n" + head + ",\n").encode(), memoryview(body)[2:], b"\n"))
+            parts: tuple[bytes | memoryview, ...] = (first.encode(), (head + "\n}\n").encode())
+        else:
+            parts = (first.encode(), (head + ",\n").encode(), memoryview(body)[2:], b"\n")
+        if after is None:
+            return b"".join(parts)
+        content = hashlib.sha256()
+        for part in parts:
+            content.update(part)
+        stamp = (
+            f'{{"revision": {after.counter() + 1}, "time": "{_now()}", {_writer_fields()}, '
+            f'"sha256": "{content.hexdigest()[:_STAMP_HEX]}"}}'
+        )
+        line = _COMMIT_LINE + stamp.encode() + b",\n"
+        return b"".join((parts[0], line, *parts[1:]))
 
     def commit(self, session: Session, state: ModelT, loaded: Loaded[ModelT]) -> ModelT:
         # The body is framed at once and let go: a large document is not held twice
         # while it is checked.
-        return self.publish(session, self.frame(self.dump(state), loaded.schema), loaded)
+        return self.publish(
+            session, self.frame(self.dump(state), loaded.schema, after=loaded), loaded
+        )
 
     def publish(self, session: Session, data: bytes, loaded: Loaded[ModelT]) -> ModelT:
         """Write the file's bytes ``data`` unless they would not load back; return

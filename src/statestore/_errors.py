@@ -21,7 +21,8 @@ survives pickling (so it crosses process pools intact)::
     ├── DurabilityError             (OSError)        published, durability (or commit) unknown
     ├── SchemaVersionError          (ValueError)     file newer than the code, bad chain
     ├── MigrationError              (ValueError)     a migration step failed
-    └── NestedTransactionError      (RuntimeError)   update() inside transaction()
+    ├── NestedTransactionError      (RuntimeError)   update() inside transaction()
+    └── ConflictError               (RuntimeError)   save(expect=) found another revision
 
 A ``StateWriteError`` means nothing was saved: retrying the same ``update(fn)``
 applies ``fn`` once. An error raised after the new document was published is
@@ -51,6 +52,7 @@ from typing import Any, Final
 
 __all__ = [
     "CORRUPT_HINT",
+    "ConflictError",
     "CrossDeviceError",
     "DurabilityError",
     "LockCompromisedError",
@@ -350,6 +352,35 @@ class MigrationError(StateStoreError, ValueError):
 
 class NestedTransactionError(StateStoreError, RuntimeError):
     """update() or transaction() called inside a transaction of the same store."""
+
+
+class ConflictError(StateStoreError, RuntimeError):
+    """``save(state, expect=revision)`` found the document at another revision:
+    someone committed meanwhile; nothing was written."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        message: str = "",
+        *,
+        expected: str = "",
+        found: str = "",
+    ) -> None:
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            path,
+            message
+            or (
+                f"the document is at revision {found}, not at {expected} as save(expect=) "
+                "required: it was changed since it was read (by another program, or by "
+                "hand); nothing was written. Read it again (store.read()), apply the "
+                "change to what is there now, and save with the new revision"
+            ),
+        )
+
+    def _pickle_kwargs(self) -> dict[str, Any]:
+        return {**super()._pickle_kwargs(), "expected": self.expected, "found": self.found}
 
 
 def write_error(path: str | os.PathLike[str], exc: OSError, what: str) -> StateWriteError:

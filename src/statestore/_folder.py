@@ -111,6 +111,7 @@ class StateFolder:
         read_delay: float = 0.05,
         max_size: int | None = None,
         missing_wait: float | None = None,
+        history: int | None = None,
     ) -> StateStore[M]:
         """A store of the document ``name`` (a plain file name) of this folder.
 
@@ -138,6 +139,7 @@ class StateFolder:
             schema_ref=schema_ref,
             read_attempts=read_attempts,
             read_delay=read_delay,
+            history=history,
         )
         self._stores[name] = made
         return made
@@ -291,7 +293,7 @@ class FolderTransaction:
             doc = store.document
             loaded: Loaded[Any] = txn.loaded
             doc.check_type(loaded.model, "the transaction's state is")
-            data = doc.frame(doc.dump(loaded.model), loaded.schema)
+            data = doc.frame(doc.dump(loaded.model), loaded.schema, after=loaded)
             _, changed = doc.prepare(txn.session, data, loaded)
             if changed:
                 changes[name] = data

@@ -81,11 +81,13 @@ def _via(fd: int, path: str) -> str:
 
 class HistoryEntry(NamedTuple):
     """One kept version: its revision, when it was recorded (seconds since the
-    epoch), who wrote it (as given to ``record``), and its size in bytes."""
+    epoch), who wrote it (as given to ``record``; from a store's ``history()``, a
+    :class:`~statestore.WrittenBy`, None for a version made by hand), and its
+    size in bytes."""
 
     revision: str
     time: float
-    written_by: dict[str, Any] | None
+    written_by: Any
     size: int
 
 
@@ -300,6 +302,22 @@ class History:
                     )
                 )
             return out
+
+    def newest(self) -> HistoryEntry | None:
+        """The newest kept version (reading only its file), or None."""
+        with self._folder(create=False) as fd:
+            if fd is None:
+                return None
+            names = self._names(fd, writing=False)
+            if not names:
+                return None
+            meta, _data = self._read(fd, names[-1][1])
+            return HistoryEntry(
+                str(meta["revision"]),
+                float(meta["time"]),
+                meta.get("written_by"),
+                int(meta["size"]),
+            )
 
     def read(self, revision: str) -> bytes:
         """The bytes committed as ``revision`` (the newest such, if recorded twice)."""

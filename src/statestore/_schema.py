@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, TypeAdapter
 
-from ._document import SCHEMA_KEY, VERSION_KEY
+from ._document import COMMIT_KEY, SCHEMA_KEY, VERSION_KEY
 from ._lock import FORMAT, FORMAT_VERSION, LockOwner
 from ._lock import LIMITS as OWNER_LIMITS
 
@@ -146,6 +146,12 @@ def document_schema(
             "description": "Where editors find this document's JSON Schema (a path or URL). "
             "statestore ignores it when loading and keeps it when saving.",
             "type": "string",
+        },
+        COMMIT_KEY: {
+            "description": "The commit stamp, written by statestore: the revision counter, "
+            "who wrote the file and when, and a digest of the rest of the file. Leave it "
+            "as it is when editing by hand.",
+            "type": "object",
         },
         VERSION_KEY: {
             "const": version,

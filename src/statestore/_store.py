@@ -5,18 +5,35 @@ format's (``_document.py``); the load, modify and save under the lock is the
 transaction core's (``_transaction.py``), which :class:`AsyncStateStore` drives
 too; where the bytes live, and the lock, are the storage's (``backends``). The
 model shapes a store refuses are in ``_shapes.py``.
+
+Revisions, watching and history (``docs/revisions.md``, ``docs/watching.md``):
+:meth:`StateStore.read` gives a :class:`Snapshot` (state, revision, who wrote
+it); ``save(state, expect=revision)`` is a compare-and-swap under the lock.
+:meth:`StateStore.watch` yields a snapshot for each new revision: it wakes on
+the file watcher (inotify, or a stat poll), re-reads, and hands out a state
+only when the revision differs from the last one it reported, so a burst of
+commits gives the newest, and a wake-up without a change gives nothing. A
+document that does not read or validate is an error event: the typed error is
+raised from ``next()``, the iterator stays usable, and the same bad bytes are
+not reported twice. ``history=N`` keeps the last N committed versions
+(``_history.py``), recorded under the lock.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Generic
 
 from ._atomic import DEFAULT_MAX_SIZE
-from ._document import Document, ModelT
+from ._document import Document, ModelT, Snapshot, WrittenBy, revision_of
+from ._errors import StateStoreError
+from ._history import History, HistoryEntry
 from ._lock import DirectoryLock
 from ._migrate import MigrationReport, Migrations
 from ._schema import Draft, document_schema
@@ -25,7 +42,9 @@ from ._transaction import Transaction, entered, lock_identity
 from .backends import Storage, complete
 from .backends.file import MISSING_WAIT, FileStorage
 
-__all__ = ["ModelT", "StateStore"]
+__all__ = ["ChangeHandle", "ModelT", "StateStore", "Watch"]
+
+log = logging.getLogger("statestore")
 
 
 class StateStore(Generic[ModelT]):
@@ -58,6 +77,7 @@ class StateStore(Generic[ModelT]):
         read_delay: float = 0.05,
         max_size: int | None = None,
         missing_wait: float | None = None,
+        history: int | None = None,
     ) -> None:
         check_model(model)
         if isinstance(path, (str, os.PathLike)):
@@ -101,6 +121,16 @@ class StateStore(Generic[ModelT]):
             read_attempts=read_attempts,
             read_delay=read_delay,
         )
+        if history is not None:
+            if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+                raise ValueError(f"history must be a number of versions >= 1, not {history!r}")
+            if not isinstance(storage, FileStorage):
+                raise TypeError(
+                    f"history= applies to file stores only; {type(storage).__name__} keeps "
+                    "no history"
+                )
+        #: How many committed versions are kept (``history=N``), or None.
+        self.history_size: int | None = history
 
     @property
     def schema_ref(self) -> str | None:
@@ -184,6 +214,7 @@ class StateStore(Generic[ModelT]):
             read_delay=self._doc.read_delay,
             max_size=storage.max_size,
             missing_wait=storage.missing_wait,
+            history=self.history_size,
         )
 
     def load(self) -> ModelT:
@@ -200,15 +231,80 @@ class StateStore(Generic[ModelT]):
         """
         return self._doc.load(self._storage.read).model
 
-    def save(self, state: ModelT) -> None:
+    def read(self) -> Snapshot[ModelT]:
+        """:meth:`load` with the document's revision and who committed it.
+
+        ``snapshot.revision`` changes on every commit and every edit by hand;
+        pass it to ``save(state, expect=snapshot.revision)``. ``written_by`` is
+        None for a document changed by hand (or written by an older version)
+        and for the default (revision ``"0"``).
+        """
+        loaded = self._doc.load(self._storage.read)
+        return Snapshot(loaded.model, loaded.revision, loaded.written_by)
+
+    def save(self, state: ModelT, *, expect: str | None = None) -> None:
         """Validate ``state`` and write it, under the lock.
 
         A file that exists but cannot be read (corrupt, invalid, or written by
-        a newer version) is not overwritten: the error says so.
+        a newer version) is not overwritten: the error says so. ``expect``: a
+        revision (from :meth:`read`); the save commits only if the document
+        read under the lock is still at it, else raises :class:`ConflictError`
+        and writes nothing (``"0"``: only if there is no document yet).
         """
         self._doc.check_type(state, "save()")
+        if expect is not None and not isinstance(expect, str):
+            raise TypeError(f"expect= takes a revision string, not {type(expect).__name__}")
         with self._begin("save()") as txn:
-            txn.save(state)
+            txn.save(state, expect)
+
+    def history(self) -> list[HistoryEntry]:
+        """The kept versions, newest first (``history=N``): each one's ``revision``,
+        ``time`` (seconds since the epoch), ``written_by`` and ``size``."""
+        keeper = self._keeper()
+        return [e._replace(written_by=WrittenBy.from_stamp(e.written_by)) for e in keeper.entries()]
+
+    def restore(self, revision: str) -> ModelT:
+        """Make the kept version ``revision`` current again, as a new commit under
+        the lock (validated; migrated if it is of an older schema version).
+        Returns the state committed."""
+        self._keeper()
+        with self._begin("restore()") as txn:
+            return txn.restore(revision)
+
+    def version_bytes(self, revision: str) -> bytes:
+        """The exact bytes of a kept version (``history=N``)."""
+        return self._keeper().read(revision)
+
+    def watch(self, timeout: float | None = None) -> Watch[ModelT]:
+        """An iterator of a :class:`Snapshot` for each new revision of the document.
+
+        Any process's commit and a hand edit count; a burst gives the newest
+        revision. ``timeout``: stop (``StopIteration``) after that many seconds
+        without a change; None waits for ever. A document that does not read or
+        validate raises its typed error from ``next()`` (the iterator stays
+        usable: iterate again for the next change). ``close()`` (or the
+        ``with`` block) stops it, from any thread. File stores only.
+        """
+        return Watch(self, timeout)
+
+    def on_change(
+        self,
+        fn: Callable[[Snapshot[ModelT]], object],
+        *,
+        on_error: Callable[[StateStoreError], object] | None = None,
+    ) -> ChangeHandle:
+        """Call ``fn(snapshot)`` on a background thread for each new revision.
+
+        A document that does not read or validate calls ``on_error(error)``
+        (without it: logged on the ``statestore`` logger); an exception from
+        ``fn`` is logged and watching goes on. ``handle.stop()`` ends it.
+        """
+        return ChangeHandle(self.watch(), fn, on_error)
+
+    def _keeper(self) -> History:
+        if self.history_size is None:
+            raise TypeError(f"{self.location}: the store keeps no history; give it history=N")
+        return History(self.path, keep=self.history_size)
 
     def update(self, fn: Callable[[ModelT], ModelT | None]) -> ModelT:
         """Load, apply ``fn``, validate and save, all under the lock; return what was saved.
@@ -272,4 +368,125 @@ class StateStore(Generic[ModelT]):
             ),
             storage.session(self.timeout) as session,
         ):
-            yield Transaction(self._doc, session)
+            yield Transaction(self._doc, session, self.history_size)
+
+
+class Watch(Generic[ModelT]):
+    """What :meth:`StateStore.watch` returns: iterate for snapshots; ``close()``."""
+
+    def __init__(self, store: StateStore[ModelT], timeout: float | None) -> None:
+        from ._watch import FileWatcher  # not imported by programs that never watch
+
+        if not isinstance(store._storage, FileStorage):
+            raise TypeError(
+                f"{store.location}: watch() applies to file stores only (a PostgreSQL "
+                "store has no change notification yet)"
+            )
+        self._store = store
+        self.timeout = timeout
+        # The watcher first, then the revision it starts from: a change in between
+        # is seen (as a wake-up) rather than lost.
+        self._watcher = FileWatcher(store._storage.path)
+        self.last: str | None = self._revision_now()
+
+    def _revision_now(self) -> str | None:
+        try:
+            return revision_of(self._store._storage.read())
+        except StateStoreError:
+            return None
+
+    def __iter__(self) -> Watch[ModelT]:
+        return self
+
+    def __next__(self) -> Snapshot[ModelT]:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if self._watcher.closed or not self._watcher.wait(left):
+                raise StopIteration
+            snapshot = self.check()
+            if snapshot is not None:
+                return snapshot
+
+    def check(self) -> Snapshot[ModelT] | None:
+        """Read the document now: a snapshot if its revision is new, else None;
+        the typed error (once per bad revision) if it does not read or validate."""
+        store = self._store
+        try:
+            raw = store._storage.read()
+        except StateStoreError:
+            self.last = None
+            raise
+        revision = revision_of(raw)
+        if revision == self.last:
+            return None
+        self.last = revision
+        if raw is None:
+            return Snapshot(store._doc.make_default(), revision, None)
+        # Parsed once: a writer that does not rename atomically, seen halfway, is an
+        # error event now and its finished file the next snapshot.
+        loaded = store._doc.parse(raw)
+        return Snapshot(loaded.model, revision, loaded.written_by)
+
+    @property
+    def closed(self) -> bool:
+        return self._watcher.closed
+
+    def close(self) -> None:
+        """Stop watching; a ``next()`` blocked in another thread ends (StopIteration)."""
+        self._watcher.close()
+
+    def __enter__(self) -> Watch[ModelT]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ChangeHandle:
+    """What :meth:`StateStore.on_change` returns: ``stop()`` ends the watching thread."""
+
+    def __init__(
+        self,
+        watch: Watch[Any],
+        fn: Callable[[Any], object],
+        on_error: Callable[[StateStoreError], object] | None,
+    ) -> None:
+        self._watch = watch
+        self._fn = fn
+        self._on_error = on_error
+        self._thread = threading.Thread(
+            target=self._run, name=f"statestore-watch {watch._store.location}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        watch = self._watch
+        while not watch.closed:
+            try:
+                for snapshot in watch:
+                    try:
+                        self._fn(snapshot)
+                    except Exception:
+                        log.exception("on_change(): %r raised", self._fn)
+                return
+            except StateStoreError as e:
+                if watch.closed:
+                    return
+                if self._on_error is None:
+                    log.warning("on_change(): %s", e)
+                else:
+                    try:
+                        self._on_error(e)
+                    except Exception:
+                        log.exception("on_change(): on_error %r raised", self._on_error)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop watching; waits for the thread (unless called from ``fn`` itself)."""
+        self._watch.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)

@@ -14,6 +14,17 @@ knows the format. The steps:
   already there is not written again.
 * :meth:`Transaction.abort` writes nothing.
 
+Revisions and history (``docs/revisions.md``). Every commit's bytes carry the
+commit stamp (``_document.py``), its counter one above the document found
+under the lock. ``save(state, expect=revision)`` compares ``expect`` with the
+revision of the bytes read under the lock, before anything is written, and
+raises :class:`ConflictError` naming both when they differ. With a history
+(``history=N``), each commit records its new bytes, and first the bytes it
+replaces when the history does not hold them yet (a hand edit, or the state
+before the history was turned on), both under the same lock, so versions are
+recorded in commit order; ``restore(revision)`` commits the old bytes again,
+validated and migrated, as a new revision.
+
 A transaction is used once: ``commit`` or ``abort`` after ``begin``, then
 nothing. Nothing is written unless ``commit`` is called; an exception anywhere
 before it (in the caller's code, in a migration, in validation) leaves the
@@ -36,8 +47,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Generic
 
-from ._document import Document, Loaded, ModelT
-from ._errors import NestedTransactionError, StateNotFoundError
+from ._document import Document, Loaded, ModelT, read_stamp, revision_of
+from ._errors import ConflictError, NestedTransactionError, StateNotFoundError
+from ._history import History
 from ._lock import DirectoryLock
 from ._migrate import MigrationReport
 from .backends import Session
@@ -121,9 +133,13 @@ def lock_key(lock: str) -> str:
 class Transaction(Generic[ModelT]):
     """One load-modify-save of ``document`` through ``session`` (whose lock is held)."""
 
-    def __init__(self, document: Document[ModelT], session: Session) -> None:
+    def __init__(
+        self, document: Document[ModelT], session: Session, history: int | None = None
+    ) -> None:
         self.document = document
         self.session = session
+        #: Versions kept (``history=N``), or None: no history.
+        self.history = history
         self._loaded: Loaded[ModelT] | None = None
         self._done = False
 
@@ -152,7 +168,7 @@ class Transaction(Generic[ModelT]):
             if not missing_ok:
                 raise
             self._loaded = Loaded(None, None, doc.version, None)  # type: ignore[arg-type]
-        if shed:
+        if shed and self.history is None:  # a history records the bytes replaced
             self._loaded.shed_raw(doc.version)
         return self._loaded.model
 
@@ -169,7 +185,50 @@ class Transaction(Generic[ModelT]):
         if state is None:
             state = loaded.model
         doc.check_type(state, "the transaction's state is")
-        return doc.commit(self.session, state, loaded)
+        return self._publish(doc.frame(doc.dump(state), loaded.schema, after=loaded), loaded)
+
+    def _publish(self, data: bytes, loaded: Loaded[ModelT]) -> ModelT:
+        """Prove ``data`` loads back, write it (unless it holds what the file holds),
+        and record it in the history, all in this session (under the lock)."""
+        session = self.session
+        checked, changed = self.document.prepare(session, data, loaded)
+        if changed:
+            keeper = self._history()
+            if keeper is not None and loaded.raw:
+                newest = keeper.newest()
+                if newest is None or newest.revision != loaded.revision:
+                    keeper.record(loaded.raw, loaded.revision, loaded.stamp()[1])
+            session.write(data)
+            if keeper is not None:
+                counter, stamp = read_stamp(data)
+                keeper.record(data, revision_of(data, counter), stamp)
+        return checked
+
+    def _history(self) -> History | None:
+        if self.history is None:
+            return None
+        path = getattr(self.session, "path", None)
+        if not isinstance(path, str):
+            raise TypeError(f"{self.document.location}: history= applies to file stores only")
+        return History(path, keep=self.history)
+
+    def check_expected(self, expect: str) -> None:
+        """Raise :class:`ConflictError` unless the document read under the lock is at
+        revision ``expect``."""
+        found = self.loaded.revision
+        if found != expect:
+            raise ConflictError(self.document.location, expected=expect, found=found)
+
+    def restore(self, revision: str) -> ModelT:
+        """``store.restore(revision)``: the bytes the history holds for ``revision``,
+        validated (and migrated from an older schema version), committed anew."""
+        keeper = self._history()
+        if keeper is None:
+            raise TypeError(f"{self.document.location}: restore() needs a store with history=N")
+        self.begin(missing_ok=True)
+        old = keeper.read(revision)
+        state = self.document.parse(old).model
+        return self.commit(state)
 
     def abort(self) -> None:
         """End without writing anything."""
@@ -178,10 +237,13 @@ class Transaction(Generic[ModelT]):
 
     # The operations of a store, written once for the sync and async faces.
 
-    def save(self, state: ModelT) -> None:
-        """``store.save(state)``: a file that cannot be read is not overwritten."""
+    def save(self, state: ModelT, expect: str | None = None) -> None:
+        """``store.save(state)``: a file that cannot be read is not overwritten.
+        ``expect``: commit only if the document is at that revision."""
         self.document.check_type(state, "save()")
         self.begin(missing_ok=True)
+        if expect is not None:
+            self.check_expected(expect)
         self.commit(state)
 
     def update(
@@ -203,11 +265,11 @@ class Transaction(Generic[ModelT]):
         del result
         doc.check_type(loaded.model, f"update(): {getattr(fn, '__qualname__', 'fn')} returned")
         self._done = True
-        data = doc.frame(doc.dump(loaded.model), loaded.schema)
+        data = doc.frame(doc.dump(loaded.model), loaded.schema, after=loaded)
         # Let a large model go before the copy that checks it is built: a parsed
         # model takes several times its JSON size.
         loaded.model = None  # type: ignore[assignment]
-        return doc.publish(self.session, data, loaded)
+        return self._publish(data, loaded)
 
     def migrate(self, *, dry_run: bool = False) -> MigrationReport:
         """``store.migrate()``: upgrade the file, keeping a backup of the old version."""
