@@ -410,3 +410,49 @@ def test_a_folder_declared_while_a_plain_store_is_mid_update_loses_no_update(
         release.write_text("1")
         _wait_ok(holder)
     assert StateStore(Tick, doc).load().n == 11
+
+
+def _plain_add_late(path: str, declared: str) -> None:
+    """A plain store's update that stalls between choosing its lock and acquiring it
+    (a process descheduled there) until the folder has been declared."""
+    from statestore._lock import DirectoryLock
+
+    real = DirectoryLock.acquire
+    calls = []
+
+    def late(self: DirectoryLock, *args: Any, **kwargs: Any) -> Any:
+        if not calls:
+            calls.append(self.path)
+            while not os.path.exists(declared):
+                time.sleep(0.002)
+        return real(self, *args, **kwargs)
+
+    DirectoryLock.acquire = late  # type: ignore[method-assign]
+    store = StateStore(Tick, path, default=Tick, timeout=30)
+    with store.transaction() as state:
+        n = state.n
+        time.sleep(0.2)
+        state.n = n + 100
+    assert calls[0].endswith("a.json.lock"), calls  # it did choose its own lock first
+
+
+def test_a_plain_store_that_chose_its_lock_before_the_folder_was_declared_takes_the_folders(
+    tmp_path: Path,
+) -> None:
+    """A plain store chose the document's own lock, then the folder is declared before it
+    acquires it; a store of the folder updates during the plain store's transaction: no
+    update is lost (the plain store, holding its own lock, sees the marker and takes the
+    folder's lock instead)."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    doc = folder / "a.json"
+    StateStore(Tick, doc).save(Tick(n=0))
+    declared = tmp_path / "declared"
+    late = _fork(_plain_add_late, str(doc), str(declared))
+    time.sleep(0.05)  # it has chosen its lock and stalls
+    sf = StateFolder(folder)
+    declared.write_text("1")
+    time.sleep(0.05)  # it is inside its transaction now (under whichever lock)
+    sf.store(Tick, "a.json", default=Tick).update(lambda t: setattr(t, "n", t.n + 1))
+    _wait_ok(late)
+    assert StateStore(Tick, doc).load().n == 101
