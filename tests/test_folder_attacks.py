@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from test_fs_edges import run_as_nobody
 
 from statestore import (
+    NestedTransactionError,
     StateFolder,
     StateReadError,
     StateStore,
@@ -456,3 +457,39 @@ def test_a_plain_store_that_chose_its_lock_before_the_folder_was_declared_takes_
     sf.store(Tick, "a.json", default=Tick).update(lambda t: setattr(t, "n", t.n + 1))
     _wait_ok(late)
     assert StateStore(Tick, doc).load().n == 101
+
+
+# ------------------------------------------------------------------------------ nesting
+
+
+def test_a_folder_transaction_inside_a_stores_transaction_cannot_touch_its_document(
+    tmp_path: Path,
+) -> None:
+    folder = StateFolder(tmp_path / "f", timeout=2)
+    a = folder.store(Tick, "a.json", default=Tick)
+    b = folder.store(Tick, "b.json", default=Tick)
+    a.save(Tick(n=1))
+    with pytest.raises(NestedTransactionError):
+        with a.transaction() as outer:
+            outer.n = 2
+            with folder.transaction() as tx:
+                tx[a].n = 50  # would be overwritten by the outer commit
+    assert a.load().n == 1 and not b.exists()  # nothing written, by either
+    # Through another store of the same file (another spelling of its path) too.
+    other = StateStore(Tick, str(tmp_path / "f" / "." / "a.json"))
+    with pytest.raises(NestedTransactionError):
+        with other.transaction():
+            with folder.transaction() as tx:
+                tx[a].n = 50
+    # Touching only other documents is fine: each commits its own.
+    with a.transaction() as outer:
+        outer.n = 3
+        with folder.transaction() as tx:
+            tx[b].n = 7
+    assert (a.load().n, b.load().n) == (3, 7)
+    # The reverse: a store's call inside a folder transaction is refused as before.
+    with pytest.raises(NestedTransactionError):
+        with folder.transaction() as tx:
+            tx[b].n = 8
+            a.save(Tick(n=9))
+    assert (a.load().n, b.load().n) == (3, 7)

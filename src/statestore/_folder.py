@@ -27,7 +27,11 @@ holds the file format and the commit protocol):
   nothing is changed. A link to a folder is that folder.
 * **No nesting.** A store's locked call on a document of the folder inside a
   folder transaction of the same thread raises :class:`NestedTransactionError`
-  (its commit would be overwritten by the group's).
+  (its commit would be overwritten by the group's); so does ``tx[store]``
+  inside that store's own transaction on the same thread (the group's commit
+  would be overwritten by the outer one's). A folder transaction inside a
+  store's transaction that touches only other documents is allowed: each
+  commits its own documents.
 """
 
 from __future__ import annotations
@@ -334,6 +338,10 @@ class FolderTransaction:
             return found[1].loaded.model
         storage = store.storage
         assert isinstance(storage, FileStorage)
+        # Inside a store's own transaction on this document (on this thread), the
+        # group's commit would be overwritten by the outer one's: refused.
+        with entered((storage.identity,), store.location, "a folder transaction's tx[store]"):
+            pass
         session = FileSession(storage, self._held, None)  # reads only; the group writes
         txn: Transaction[Any] = Transaction(store.document, session)
         txn.begin()
