@@ -541,3 +541,67 @@ def test_a_journal_deleted_by_hand_is_generation_zero_and_saves_go_on(tmp_path: 
     assert (tmp_path / "f" / JOURNAL).read_bytes() != old
     snap = folder.read(a, b)
     assert (snap[a].n, snap[b].n) == (3, 3) and read_journal(tmp_path / "f").state == "done"
+
+
+def test_a_link_from_outside_into_the_folder_writes_under_the_folders_lock(
+    tmp_path: Path,
+) -> None:
+    folder = StateFolder(tmp_path / "f")
+    a = folder.store(Tick, "a.json", default=Tick)
+    a.save(Tick(n=1))
+    gen = read_journal(tmp_path / "f").gen
+    (tmp_path / "elsewhere.json").symlink_to(tmp_path / "f" / "a.json")
+    via = StateStore(Tick, tmp_path / "elsewhere.json")
+    assert via.storage.lock.path == folder.lock.path  # type: ignore[attr-defined]
+    via.save(Tick(n=2))
+    assert read_journal(tmp_path / "f").gen == gen + 1  # through the journal
+    assert (tmp_path / "elsewhere.json").is_symlink()  # the link is left as it is
+    assert folder.read(a)[a].n == 2
+
+
+# ------------------------------------------------------------------ tools against a writer
+
+
+def _transfer_pausing_after_the_commit_point(path: str, paused: str) -> None:
+    real = os.replace
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        real(src, dst, *args, **kwargs)
+        if str(dst).endswith(JOURNAL) and b'"pending"' in Path(dst).read_bytes():
+            Path(paused).write_text("1")
+            time.sleep(0.8)  # alive, holding the lock, the group committed but not renamed
+
+    os.replace = rename
+    folder = StateFolder(path)
+    a, b = folder.store(Tick, "a.json", default=Tick), folder.store(Tick, "b.json", default=Tick)
+    with folder.transaction() as tx:
+        tx[a].n, tx[b].n = 5, 5
+
+
+def test_doctor_fix_racing_a_live_writer_waits_for_its_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``doctor --fix`` while a live writer is between its commit point and its renames:
+    the unfinished group is reported, and the fix completes nothing under the writer's
+    feet (it takes the folder's lock: the writer finishes first)."""
+    from statestore._cli import main as cli
+
+    path = tmp_path / "f"
+    folder = StateFolder(path)
+    a, b = folder.store(Tick, "a.json", default=Tick), folder.store(Tick, "b.json", default=Tick)
+    with folder.transaction() as tx:
+        tx[a].n, tx[b].n = 1, 1
+    paused = tmp_path / "paused"
+    writer = _fork(_transfer_pausing_after_the_commit_point, str(path), str(paused))
+    deadline = time.monotonic() + 20
+    while not paused.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    code = cli(["doctor", str(path), "--fix"])
+    out = capsys.readouterr().out
+    _wait_ok(writer)
+    assert code in (0, 1), out
+    assert "unfinished group" in out and "finished meanwhile" in out, out
+    snap = folder.read(a, b)
+    assert (snap[a].n, snap[b].n) == (5, 5)
+    assert read_journal(path).state == "done" and _group_temps(path) == []
