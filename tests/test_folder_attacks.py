@@ -421,6 +421,36 @@ def test_a_folder_declared_while_a_plain_store_is_mid_update_loses_no_update(
     assert StateStore(Tick, doc).load().n == 11
 
 
+def _async_plain_add_late(path: str, declared: str) -> None:
+    """The asyncio face of :func:`_plain_add_late`."""
+    import asyncio
+
+    from statestore import AsyncStateStore
+    from statestore._lock import AsyncDirectoryLock
+
+    real = AsyncDirectoryLock.acquire
+    calls = []
+
+    async def late(self: AsyncDirectoryLock, *args: Any, **kwargs: Any) -> Any:
+        if not calls:
+            calls.append(self.path)
+            while not os.path.exists(declared):
+                await asyncio.sleep(0.002)
+        return await real(self, *args, **kwargs)
+
+    AsyncDirectoryLock.acquire = late  # type: ignore[method-assign]
+
+    async def main() -> None:
+        store = AsyncStateStore(Tick, path, default=Tick, timeout=30)
+        async with store.transaction() as state:
+            n = state.n
+            await asyncio.sleep(0.2)
+            state.n = n + 100
+
+    asyncio.run(main())
+    assert calls[0].endswith("a.json.lock"), calls  # it did choose its own lock first
+
+
 def _plain_add_late(path: str, declared: str) -> None:
     """A plain store's update that stalls between choosing its lock and acquiring it
     (a process descheduled there) until the folder has been declared."""
@@ -445,8 +475,9 @@ def _plain_add_late(path: str, declared: str) -> None:
     assert calls[0].endswith("a.json.lock"), calls  # it did choose its own lock first
 
 
+@pytest.mark.parametrize("face", ["sync", "async"])
 def test_a_plain_store_that_chose_its_lock_before_the_folder_was_declared_takes_the_folders(
-    tmp_path: Path,
+    tmp_path: Path, face: str
 ) -> None:
     """A plain store chose the document's own lock, then the folder is declared before it
     acquires it; a store of the folder updates during the plain store's transaction: no
@@ -457,7 +488,7 @@ def test_a_plain_store_that_chose_its_lock_before_the_folder_was_declared_takes_
     doc = folder / "a.json"
     StateStore(Tick, doc).save(Tick(n=0))
     declared = tmp_path / "declared"
-    late = _fork(_plain_add_late, str(doc), str(declared))
+    late = _fork(_async_plain_add_late if face == "async" else _plain_add_late, str(doc), str(declared))
     time.sleep(0.05)  # it has chosen its lock and stalls
     sf = StateFolder(folder)
     declared.write_text("1")
