@@ -302,7 +302,11 @@ def test_a_folder_path_that_is_a_file_or_under_one_is_a_typed_error(tmp_path: Pa
     afile.write_text("mine")
     link = tmp_path / "link"
     link.symlink_to(afile)
-    for path, code in ((afile, errno.ENOTDIR), (link, errno.ENOTDIR), (afile / "sub", errno.ENOTDIR)):
+    for path, code in (
+        (afile, errno.ENOTDIR),
+        (link, errno.ENOTDIR),
+        (afile / "sub", errno.ENOTDIR),
+    ):
         with pytest.raises(StateWriteError) as e:
             StateFolder(path)
         assert e.value.errno == code and str(path) in str(e.value)
@@ -370,12 +374,14 @@ def test_processes_declaring_at_once_agree_on_one_marker(tmp_path: Path) -> None
         go = multiprocessing.get_context("fork").Event()
         locks = [".statestore.lock"] * 3 + [".other.lock"] * 3
         outs = [str(tmp_path / f"out{trial}-{i}") for i in range(len(locks))]
-        pids = [_fork(_declare, str(path), lk, out, go) for lk, out in zip(locks, outs)]
+        pids = [
+            _fork(_declare, str(path), lk, out, go) for lk, out in zip(locks, outs, strict=True)
+        ]
         go.set()
         for pid in pids:
             _wait_ok(pid)
         won = read_marker(path).lock
-        for lk, out in zip(locks, outs):
+        for lk, out in zip(locks, outs, strict=True):
             text = Path(out).read_text()
             assert text == ("ok" if lk == won else f"refused {errno.EEXIST}"), (lk, won, text)
         assert [p for p in os.listdir(path) if p != MARKER] == []  # no temporary file left
@@ -488,7 +494,9 @@ def test_a_plain_store_that_chose_its_lock_before_the_folder_was_declared_takes_
     doc = folder / "a.json"
     StateStore(Tick, doc).save(Tick(n=0))
     declared = tmp_path / "declared"
-    late = _fork(_async_plain_add_late if face == "async" else _plain_add_late, str(doc), str(declared))
+    late = _fork(
+        _async_plain_add_late if face == "async" else _plain_add_late, str(doc), str(declared)
+    )
     time.sleep(0.05)  # it has chosen its lock and stalls
     sf = StateFolder(folder)
     declared.write_text("1")
