@@ -466,3 +466,71 @@ def test_show_and_validate_take_a_folder(
     (tmp_path / "bank" / "b.json").write_text('{"balance": "lots"}')
     assert cli(["validate", f"{app}:folder"]) == 1
     assert "b.json:1:2: balance:" in capsys.readouterr().out
+
+
+SINGLE_WRITER = """
+import sys
+from statestore import StateFolder
+from test_folder import Account
+folder = StateFolder(sys.argv[1])
+a = folder.store(Account, "a.json", default=Account)
+b = folder.store(Account, "b.json", default=Account)
+print("ready", flush=True)
+while True:  # single-document saves, a then b: moves(a) - moves(b) is 0 or 1 between commits
+    a.update(lambda s: s.model_copy(update={"moves": s.moves + 1}))
+    b.update(lambda s: s.model_copy(update={"moves": s.moves + 1}))
+"""
+
+SINGLE_READER = """
+import sys, time
+from statestore import StateFolder
+from test_folder import Account
+import statestore._folder_journal as fj
+folder = StateFolder(sys.argv[1])
+a = folder.store(Account, "a.json", default=Account)
+b = folder.store(Account, "b.json", default=Account)
+real = fj.read_bytes
+def slow(path, *args, **kwargs):
+    data = real(path, *args, **kwargs)
+    time.sleep(0.0005)  # widen the window between the two documents
+    return data
+fj.read_bytes = slow
+seen = bad = 0
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    snap = folder.read(b, a) if seen % 2 else folder.read(a, b)
+    seen += 1
+    if snap[a].moves - snap[b].moves not in (0, 1):
+        bad += 1
+print(seen, bad)
+"""
+
+
+def test_snapshots_are_consistent_across_single_document_saves(tmp_path: Path) -> None:
+    """Each store's own save in a declared folder is ordered with the others for readers."""
+    path = tmp_path / "bank"
+    _accounts(path)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", SINGLE_WRITER, str(path)],
+        cwd=ROOT / "tests",
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        r = subprocess.run(
+            [sys.executable, "-c", SINGLE_READER, str(path), "1.5"],
+            cwd=ROOT / "tests",
+            env=_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        writer.kill()
+        writer.wait()
+        assert writer.stdout is not None
+        writer.stdout.close()
+    seen, bad = map(int, r.stdout.split())
+    assert seen > 20 and bad == 0, f"{bad} of {seen} snapshots mixed two moments"
