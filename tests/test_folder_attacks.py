@@ -8,6 +8,7 @@ attacks that held are here too when they are cheap to keep.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import json
@@ -644,3 +645,46 @@ def test_doctor_fix_racing_a_live_writer_waits_for_its_lock(
     snap = folder.read(a, b)
     assert (snap[a].n, snap[b].n) == (5, 5)
     assert read_journal(path).state == "done" and _group_temps(path) == []
+
+
+# ------------------------------------------------------------------------------ asyncio
+
+
+def test_cancelling_an_async_folder_transaction_at_any_await_keeps_the_sum(
+    tmp_path: Path,
+) -> None:
+    """Cancelled at a random instant (waiting for the lock, loading, committing): each
+    group is whole or absent, and the lock is free afterwards."""
+    import asyncio
+    import random
+
+    from statestore import AsyncStateFolder
+
+    class Bal(BaseModel):
+        n: int = 100
+
+    async def main() -> tuple[int, str]:
+        af = AsyncStateFolder(tmp_path / "f", timeout=5)
+        a = af.sync.store(Bal, "a.json", default=Bal)
+        b = af.sync.store(Bal, "b.json", default=Bal)
+
+        async def move() -> None:
+            async with af.transaction() as tx:
+                x, y = await tx.load(a), await tx.load(b)
+                x.n, y.n = x.n - 1, y.n + 1
+
+        rng = random.Random(5)
+        for _ in range(60):
+            task = asyncio.ensure_future(move())
+            await asyncio.sleep(rng.uniform(0, 0.008))
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            snap = await af.read(a, b)  # the sync stores, as tx.load takes them
+            assert snap[a].n + snap[b].n == 200, (snap[a], snap[b])
+        moved = 100 - (await af.read(a, b))[a].n
+        return moved, af.sync.lock.status().state
+
+    moved, state = asyncio.run(main())
+    assert state == "free"
+    assert 0 <= moved <= 60  # a cancel during the commit finishes it first
