@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, overload
@@ -51,9 +50,9 @@ from ._folder_journal import (
     DEFAULT_LOCK,
     MARKER,
     Marker,
-    _check_lock_name,
     declare,
     group_commit,
+    is_lock_name,
     read_consistent,
     read_marker,
     recover,
@@ -254,11 +253,8 @@ def _declare_and_drain(path: str, lock: str, timeout: float, lease: float) -> Ma
     """
     if os.path.lexists(os.path.join(path, MARKER)):
         return declare(path, lock=lock)  # declared already: checked, nothing to drain
-    try:
-        _check_lock_name(lock, path)
-    except StateStoreError:
+    if not is_lock_name(lock):
         return declare(path, lock=lock)  # which raises the typed error for the name
-    deadline = time.monotonic() + timeout
     held = DirectoryLock(os.path.join(path, lock), timeout=timeout, lease=lease).acquire(timeout)
     try:
         marker = declare(path, lock=lock)
@@ -268,7 +264,7 @@ def _declare_and_drain(path: str, lock: str, timeout: float, lease: float) -> Ma
                 continue
             if os.path.isdir(full):  # a document's own lock, held or left by a writer
                 own = DirectoryLock(full, timeout=timeout, lease=lease)
-                own.acquire(max(0.0, deadline - time.monotonic())).release()
+                own.acquire(timeout).release()
     finally:
         held.release()
     return marker

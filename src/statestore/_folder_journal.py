@@ -188,6 +188,7 @@ from ._errors import (
 from ._lock import identity
 
 __all__ = [
+    "DEFAULT_LOCK",
     "JOURNAL",
     "MARKER",
     "Entry",
@@ -198,6 +199,7 @@ __all__ = [
     "declare",
     "find_folder",
     "group_commit",
+    "is_lock_name",
     "marker_schema",
     "pending",
     "read_consistent",
@@ -371,6 +373,15 @@ def _check_lock_name(lock: object, path: str) -> str:
             hint='fix the marker\'s "lock" value',
         )
     return lock
+
+
+def is_lock_name(lock: object) -> bool:
+    """Whether ``lock`` may name a folder's lock (a plain name inside the folder)."""
+    try:
+        _check_lock_name(lock, "")
+    except StateCorruptError:
+        return False
+    return True
 
 
 def _marker_bytes(lock: str) -> bytes:

@@ -381,10 +381,9 @@ class FileStorage:
     def session(self, timeout: float) -> Iterator[FileSession]:
         # The handle, not the thread, holds the lock: a session left on another
         # thread (a transaction ended by a thread pool) still releases it.
-        deadline = time.monotonic() + timeout
-        while True:
+        while True:  # again only when a folder was declared meanwhile (rare): a new wait
             lock, folder = self._lock_and_folder()
-            held = lock.acquire(max(0.0, deadline - time.monotonic()))
+            held = lock.acquire(timeout)
             if self._still_the_lock(lock, held):
                 break
         try:
@@ -402,12 +401,9 @@ class FileStorage:
 
         from .._lock import AsyncDirectoryLock
 
-        deadline = time.monotonic() + timeout
-        while True:
+        while True:  # again only when a folder was declared meanwhile (rare): a new wait
             lock, folder = self._lock_and_folder()
-            level = await AsyncDirectoryLock.over(lock).acquire(
-                max(0.0, deadline - time.monotonic())
-            )
+            level = await AsyncDirectoryLock.over(lock).acquire(timeout)
             try:
                 again = self._lock_and_folder()[0]
             except BaseException:
