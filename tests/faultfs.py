@@ -80,6 +80,9 @@ class Interposer:
             real = getattr(os, name, None)
             if real is not None:
                 monkeypatch.setattr(os, name, self._wrap(name, real))
+        journal = sys.modules.get("statestore._folder_journal")
+        if journal is not None:  # renameat2(RENAME_EXCHANGE), made through ctypes, not os
+            monkeypatch.setattr(journal, "_exchange", self._wrap("exchange", journal._exchange))
         import builtins
 
         for module in OPEN_USERS:
@@ -166,7 +169,7 @@ class Op:
     """One recorded operation on the watched folder.
 
     kind: "create" (name, ino), "write" (ino, offset, data), "fsync" (ino),
-    "fsync-dir", "rename" (name -> target), "unlink" (name).
+    "fsync-dir", "rename" (name -> target), "exchange" (name <-> target), "unlink" (name).
     """
 
     kind: str
@@ -272,6 +275,15 @@ class Recorder(Interposer):
             elif (src is None) != (dst is None):
                 self.ignored.append(f"{name}{_short(args)}")
             return result
+        if name == "exchange":
+            src, dst = self._watched(args[0], {}), self._watched(args[1], {})
+            swapped = real(*args, **kwargs)
+            if swapped and src is not None and dst is not None:
+                self.names[src], self.names[dst] = self.names[dst], self.names[src]
+                self.ops.append(Op("exchange", name=src, target=dst))
+            elif swapped:
+                self.ignored.append(f"{name}{_short(args)}")
+            return swapped
         if name in ("unlink", "remove"):
             where = self._watched(args[0], kwargs)
             result = real(*args, **kwargs)
@@ -354,7 +366,7 @@ def crash_outcomes(
         elif op.kind == "fsync-dir":
             synced_names = _apply_names(synced_names, pending_names)
             pending_names = []
-        elif op.kind in ("rename", "unlink"):
+        elif op.kind in ("rename", "exchange", "unlink"):
             pending_names.append(op)
         else:  # pragma: no cover
             raise AssertionError(op)
@@ -369,6 +381,9 @@ def _apply_names(names: dict[str, int], ops: Iterable[Op]) -> dict[str, int]:
         elif op.kind == "rename":
             if op.name in names:  # a rename whose source never reached the disk: nothing
                 names[op.target] = names.pop(op.name)
+        elif op.kind == "exchange":
+            if op.name in names and op.target in names:  # both names are needed for a swap
+                names[op.name], names[op.target] = names[op.target], names[op.name]
         elif op.kind == "unlink":
             names.pop(op.name, None)
     return names
@@ -409,6 +424,8 @@ def _outcomes_now(
 def _describe(op: Op) -> str:
     if op.kind == "rename":
         return f"rename {op.name} -> {op.target}"
+    if op.kind == "exchange":
+        return f"exchange {op.name} <-> {op.target}"
     return f"{op.kind} {op.name}"
 
 

@@ -629,6 +629,8 @@ def _states(initial: dict[str, bytes], ops: list[Op]) -> set[frozenset[tuple[str
                 out.setdefault(op.name, op.ino)
             elif op.kind == "rename" and op.name in out:
                 out[op.target] = out.pop(op.name)
+            elif op.kind == "exchange" and op.name in out and op.target in out:
+                out[op.name], out[op.target] = out[op.target], out[op.name]
             elif op.kind == "unlink":
                 out.pop(op.name, None)
         return out

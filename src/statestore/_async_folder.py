@@ -23,6 +23,7 @@ from ._errors import NestedTransactionError
 from ._folder import FolderSnapshot, FolderTransaction, StateFolder
 from ._lock import DEFAULT_LEASE, AsyncDirectoryLock
 from ._migrate import Migrations
+from ._store import StateStore
 from ._transaction import lock_identity, lock_key
 
 __all__ = ["AsyncFolderTransaction", "AsyncStateFolder"]
@@ -79,9 +80,11 @@ class AsyncStateFolder:
             )
         )
 
-    async def read(self, *stores: AsyncStateStore[Any]) -> FolderSnapshot:
-        """A consistent snapshot without the lock (see :meth:`StateFolder.read`)."""
-        return await run_step(lambda: self.sync.read(*(s.sync for s in stores)))
+    async def read(self, *stores: AsyncStateStore[Any] | StateStore[Any]) -> FolderSnapshot:
+        """A consistent snapshot without the lock (see :meth:`StateFolder.read`);
+        takes the folder's async stores or their sync stores, as ``tx.load`` does."""
+        syncs = [s.sync if isinstance(s, AsyncStateStore) else s for s in stores]
+        return await run_step(lambda: self.sync.read(*syncs))
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncFolderTransaction]:

@@ -21,13 +21,22 @@ holds the file format and the commit protocol):
 * **Lock-free snapshots.** :meth:`StateFolder.read` returns the documents as
   of one moment between commits, without the lock (a seqlock over the
   journal): never one document from before a group and another from after it.
+* **A folder or a typed error.** ``StateFolder(path)`` creates a missing
+  folder; a path that is a file (or a link to one), under a file, or in a
+  folder this user may not write is a :class:`StateWriteError` naming it, and
+  nothing is changed. A link to a folder is that folder.
 * **No nesting.** A store's locked call on a document of the folder inside a
   folder transaction of the same thread raises :class:`NestedTransactionError`
-  (its commit would be overwritten by the group's).
+  (its commit would be overwritten by the group's); so does ``tx[store]``
+  inside that store's own transaction on the same thread (the group's commit
+  would be overwritten by the outer one's). A folder transaction inside a
+  store's transaction that touches only other documents is allowed: each
+  commits its own documents.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,11 +45,14 @@ from typing import Any, TypeVar, overload
 from pydantic import BaseModel
 
 from ._document import Loaded
-from ._errors import StateStoreError
+from ._errors import StateStoreError, StateWriteError, write_error
 from ._folder_journal import (
+    DEFAULT_LOCK,
+    MARKER,
     Marker,
     declare,
     group_commit,
+    is_lock_name,
     read_consistent,
     read_marker,
     recover,
@@ -83,8 +95,10 @@ class StateFolder:
         self.path = os.path.abspath(os.fspath(path))
         self.timeout = timeout
         self.durable = durable
-        os.makedirs(self.path, exist_ok=True)
-        self.marker: Marker = declare(self.path) if lock is None else declare(self.path, lock=lock)
+        _make_folder(self.path)
+        self.marker: Marker = _declare_and_drain(
+            self.path, DEFAULT_LOCK if lock is None else lock, timeout, lease
+        )
         #: The folder's lock: hold it to keep every document of the folder still.
         self.lock = DirectoryLock(self.marker.lock_path, timeout=timeout, lease=lease)
         self._real = os.path.realpath(self.path)
@@ -227,6 +241,61 @@ class StateFolder:
         return os.path.basename(real)
 
 
+def _declare_and_drain(path: str, lock: str, timeout: float, lease: float) -> Marker:
+    """Declare the folder; when this call publishes the marker, drain the documents' locks.
+
+    Before the marker, a document's store takes the document's own lock
+    (``<name>.lock``); after it, the folder's. A session that took its own lock
+    before the marker appeared may still be writing, under a lock the folder's
+    writers do not take: so the marker is published while the folder's lock is
+    held, and every document lock in the folder is then acquired and released
+    once (each such session has ended) before the folder's writers may start. A
+    session that takes its own lock after the marker appeared sees the marker
+    once it holds it and takes the folder's lock instead (``backends.file``).
+    """
+    if os.path.lexists(os.path.join(path, MARKER)):
+        return declare(path, lock=lock)  # declared already: checked, nothing to drain
+    if not is_lock_name(lock):
+        return declare(path, lock=lock)  # which raises the typed error for the name
+    held = DirectoryLock(os.path.join(path, lock), timeout=timeout, lease=lease).acquire(timeout)
+    try:
+        marker = declare(path, lock=lock)
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if name == marker.lock or not name.endswith(".lock") or os.path.islink(full):
+                continue
+            if os.path.isdir(full):  # a document's own lock, held or left by a writer
+                own = DirectoryLock(full, timeout=timeout, lease=lease)
+                own.acquire(timeout).release()
+    finally:
+        held.release()
+    return marker
+
+
+def _make_folder(path: str) -> None:
+    """Create the folder (and its parents) if missing; a typed error when it cannot be one."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        if isinstance(e, StateStoreError):
+            raise
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise StateWriteError(
+                path,
+                "is not a folder (it is a file, or a link to one): a StateFolder is a "
+                "folder of documents. Give the folder's path (nothing was changed)",
+                errno=errno.ENOTDIR,
+            ) from e
+        if e.errno == errno.ENOTDIR:
+            raise StateWriteError(
+                path,
+                "cannot be a folder: a part of its path is a file, not a folder. Give the "
+                "path of a folder (nothing was changed)",
+                errno=e.errno,
+            ) from e
+        raise write_error(path, e, "create the state folder") from e
+
+
 def _file_options(max_size: int | None, missing_wait: float | None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if max_size is not None:
@@ -267,6 +336,10 @@ class FolderTransaction:
             return found[1].loaded.model
         storage = store.storage
         assert isinstance(storage, FileStorage)
+        # Inside a store's own transaction on this document (on this thread), the
+        # group's commit would be overwritten by the outer one's: refused.
+        with entered((storage.identity,), store.location, "a folder transaction's tx[store]"):
+            pass
         session = FileSession(storage, self._held, None)  # reads only; the group writes
         txn: Transaction[Any] = Transaction(store.document, session)
         txn.begin()

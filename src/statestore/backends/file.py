@@ -381,8 +381,11 @@ class FileStorage:
     def session(self, timeout: float) -> Iterator[FileSession]:
         # The handle, not the thread, holds the lock: a session left on another
         # thread (a transaction ended by a thread pool) still releases it.
-        lock, folder = self._lock_and_folder()
-        held = lock.acquire(timeout)
+        while True:  # again only when a folder was declared meanwhile (rare): a new wait
+            lock, folder = self._lock_and_folder()
+            held = lock.acquire(timeout)
+            if self._still_the_lock(lock, held):
+                break
         try:
             self._sweep()
             if folder is not None:
@@ -398,8 +401,17 @@ class FileStorage:
 
         from .._lock import AsyncDirectoryLock
 
-        lock, folder = self._lock_and_folder()
-        level = await AsyncDirectoryLock.over(lock).acquire(timeout)
+        while True:  # again only when a folder was declared meanwhile (rare): a new wait
+            lock, folder = self._lock_and_folder()
+            level = await AsyncDirectoryLock.over(lock).acquire(timeout)
+            try:
+                again = self._lock_and_folder()[0]
+            except BaseException:
+                await level.release()
+                raise
+            if again.path == lock.path:
+                break
+            await level.release()  # declared (or re-declared) meanwhile: take the new lock
         try:
             if not self._swept:
                 await asyncio.to_thread(self._sweep)
@@ -408,6 +420,26 @@ class FileStorage:
             yield FileSession(self, level.handle, folder)
         finally:
             await level.release()
+
+    def _still_the_lock(self, lock: DirectoryLock, held: AcquiredLock) -> bool:
+        """Whether ``lock``, just acquired, is still the one to hold; if not it is released.
+
+        The lock is chosen before it is acquired; a folder declared in between (a
+        marker that appeared, or changed) makes it the wrong one: then it is given
+        back and the folder's lock taken. The declarer drains the documents' own
+        locks after publishing the marker (``StateFolder``), so a session that got
+        its file's lock before the marker appeared has ended before the folder's
+        writers start, and one that got it after sees the marker here.
+        """
+        try:
+            again = self._lock_and_folder()[0]
+        except BaseException:
+            held.release()
+            raise
+        if again.path == lock.path:
+            return True
+        held.release()
+        return False
 
     def _sweep(self) -> None:
         if not self._swept:
