@@ -192,6 +192,21 @@ def test_a_transfer_commits_every_row_in_one_transaction(
     assert plain.load() == snap[a]
 
 
+def test_a_group_commit_carries_the_commit_stamp_as_a_single_save_does(
+    folder: PostgresFolder,
+) -> None:
+    """A row a group wrote has a revision that orders it after the one it replaced,
+    and names its writer: it is not taken for a hand edit."""
+    a, b = seed(folder)
+    before = a.read()
+    with folder.transaction() as tx:
+        tx[a].count -= 1
+        tx[b].count += 1
+    after = a.read()
+    assert int(after.revision.split("-")[0]) == int(before.revision.split("-")[0]) + 1
+    assert after.written_by is not None and after.written_by.pid == os.getpid()
+
+
 def test_unchanged_documents_are_not_rewritten(
     admin: psycopg.Connection[Any], folder: PostgresFolder, table: str, namespace: str
 ) -> None:

@@ -874,6 +874,16 @@ class Document(Generic[ModelT]):
             session.write(data)
         return checked
 
+    def stage(self, session: Session, state: ModelT, loaded: Loaded[ModelT]) -> bytes | None:
+        """A group's part of a commit: the bytes ``state`` would be published as
+        (framed with the stamp after ``loaded``, proved to load back, the backup
+        of an older version kept), or None when they are what the document holds.
+        The group writes the changed documents together afterwards."""
+        self.check_type(state, "the transaction's state is")
+        data = self.frame(self.dump(state), loaded.schema, after=loaded)
+        _, changed = self.prepare(session, data, loaded)
+        return data if changed else None
+
     def prepare(self, session: Session, data: bytes, loaded: Loaded[ModelT]) -> tuple[ModelT, bool]:
         """Everything of a commit but the write: prove ``data`` loads back, keep the
         backup of an older version; return (the model it loads as, whether it

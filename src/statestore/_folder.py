@@ -44,7 +44,6 @@ from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
 
-from ._document import Loaded
 from ._errors import StateStoreError, StateWriteError, write_error
 from ._folder_journal import (
     DEFAULT_LOCK,
@@ -63,7 +62,7 @@ from ._store import StateStore
 from ._transaction import Transaction, entered, lock_identity, lock_key
 from .backends.file import FileSession, FileStorage
 
-__all__ = ["FolderSnapshot", "FolderTransaction", "StateFolder"]
+__all__ = ["FolderSnapshot", "FolderTransaction", "GroupTransaction", "StateFolder"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -305,12 +304,14 @@ def _file_options(max_size: int | None, missing_wait: float | None) -> dict[str,
     return options
 
 
-class FolderTransaction:
-    """The documents of one :meth:`StateFolder.transaction`: ``tx[store]``."""
+class GroupTransaction:
+    """What every folder's transaction shares (files here, rows in
+    ``backends.postgres``): ``tx[store]`` loads a document of the folder once, on
+    first use, through the folder's own :meth:`_begin_document`; :meth:`staged`
+    proves every changed document before the folder writes them as one group."""
 
-    def __init__(self, folder: StateFolder, held: AcquiredLock) -> None:
+    def __init__(self, folder: Any) -> None:
         self._folder = folder
-        self._held = held
         self._open: dict[str, tuple[StateStore[Any], Transaction[Any]]] = {}
         self._ended = False
 
@@ -334,6 +335,41 @@ class FolderTransaction:
                     f"another model ({found[0].model.__name__}); use one store per document",
                 )
             return found[1].loaded.model
+        txn = self._begin_document(store)
+        self._open[name] = (store, txn)
+        return txn.loaded.model
+
+    def _begin_document(self, store: StateStore[Any]) -> Transaction[Any]:
+        """The document's transaction, begun in the folder's held group."""
+        raise NotImplementedError
+
+    def is_loaded(self, store: StateStore[Any]) -> bool:
+        """Whether ``store``'s document was loaded into this transaction."""
+        return self._folder._name_of(store) in self._open
+
+    def staged(self) -> list[tuple[str, Transaction[Any], bytes]]:
+        """(name, its transaction, new bytes) of every changed document, in name
+        order, each proved to load back (and an older version's backup kept)."""
+        if self._ended:
+            raise RuntimeError("the folder transaction has ended")
+        self._ended = True
+        changed = []
+        for name in sorted(self._open):
+            store, txn = self._open[name]
+            data = store.document.stage(txn.session, txn.loaded.model, txn.loaded)
+            if data is not None:
+                changed.append((name, txn, data))
+        return changed
+
+
+class FolderTransaction(GroupTransaction):
+    """The documents of one :meth:`StateFolder.transaction`: ``tx[store]``."""
+
+    def __init__(self, folder: StateFolder, held: AcquiredLock) -> None:
+        super().__init__(folder)
+        self._held = held
+
+    def _begin_document(self, store: StateStore[Any]) -> Transaction[Any]:
         storage = store.storage
         assert isinstance(storage, FileStorage)
         # Inside a store's own transaction on this document (on this thread), the
@@ -343,12 +379,7 @@ class FolderTransaction:
         session = FileSession(storage, self._held, None)  # reads only; the group writes
         txn: Transaction[Any] = Transaction(store.document, session)
         txn.begin()
-        self._open[name] = (store, txn)
-        return txn.loaded.model
-
-    def is_loaded(self, store: StateStore[Any]) -> bool:
-        """Whether ``store``'s document was loaded into this transaction."""
-        return self._folder._name_of(store) in self._open
+        return txn
 
     def abort(self) -> None:
         """End without writing (what a block that raises does)."""
@@ -358,18 +389,7 @@ class FolderTransaction:
 
     def commit(self) -> None:
         """Commit every changed document as one group (what the end of the block does)."""
-        if self._ended:
-            raise RuntimeError("the folder transaction has ended")
-        self._ended = True
-        changes: dict[str, bytes] = {}
-        for name, (store, txn) in self._open.items():
-            doc = store.document
-            loaded: Loaded[Any] = txn.loaded
-            doc.check_type(loaded.model, "the transaction's state is")
-            data = doc.frame(doc.dump(loaded.model), loaded.schema, after=loaded)
-            _, changed = doc.prepare(txn.session, data, loaded)
-            if changed:
-                changes[name] = data
+        changes = {name: data for name, _, data in self.staged()}
         if changes:
             group_commit(
                 self._folder.path,
@@ -382,7 +402,10 @@ class FolderTransaction:
 class FolderSnapshot:
     """Documents read together by :meth:`StateFolder.read`: ``snapshot[store]``."""
 
-    def __init__(self, folder: StateFolder, states: dict[str, Any]) -> None:
+    #: What looking a store up raises when it is not one of the folder's documents.
+    _not_read: tuple[type[Exception], ...] = (KeyError, StateStoreError)
+
+    def __init__(self, folder: Any, states: dict[str, Any]) -> None:
         self._folder = folder
         self._states = states
 
@@ -395,5 +418,5 @@ class FolderSnapshot:
         sync = getattr(store, "sync", store)  # an AsyncStateStore reads as its store
         try:
             return self._states[self._folder._name_of(sync)]
-        except (KeyError, StateStoreError):
+        except self._not_read:
             raise KeyError(f"{store!r} was not read into this snapshot") from None

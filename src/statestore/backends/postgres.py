@@ -69,7 +69,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from types import TracebackType
-from typing import Any, Final, TypeVar, overload
+from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel
 
@@ -85,7 +85,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "statestore.backends.postgres needs psycopg 3: pip install 'statestore[postgres]'"
     ) from e
 
-from .._document import Loaded
 from .._errors import (
     DurabilityError,
     LockCompromisedError,
@@ -96,6 +95,7 @@ from .._errors import (
     StateStoreError,
     StateWriteError,
 )
+from .._folder import FolderSnapshot, GroupTransaction
 from .._migrate import Migrations
 from .._store import StateStore
 from .._transaction import Transaction
@@ -1198,36 +1198,15 @@ class PostgresFolder:
         return storage.key.rpartition("/")[2]
 
 
-class PostgresFolderTransaction:
+class PostgresFolderTransaction(GroupTransaction):
     """The documents of one :meth:`PostgresFolder.transaction`: ``tx[store]``."""
 
     def __init__(self, folder: PostgresFolder, conn: _Conn) -> None:
-        self._folder = folder
+        super().__init__(folder)
         self._conn = conn
         self._pid = os.getpid()
-        self._open: dict[str, tuple[StateStore[Any], Transaction[Any], PostgresSession]] = {}
-        self._ended = False
 
-    @overload
-    def __getitem__(self, store: StateStore[M]) -> M: ...
-    @overload
-    def __getitem__(self, store: Any) -> Any: ...
-
-    def __getitem__(self, store: Any) -> Any:
-        if self._ended:
-            raise RuntimeError("the folder transaction has ended")
-        if not isinstance(store, StateStore):
-            raise TypeError(f"tx[...] takes a StateStore of the folder, not {type(store).__name__}")
-        name = self._folder._name_of(store)
-        found = self._open.get(name)
-        if found is not None:
-            if found[0] is not store and found[0].model is not store.model:
-                raise StateStoreError(
-                    store.location,
-                    "is already open in this transaction through another store with "
-                    f"another model ({found[0].model.__name__}); use one store per document",
-                )
-            return found[1].loaded.model
+    def _begin_document(self, store: StateStore[Any]) -> Transaction[Any]:
         storage = store.storage
         assert isinstance(storage, PostgresStorage)
         # The document's statements run in the folder's transaction, on its connection.
@@ -1235,45 +1214,31 @@ class PostgresFolderTransaction:
         session._pid = self._pid
         txn: Transaction[Any] = Transaction(store.document, session)
         txn.begin()
-        self._open[name] = (store, txn, session)
-        return txn.loaded.model
-
-    def is_loaded(self, store: StateStore[Any]) -> bool:
-        """Whether ``store``'s document was loaded into this transaction."""
-        return self._folder._name_of(store) in self._open
+        return txn
 
     def abort(self) -> None:
         """End without writing: roll the transaction back (what a block that raises does)."""
         if self._ended:
             return
         self._ended = True
-        for _, txn, _ in self._open.values():
+        for _, txn in self._open.values():
             txn.abort()
         _end_transaction(self._folder._tables, self._conn, None, self._pid, commit=False)
 
     def commit(self) -> None:
         """Write every changed document and commit them as one SQL transaction (what the
         end of the block does)."""
-        if self._ended:
+        if self._ended:  # before the transaction is touched: a second commit changes nothing
             raise RuntimeError("the folder transaction has ended")
-        self._ended = True
         xid: str | None = None
         try:
             # Proved (and each migrated document's backup kept) first, written in the
             # order of their keys, all in the one transaction.
-            writes: list[tuple[PostgresSession, bytes]] = []
-            for name in sorted(self._open):
-                store, txn, session = self._open[name]
-                doc = store.document
-                loaded: Loaded[Any] = txn.loaded
-                doc.check_type(loaded.model, "the transaction's state is")
-                data = doc.frame(doc.dump(loaded.model), loaded.schema)
-                _, changed = doc.prepare(session, data, loaded)
-                if changed:
-                    writes.append((session, data))
-            for session, data in writes:
-                session.write(data)
-            for _, _, session in self._open.values():
+            for _, txn, data in self.staged():
+                txn.session.write(data)
+            for _, txn in self._open.values():
+                session = txn.session
+                assert isinstance(session, PostgresSession)
                 xid = xid or session._xid
         except BaseException:
             _end_transaction(self._folder._tables, self._conn, None, self._pid, commit=False)
@@ -1281,21 +1246,7 @@ class PostgresFolderTransaction:
         _end_transaction(self._folder._tables, self._conn, xid, self._pid, commit=True)
 
 
-class PostgresFolderSnapshot:
+class PostgresFolderSnapshot(FolderSnapshot):
     """Documents read together by :meth:`PostgresFolder.read`: ``snapshot[store]``."""
 
-    def __init__(self, folder: PostgresFolder, states: dict[str, Any]) -> None:
-        self._folder = folder
-        self._states = states
-
-    @overload
-    def __getitem__(self, store: StateStore[M]) -> M: ...
-    @overload
-    def __getitem__(self, store: Any) -> Any: ...
-
-    def __getitem__(self, store: Any) -> Any:
-        sync = getattr(store, "sync", store)  # an AsyncStateStore reads as its store
-        try:
-            return self._states[self._folder._name_of(sync)]
-        except (KeyError, StateStoreError, AttributeError):
-            raise KeyError(f"{store!r} was not read into this snapshot") from None
+    _not_read = (KeyError, StateStoreError, AttributeError)
