@@ -112,19 +112,23 @@ def resolve_target(path: str) -> str:
     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode is, as messages name it ("a symbolic link", "a folder",
+    "a named pipe (FIFO)", ..., "a file")."""
     kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
         (stat.S_ISDIR, "a folder"),
         (stat.S_ISFIFO, "a named pipe (FIFO)"),
         (stat.S_ISSOCK, "a socket"),
         (stat.S_ISCHR, "a character device"),
         (stat.S_ISBLK, "a block device"),
+        (stat.S_ISREG, "a file"),
     )
     return next((text for test, text in kinds if test(mode)), "not a regular file")
 
 
 def _not_regular(path: str, mode: int) -> StateReadError:
-    kind = _file_kind(mode)
+    kind = file_kind(mode)
     if stat.S_ISDIR(mode):
         return StateReadError(
             path,
@@ -416,4 +420,11 @@ host_tag = _host_tag
 fsync_file = _fsync
 fsync_dir = _fsync_dir
 keep_owner_and_mode = _keep_owner_and_mode
-__all__ += ["fsync_dir", "fsync_file", "host_tag", "keep_owner_and_mode", "temp_writer_gone"]
+__all__ += [
+    "file_kind",
+    "fsync_dir",
+    "fsync_file",
+    "host_tag",
+    "keep_owner_and_mode",
+    "temp_writer_gone",
+]

@@ -169,6 +169,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 from ._atomic import (
+    file_kind,
     fsync_dir,
     fsync_file,
     host_tag,
@@ -292,18 +293,6 @@ def _lstat(path: str) -> os.stat_result | None:
         raise StateReadError(path, f"cannot look at it: {e.strerror or e}", errno=e.errno) from e
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
 def _read_nofollow(path: str, max_size: int, what: str) -> bytes | None:
     """A regular file at ``path`` itself (no link followed), or None when absent."""
     st = _lstat(path)
@@ -312,7 +301,7 @@ def _read_nofollow(path: str, max_size: int, what: str) -> bytes | None:
     if not stat.S_ISREG(st.st_mode):
         raise StateReadError(
             path,
-            f"is {_kind(st.st_mode)}, not the {what} statestore writes (a regular file); "
+            f"is {file_kind(st.st_mode)}, not the {what} statestore writes (a regular file); "
             "nothing was read or changed: move it away",
             errno=errno.EINVAL,
         )
@@ -640,7 +629,7 @@ def _write_journal(
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise StateWriteError(
             path,
-            f"is {_kind(st.st_mode)}, not the folder's journal; move it away",
+            f"is {file_kind(st.st_mode)}, not the folder's journal; move it away",
             errno=errno.EINVAL,
         )
     tmp = _group_temp(folder, JOURNAL, gen)
@@ -791,7 +780,7 @@ def _regular_or_absent(path: str) -> os.stat_result | None:
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise StateWriteError(
             path,
-            f"is {_kind(st.st_mode)}, not a regular file: a document of a state folder must "
+            f"is {file_kind(st.st_mode)}, not a regular file: a document of a state folder must "
             "be one (a link is not followed). Move it away; nothing was written",
             errno=errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL,
         )
@@ -990,7 +979,7 @@ def _journal_raw(folder: str) -> bytes | None:
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise StateReadError(
             path,
-            f"is {_kind(st.st_mode)}, not the folder's journal; move it away",
+            f"is {file_kind(st.st_mode)}, not the folder's journal; move it away",
             errno=errno.EINVAL,
         )
     return read_bytes(path, _JOURNAL_MAX)

@@ -51,7 +51,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Final, NamedTuple
 
-from ._atomic import abandoned_temp_files, write_atomic
+from ._atomic import abandoned_temp_files, file_kind, write_atomic
 from ._errors import StateReadError, StateStoreError, StateWriteError
 
 __all__ = [
@@ -89,20 +89,6 @@ class HistoryEntry(NamedTuple):
     time: float
     written_by: Any
     size: int
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISREG(mode):
-        return "a file"
-    return "a device"
 
 
 class History:
@@ -168,7 +154,7 @@ class History:
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 try:
-                    kind = _kind(os.lstat(name if at is not None else path, dir_fd=at).st_mode)
+                    kind = file_kind(os.lstat(name if at is not None else path, dir_fd=at).st_mode)
                 except OSError:
                     kind = "not a folder"
                 raise self._refuse(path, f"is {kind}, not a folder", create, e.errno) from e
@@ -218,7 +204,7 @@ class History:
             st = os.lstat(_MARKER, dir_fd=fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                 raise self._refuse(
-                    path, f"is {_kind(st.st_mode)} not made by statestore", True, errno.EEXIST
+                    path, f"is {file_kind(st.st_mode)} not made by statestore", True, errno.EEXIST
                 ) from None
             return path
         try:
@@ -241,7 +227,7 @@ class History:
             if not stat.S_ISREG(st.st_mode):
                 raise self._refuse(
                     os.path.join(self.folder, name),
-                    f"is {_kind(st.st_mode)} under a version's name, not made by statestore",
+                    f"is {file_kind(st.st_mode)} under a version's name, not made by statestore",
                     writing,
                     errno.EINVAL,
                 )
@@ -258,7 +244,7 @@ class History:
         try:
             st = os.fstat(vfd)
             if not stat.S_ISREG(st.st_mode):
-                raise self._refuse(path, f"is {_kind(st.st_mode)}", False, errno.EINVAL)
+                raise self._refuse(path, f"is {file_kind(st.st_mode)}", False, errno.EINVAL)
             chunks = []
             left = st.st_size + 1
             while left > 0:
