@@ -9,8 +9,9 @@
 Counter(count=1)
 """
 
-from ._async import AsyncStateStore, AsyncWatch
-from ._async_folder import AsyncFolderTransaction, AsyncStateFolder
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
 from ._document import Snapshot, WrittenBy
 from ._errors import (
     ConflictError,
@@ -34,16 +35,41 @@ from ._errors import (
 )
 from ._folder import FolderSnapshot, FolderTransaction, StateFolder
 from ._history import HistoryEntry
-from ._lock import (
-    AcquiredLock,
-    AsyncAcquiredLock,
-    AsyncDirectoryLock,
-    DirectoryLock,
-    LockOwner,
-    LockStatus,
-)
+from ._lock import AcquiredLock, DirectoryLock, LockOwner, LockStatus
 from ._migrate import MigrationReport
 from ._store import ChangeHandle, StateStore, Watch
+
+if _TYPE_CHECKING:
+    from ._async import AsyncStateStore, AsyncWatch
+    from ._async_folder import AsyncFolderTransaction, AsyncStateFolder
+    from ._lock import AsyncAcquiredLock, AsyncDirectoryLock
+
+# The asyncio API is imported on first use, so that a program that never uses
+# it does not pay for importing asyncio at start-up.
+_LAZY = {
+    "AsyncStateStore": "._async",
+    "AsyncWatch": "._async",
+    "AsyncFolderTransaction": "._async_folder",
+    "AsyncStateFolder": "._async_folder",
+    "AsyncAcquiredLock": "._lock",
+    "AsyncDirectoryLock": "._lock",
+}
+
+
+def __getattr__(name: str) -> _Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 

@@ -37,7 +37,6 @@ from ._history import History, HistoryEntry
 from ._lock import DirectoryLock
 from ._migrate import MigrationReport, Migrations
 from ._schema import Draft, document_schema
-from ._shapes import check_model
 from ._transaction import Transaction, entered, lock_identity
 from .backends import Storage, complete
 from .backends.file import MISSING_WAIT, FileStorage
@@ -79,6 +78,8 @@ class StateStore(Generic[ModelT]):
         missing_wait: float | None = None,
         history: int | None = None,
     ) -> None:
+        from ._shapes import check_model  # pydantic's secret and root types: on first use
+
         check_model(model)
         if isinstance(path, (str, os.PathLike)):
             storage: Storage = FileStorage(

@@ -71,14 +71,31 @@ Only tests may reach a file's internal names directly.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .._errors import WaitAbandoned
-from .aio import AsyncAcquiredLock, AsyncDirectoryLock, consume, turn_gate
 from .api import DEFAULT_LEASE, MAX_LEASE, AcquiredLock, DirectoryLock
 from .claim import remove_leftover
 from .liveness import identity, process_alive
 from .observe import LockStatus
 from .record import FORMAT, FORMAT_VERSION, LIMITS, LockOwner
 from .turns import wait_time
+
+if TYPE_CHECKING:
+    from .aio import AsyncAcquiredLock, AsyncDirectoryLock, consume, turn_gate
+
+_ASYNC = frozenset({"AsyncAcquiredLock", "AsyncDirectoryLock", "consume", "turn_gate"})
+
+
+def __getattr__(name: str) -> Any:
+    # The asyncio half is imported on first use: importing asyncio costs a
+    # program that never uses it tens of milliseconds at start-up.
+    if name in _ASYNC:
+        from . import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_LEASE",
