@@ -884,12 +884,20 @@ class Document(Generic[ModelT]):
         _, changed = self.prepare(session, data, loaded)
         return data if changed else None
 
-    def prepare(self, session: Session, data: bytes, loaded: Loaded[ModelT]) -> tuple[ModelT, bool]:
+    def prepare(
+        self,
+        session: Session,
+        data: bytes,
+        loaded: Loaded[ModelT],
+        checked: ModelT | None = None,
+    ) -> tuple[ModelT, bool]:
         """Everything of a commit but the write: prove ``data`` loads back, keep the
         backup of an older version; return (the model it loads as, whether it
         differs from what the file holds). A group commit writes the changed
-        documents of a folder together afterwards."""
-        checked = self.check(data)
+        documents of a folder together afterwards. ``checked``: what
+        :meth:`check` already returned for these very bytes."""
+        if checked is None:
+            checked = self.check(data)
         if loaded.raw is not None:
             if loaded.unchanged(data):
                 return checked, False  # nothing changed: no need to rewrite the file

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Generic
 
 from ._atomic import DEFAULT_MAX_SIZE
+from ._combine import UpdateGroup
 from ._document import Document, ModelT, Snapshot, WrittenBy, revision_of
 from ._errors import StateStoreError
 from ._history import History, HistoryEntry
@@ -132,6 +133,20 @@ class StateStore(Generic[ModelT]):
                 )
         #: How many committed versions are kept (``history=N``), or None.
         self.history_size: int | None = history
+        # Updates of this store's threads, committed together (``_combine.py``).
+        self._group: UpdateGroup[ModelT] = UpdateGroup(
+            self._doc,
+            storage.session,
+            lambda: entered(
+                (storage.identity,),
+                storage.location,
+                "update()",
+                lock=lambda: lock_identity(storage.lock),
+            ),
+            history,
+            lambda: self.timeout,
+            lambda: storage.lock.path if storage.lock is not None else storage.location,
+        )
 
     @property
     def schema_ref(self) -> str | None:
@@ -313,8 +328,7 @@ class StateStore(Generic[ModelT]):
         ``fn`` returns a new model, or None after changing the one it was given.
         If it raises, nothing is written and the exception propagates.
         """
-        with self._begin("update()") as txn:
-            return txn.update(fn)
+        return self._group.update(fn)
 
     @contextmanager
     def transaction(self) -> Iterator[ModelT]:

@@ -54,7 +54,7 @@ from ._lock import DirectoryLock
 from ._migrate import MigrationReport
 from .backends import Session
 
-__all__ = ["Transaction", "entered", "lock_identity", "lock_key"]
+__all__ = ["Transaction", "entered", "inside", "lock_identity", "lock_key"]
 
 # (thread, key) pairs inside a locked operation, across every store object in the
 # process: update() on a second store object for the same file would otherwise
@@ -112,6 +112,13 @@ def entered(
     finally:
         with _active_lock:
             _active.difference_update(marks)
+
+
+def inside() -> bool:
+    """Whether this thread is inside a locked operation (of any document)."""
+    ident = threading.get_ident()
+    with _active_lock:
+        return any(t == ident for t, _ in _active)
 
 
 def lock_identity(lock: DirectoryLock | None) -> str | None:
@@ -187,11 +194,21 @@ class Transaction(Generic[ModelT]):
         doc.check_type(state, "the transaction's state is")
         return self._publish(doc.frame(doc.dump(state), loaded.schema, after=loaded), loaded)
 
-    def _publish(self, data: bytes, loaded: Loaded[ModelT]) -> ModelT:
+    def publish(self, data: bytes, checked: ModelT) -> ModelT:
+        """Commit bytes already framed after :attr:`loaded` and proved to load as
+        ``checked`` (a group of updates, each one checked as it ran)."""
+        if self._done:
+            raise RuntimeError("the transaction has already ended")
+        self._done = True
+        return self._publish(data, self.loaded, checked)
+
+    def _publish(
+        self, data: bytes, loaded: Loaded[ModelT], checked: ModelT | None = None
+    ) -> ModelT:
         """Prove ``data`` loads back, write it (unless it holds what the file holds),
         and record it in the history, all in this session (under the lock)."""
         session = self.session
-        checked, changed = self.document.prepare(session, data, loaded)
+        checked, changed = self.document.prepare(session, data, loaded, checked)
         if changed:
             keeper = self._history()
             if keeper is not None and loaded.raw:

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Final
 
@@ -96,6 +96,24 @@ class AcquiredLock:
             with contextlib.suppress(ValueError):
                 origin._taken.remove(self)
         self._at._release_hold(self._hold)
+
+    @contextlib.contextmanager
+    def lent_to(self, thread: int) -> Iterator[None]:
+        """For the block, ``thread`` is the one that may nest on this hold.
+
+        A store that commits the updates of several threads together holds the
+        lock once and runs each thread's function on that thread: while it runs,
+        the thread may take the lock again (a store of another file under the
+        same lock, as if it held it itself). The hold is given back however the
+        block ends.
+        """
+        hold = self._hold
+        before = hold.thread
+        hold.thread = thread
+        try:
+            yield
+        finally:
+            hold.thread = before
 
     def verify(self) -> None:
         """Raise :class:`LockCompromisedError` unless this level is still held and the

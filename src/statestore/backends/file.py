@@ -42,7 +42,7 @@ import shlex
 import stat
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from typing import Final
 
 from .._atomic import DEFAULT_MAX_SIZE, read_bytes, resolve_target, sweep_temp_files, write_atomic
@@ -122,6 +122,11 @@ class FileSession:
         #: The declared state folder whose lock is held, or None (the file's own lock).
         self.folder = folder
         self.path = held.file or storage.path
+
+    def lend(self, thread: int) -> AbstractContextManager[None]:
+        """For the block, ``thread`` may take this session's lock again, as its holder
+        can (a group of updates runs each function on its caller's thread)."""
+        return self._held.lent_to(thread)
 
     def read(self) -> bytes | None:
         return self._storage._read_at(self.path)
