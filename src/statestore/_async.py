@@ -305,13 +305,15 @@ class AsyncStateStore(Generic[ModelT]):
         """Whether the state file exists (the default does not count)."""
         return await asyncio.to_thread(self._store.exists)
 
-    async def load(self) -> ModelT:
-        """Read, migrate in memory and validate the state, without taking the lock."""
-        return await asyncio.to_thread(self._store.load)
+    async def load(self, *, shared: bool = False) -> ModelT:
+        """Read, migrate in memory and validate the state, without taking the lock.
+        ``shared``: see :meth:`StateStore.load` (a read-only model shared until the
+        file changes)."""
+        return await asyncio.to_thread(self._store.load, shared=shared)
 
-    async def read(self) -> Snapshot[ModelT]:
+    async def read(self, *, shared: bool = False) -> Snapshot[ModelT]:
         """The state with its revision and writer: see :meth:`StateStore.read`."""
-        return await asyncio.to_thread(self._store.read)
+        return await asyncio.to_thread(self._store.read, shared=shared)
 
     def watch(self, timeout: float | None = None) -> AsyncWatch[ModelT]:
         """``async for snapshot in store.watch():`` a :class:`Snapshot` for each new

@@ -607,12 +607,19 @@ class Document(Generic[ModelT]):
         with collector_paused():
             return self._fast_load(raw) or self._from_doc(decode(raw, self.location), raw)
 
-    def load(self, read: Callable[[], bytes | None]) -> Loaded[ModelT]:
+    def load(
+        self, read: Callable[[], bytes | None], known: Loaded[ModelT] | None = None
+    ) -> Loaded[ModelT]:
+        """The document ``read`` gives, parsed; ``known``: a document parsed before,
+        returned itself when the bytes read now are its bytes, every one of them
+        (the same bytes parse to the same model: no stat, no time stamp is trusted)."""
         attempt = 1
         while True:
             raw = read()
             if raw is None:
                 return Loaded(self.make_default(), None, self.version, None)
+            if known is not None and known.raw == raw:
+                return known
             try:
                 return self.parse(raw)
             except StateCorruptError:
