@@ -8,16 +8,33 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, Field
 
-SIZES: dict[str, int] = {"1KB": 1024, "100KB": 100 * 1024, "1MB": 1024 * 1024}
+SIZES: dict[str, int] = {
+    "1KB": 1024,
+    "100KB": 100 * 1024,
+    "1MB": 1024 * 1024,
+    "10MB": 10 * 1024 * 1024,
+}
+
+
+class Owner(BaseModel):
+    """A nested model, as real records have (who owns a task, where a job runs)."""
+
+    name: str
+    email: str | None = None
 
 
 class Item(BaseModel):
     """One record of the payload: state files mostly hold lists of records (tasks, jobs,
-    sessions), and every record is a model with a few fields."""
+    sessions), and every record is a model with strings, floats, a list, a nested model,
+    a dict and optional fields."""
 
     id: int
     name: str
+    score: float = 0.0
     tags: list[str] = Field(default_factory=list)
+    owner: Owner | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    note: str | None = None
     done: bool = False
 
 
@@ -29,7 +46,16 @@ class Doc(BaseModel):
 
 
 def _item(i: int, name: str | None = None) -> Item:
-    return Item(id=i, name=name or f"item-{i:07d}", tags=["build", "test"], done=i % 2 == 0)
+    return Item(
+        id=i,
+        name=name or f"item-{i:07d}",
+        score=i * 0.37,
+        tags=["build", "test"],
+        owner=Owner(name=f"user{i % 50}", email=f"u{i % 50}@example.org" if i % 3 else None),
+        metrics={"p50": i * 0.125, "p99": i * 0.875},
+        note=None if i % 2 else "retry later",
+        done=i % 2 == 0,
+    )
 
 
 def parse_size(text: str) -> int:
