@@ -134,12 +134,18 @@ def loads(rounds: int, n: int, root: str) -> list[str]:
     path = os.path.join(tempfile.mkdtemp(prefix="loads-", dir=root), "state.json")
     store = StateStore(Doc, path, default=Doc)
     store.save(make_doc(parse_size("1MB")))
-    raw = open(path, "rb").read()
+    with open(path, "rb") as f:
+        raw = f.read()
+
+    def compare() -> bool:
+        with open(path, "rb") as f:
+            return f.read() == raw
+
     store.load(shared=True)
     cases: dict[str, Callable[[], Any]] = {
         "load()": store.load,
         "load(shared=True)": lambda: store.load(shared=True),
-        "read the file, compare its bytes": lambda: open(path, "rb").read() == raw,
+        "read the file, compare its bytes": compare,
     }
     samples: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(rounds):
