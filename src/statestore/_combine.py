@@ -71,13 +71,24 @@ _QUEUED, _LEADING, _RUNNING, _RAN, _DONE = range(5)
 
 
 class _Job:
-    __slots__ = ("checked", "data", "error", "fn", "queued_at", "state", "step", "thread")
+    __slots__ = (
+        "checked",
+        "data",
+        "error",
+        "fn",
+        "promoted",
+        "queued_at",
+        "state",
+        "step",
+        "thread",
+    )
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
         self.thread = threading.get_ident()
         self.queued_at = time.monotonic()
         self.state = _QUEUED
+        self.promoted = False  # made the leader by the one before it
         self.step: Callable[[_Job], None] | None = None
         self.data: bytes | None = None
         self.checked: Any = None
@@ -212,6 +223,7 @@ class UpdateGroup(Generic[ModelT]):
         """(cond held) The next queued caller leads; or nobody does."""
         if self._queue:
             self._queue[0].state = _LEADING
+            self._queue[0].promoted = True
         else:
             self._leading = False
         self._cond.notify_all()
@@ -220,9 +232,10 @@ class UpdateGroup(Generic[ModelT]):
         cond = self._cond
         doc = self._document
         began = time.monotonic()
-        wait = wait_time(None, self._timeout())
-        if wait != math.inf:  # a caller promoted to lead has waited already
-            wait = max(0.0, me.queued_at + wait - began)
+        full = wait_time(None, self._timeout())
+        wait = full
+        if me.promoted and full != math.inf:  # it has waited in the queue already
+            wait = max(0.0, me.queued_at + full - began)
         group: list[_Job] = []
         try:
             try:
