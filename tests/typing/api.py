@@ -20,6 +20,8 @@ def inference(path: str) -> None:
     store = StateStore(Counter, path)
     assert_type(store, StateStore[Counter])
     assert_type(store.load(), Counter)
+    assert_type(store.load(shared=True), Counter)
+    assert_type(store.read(shared=True).state, Counter)
 
     with_default = StateStore(Counter, path, default=Counter)
     assert_type(with_default, StateStore[Counter])
@@ -71,6 +73,7 @@ async def asyncio_api(path: str) -> None:
     assert_type(store.sync, StateStore[Counter])
     assert_type(AsyncStateStore.from_store(StateStore(Other, path)), AsyncStateStore[Other])
     assert_type(await store.load(), Counter)
+    assert_type(await store.load(shared=True), Counter)
     assert_type(await store.exists(), bool)
 
     def bump(state: Counter) -> None:
