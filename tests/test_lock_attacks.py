@@ -231,20 +231,24 @@ def test_an_interrupt_between_taking_the_turn_and_the_directory_leaks_nothing(
     assert not lock.is_held
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A KeyboardInterrupt between mkdir and the owner record (_publish opening "
-    "the new directory) leaves a record-less lock directory behind; every other "
-    "acquirer waits out the creation grace before it may break it. _try_once must "
-    "take apart (rmdir, by inode) the directory it made when interrupted there.",
+@pytest.mark.parametrize(
+    "where",
+    [
+        "dirfd = os.open(path, DIR_FLAGS)",  # made, not yet opened
+        "fd_stat = os.fstat(dirfd)",  # opened, no record
+        "os.write(fd, owner.to_json())",  # the record created, empty
+        "ino = (fd_stat.st_dev, fd_stat.st_ino)",  # the record written
+        "state = settle(path, dirfd, ino, patience=2 * CLAIM_GRACE)",  # before the settle
+    ],
 )
 def test_an_interrupt_between_mkdir_and_the_owner_record_leaves_no_directory(
-    tmp_path: Path,
+    tmp_path: Path, where: str
 ) -> None:
     path = tmp_path / "l.lock"
-    publish = create.publish
-    line = _line_of(publish, "dirfd = os.open(path, DIR_FLAGS)")
+    publish = create._publish
+    line = _line_of(publish, where)
     lock = DirectoryLock(path)
+    fds = len(os.listdir("/proc/self/fd"))
     sys.settrace(_interrupt_at(publish.__code__, line))
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -252,4 +256,5 @@ def test_an_interrupt_between_mkdir_and_the_owner_record_leaves_no_directory(
     finally:
         sys.settrace(None)
     assert not path.exists()
+    assert len(os.listdir("/proc/self/fd")) == fds  # the directory's descriptor closed
     assert _other_thread_acquires(path) == ["acquired"]

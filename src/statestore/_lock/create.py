@@ -19,7 +19,9 @@ Rules:
 * **Settle looks at the claims first, then at the path**: a breaker claims
   before it renames, so "no claim, then still ours at L" leaves it no gap.
 * **A creator that cannot publish takes its directory apart** (by inode,
-  ``rmdir`` of an empty directory only) so nobody waits out the grace for it.
+  ``rmdir`` of an empty directory only) so nobody waits out the grace for it:
+  a file-system error, and an interruption anywhere between ``mkdir`` and the
+  settled record (``KeyboardInterrupt``, ``SystemExit``) alike.
 * **Who we are is read before mkdir**, not between mkdir and the record.
 """
 
@@ -156,15 +158,31 @@ def try_once(path: str, key: str, lease: float) -> Held | Observation | None:
 
 
 def publish(path: str, lease: float) -> Held | None:
-    """Write our owner record into the directory we just created."""
+    """Write our owner record into the directory we just created.
+
+    Interrupted anywhere before it returns (``KeyboardInterrupt``, ``SystemExit``,
+    an error of another kind than the file system's), it takes apart what it
+    made, as when it cannot publish, and lets the exception go on.
+    """
+    made: list[int] = []  # the directory's descriptor while it is ours to take apart
+    recorded: list[bool] = []  # whether our record is in it
+    try:
+        return _publish(path, lease, made, recorded)
+    except BaseException as e:
+        if made or not recorded:  # (not after it was settled as someone else's)
+            _abandon(path, made[0] if made else None, bool(recorded), e)
+        raise
+
+
+def _publish(path: str, lease: float, made: list[int], recorded_: list[bool]) -> Held | None:
     try:
         dirfd = os.open(path, DIR_FLAGS)
+        made.append(dirfd)
     except (FileNotFoundError, NotADirectoryError):
         return None  # replaced meanwhile: the next look says by what
     except OSError as e:
         if e.errno == errno.ELOOP:
             return None
-        _abandon(path, None, False, e)
         raise os_error(path, e, "open") from e
     recorded = False
     try:
@@ -180,16 +198,17 @@ def publish(path: str, lease: float) -> Held | None:
             dir_fd=dirfd,
         )
         recorded = True
+        recorded_.append(True)
         try:
             os.write(fd, owner.to_json())
         finally:
             os.close(fd)
         ino = (fd_stat.st_dev, fd_stat.st_ino)
     except FileExistsError:
+        made.clear()
         os.close(dirfd)
         return None
     except OSError as e:
-        _abandon(path, dirfd, recorded, e)
         raise os_error(path, e, "write the owner record of") from e
     held = Held(owner=owner, dirfd=dirfd, ino=ino)
     # Only now, with the record written, is it safe to look: a breaker that judged
@@ -199,7 +218,6 @@ def publish(path: str, lease: float) -> Held | None:
     try:
         state = settle(path, dirfd, ino, patience=2 * CLAIM_GRACE)
     except OSError as e:
-        _abandon(path, dirfd, True, e)
         raise os_error(path, e, "inspect") from e
     if state == "claimed":
         # A claim stuck in the lock we just made: its maker died in the claim's
@@ -209,10 +227,12 @@ def publish(path: str, lease: float) -> Held | None:
             if (st.st_dev, st.st_ino) == ino:
                 remove_instance(move_aside(path, "released"), dirfd)
     if state != "ours":
+        made.clear()  # not ours to take apart: moved aside, or being broken
         with contextlib.suppress(OSError):
             os.close(dirfd)
         return None
     held.next_refresh = time.monotonic() + lease / 3
+    made.clear()  # published and settled: from here on the lock is held
     return held
 
 
@@ -241,7 +261,7 @@ def settle(path: str, dirfd: int, ino: tuple[int, int], patience: float) -> str:
         time.sleep(0.001)
 
 
-def _abandon(path: str, dirfd: int | None, recorded: bool, cause: OSError) -> None:
+def _abandon(path: str, dirfd: int | None, recorded: bool, cause: BaseException) -> None:
     """Take apart the directory we made but could not publish, so nobody waits for it."""
     log.warning("lock %s: could not publish the owner record (%s)", path, cause)
     with contextlib.suppress(OSError):
