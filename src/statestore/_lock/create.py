@@ -174,7 +174,7 @@ def publish(path: str, lease: float) -> Held | None:
         raise
 
 
-def _publish(path: str, lease: float, made: list[int], recorded_: list[bool]) -> Held | None:
+def _publish(path: str, lease: float, made: list[int], recorded: list[bool]) -> Held | None:
     try:
         dirfd = os.open(path, DIR_FLAGS)
         made.append(dirfd)
@@ -184,7 +184,6 @@ def _publish(path: str, lease: float, made: list[int], recorded_: list[bool]) ->
         if e.errno == errno.ELOOP:
             return None
         raise os_error(path, e, "open") from e
-    recorded = False
     try:
         fd_stat = os.fstat(dirfd)
         owner = new_owner(lease)
@@ -197,8 +196,7 @@ def _publish(path: str, lease: float, made: list[int], recorded_: list[bool]) ->
             0o644,
             dir_fd=dirfd,
         )
-        recorded = True
-        recorded_.append(True)
+        recorded.append(True)
         try:
             os.write(fd, owner.to_json())
         finally:
