@@ -316,8 +316,11 @@ class AsyncStateStore(Generic[ModelT]):
     def watch(self, timeout: float | None = None) -> AsyncWatch[ModelT]:
         """``async for snapshot in store.watch():`` a :class:`Snapshot` for each new
         revision; the rules of :meth:`StateStore.watch` (an invalid document raises
-        its typed error from ``__anext__``, and the iterator stays usable)."""
-        return AsyncWatch(self._store.watch(timeout))
+        its typed error from ``__anext__``, and the iterator stays usable). A storage
+        whose watch waits on a server (PostgreSQL) starts it on a worker thread."""
+        store = self._store
+        blocks = bool(getattr(store.storage, "watch_blocks", False))
+        return AsyncWatch(Watch(store, timeout, start=not blocks))
 
     # ------------------------------------------------------------------ locked
 
@@ -455,20 +458,36 @@ class AsyncWatch(Generic[ModelT]):
 
     def __init__(self, watch: Watch[ModelT]) -> None:
         self._watch = watch
+        # A watch not started yet waits on a server to start: on a worker thread, at
+        # once (changes from now on are seen), never on the loop.
+        self._starting: asyncio.Future[None] | None = None
+        if watch.watcher is None and not watch.closed:
+            try:
+                self._starting = _in_thread(watch.start)
+            except RuntimeError:  # no running loop: nothing to block
+                watch.start()
 
     def __aiter__(self) -> AsyncWatch[ModelT]:
         return self
 
     async def __anext__(self) -> Snapshot[ModelT]:
-        from ._watch import wait_async
-
         watch = self._watch
+        starting = self._starting
+        if starting is not None:
+            try:
+                await asyncio.shield(starting)  # its error (cannot connect) is raised here
+            finally:
+                if starting.done():
+                    self._starting = None
+        elif watch.watcher is None and not watch.closed:
+            await run_step(watch.start)  # a start that failed before: tried again
         loop = asyncio.get_running_loop()
         timeout = watch.timeout
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             left = None if deadline is None else max(deadline - loop.time(), 0.0)
-            if watch.closed or not await wait_async(watch._watcher, left):
+            watcher = watch.watcher
+            if watch.closed or watcher is None or not await watcher.wait_async(left):
                 raise StopAsyncIteration
             snapshot = await run_step(watch.check)
             if snapshot is not None:
