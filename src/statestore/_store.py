@@ -129,8 +129,8 @@ class StateStore(Generic[ModelT]):
                 raise ValueError(f"history must be a number of versions >= 1, not {history!r}")
             if not callable(getattr(storage, "history", None)):
                 raise TypeError(
-                    f"history= needs a storage that keeps versions; {type(storage).__name__} "
-                    "has no history() (file and PostgreSQL storages have one)"
+                    "history= applies to storages that keep versions (file stores, "
+                    f"PostgresStorage); {type(self._given).__name__} has no history()"
                 )
         #: How many committed versions are kept (``history=N``), or None.
         self.history_size: int | None = history
@@ -384,9 +384,8 @@ class Watch(Generic[ModelT]):
         make = getattr(store._storage, "watcher", None)
         if not callable(make):
             raise TypeError(
-                f"{store.location}: watch() needs a storage that can watch; "
-                f"{type(store._storage).__name__} has no watcher() (file and PostgreSQL "
-                "storages have one)"
+                f"{store.location}: watch() applies to storages that can watch (file "
+                f"stores, PostgresStorage); {type(store.storage).__name__} has no watcher()"
             )
         self._store = store
         self.timeout = timeout

@@ -553,13 +553,14 @@ class PostgresStorage:
             t
         )
         self._exists = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE key = %s)").format(t)
+        # The notification is queued by the same statement (one row from pg_notify),
+        # and the server delivers it at commit, only if the transaction commits.
         self._upsert = sql.SQL(
-            "WITH w AS (INSERT INTO {} AS d (key, document, updated_at) "
-            "VALUES (%s, convert_from(%s, 'UTF8'), clock_timestamp()) "
+            "INSERT INTO {} AS d (key, document, updated_at) "
+            "SELECT %s, convert_from(%s, 'UTF8'), clock_timestamp() FROM pg_notify({}, %s) "
             "ON CONFLICT (key) DO UPDATE "
             "SET document = EXCLUDED.document, updated_at = EXCLUDED.updated_at "
-            "RETURNING pg_current_xact_id()::text AS xid) "
-            "SELECT w.xid, pg_notify({}, %s) FROM w"
+            "RETURNING pg_current_xact_id()::text"
         ).format(t, self._channel_sql)
         self._insert_backup = sql.SQL(
             "WITH ins AS (INSERT INTO {} (key, label, document) "
