@@ -461,7 +461,10 @@ class PostgresStorage:
     ``conninfo`` is a libpq connection string or URI (empty: the ``PG*`` environment
     variables). ``table`` (in ``schema``, else the search path) holds the documents,
     ``backup_table`` (default ``<table>_backups``) the backups migrations keep; both
-    are created when missing. ``durable=False`` commits with ``synchronous_commit =
+    are created when missing. ``history_table`` (default ``<table>_history``) holds
+    the versions a store with ``history=N`` keeps, created at the first one.
+    ``watch_poll``: seconds between a watcher's looks at the row, the latency for
+    a change made without statestore (commits through it are notified at once). ``durable=False`` commits with ``synchronous_commit =
     off`` (a server crash may lose the last saves, never mix them). Up to ``max_idle``
     connections are kept open between uses, shared by the process's threads.
 
@@ -481,6 +484,7 @@ class PostgresStorage:
         durable: bool = True,
         max_idle: int = 2,
         history_table: str | None = None,
+        watch_poll: float = WATCH_POLL_INTERVAL,
     ) -> None:
         if not isinstance(key, str) or not key or "\0" in key:
             raise ValueError(f"key must be a non-empty string without NUL, not {key!r}")
@@ -496,6 +500,8 @@ class PostgresStorage:
                 _check_name(what, name)
         if max_idle < 0:
             raise ValueError("max_idle must be at least 0")
+        if not (isinstance(watch_poll, (int, float)) and watch_poll > 0):
+            raise ValueError(f"watch_poll must be a positive number of seconds, not {watch_poll!r}")
         try:
             params = conninfo_to_dict(conninfo)
         except psycopg.Error as e:
@@ -506,6 +512,9 @@ class PostgresStorage:
         self.backup_table = backup_table
         #: The table of the kept versions (``history=N``), made at the first one.
         self.history_table = history_table
+        #: Seconds between a watcher's looks at the row (a change made without
+        #: statestore, such as an ``UPDATE`` in psql, is seen within this).
+        self.watch_poll = float(watch_poll)
         self.durable = durable
         self._conninfo = conninfo
         self._params = params
@@ -730,7 +739,9 @@ class PostgresStorage:
 
     def watcher(self, *, poll_interval: float | None = None) -> PostgresWatcher:
         """A :class:`PostgresWatcher` of this document (what ``store.watch()`` waits on)."""
-        return PostgresWatcher(self, poll_interval=poll_interval)
+        return PostgresWatcher(
+            self, poll_interval=self.watch_poll if poll_interval is None else poll_interval
+        )
 
     def history(self, keep: int) -> PostgresHistory:
         """The history keeper of the document (``history=N``), reading on a pooled
