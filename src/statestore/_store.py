@@ -10,13 +10,15 @@ Revisions, watching and history (``docs/revisions.md``, ``docs/watching.md``):
 :meth:`StateStore.read` gives a :class:`Snapshot` (state, revision, who wrote
 it); ``save(state, expect=revision)`` is a compare-and-swap under the lock.
 :meth:`StateStore.watch` yields a snapshot for each new revision: it wakes on
-the file watcher (inotify, or a stat poll), re-reads, and hands out a state
+the watcher its storage gives (``storage.watcher()``: a file's inotify or stat
+poll, PostgreSQL's LISTEN and slow poll), re-reads, and hands out a state
 only when the revision differs from the last one it reported, so a burst of
 commits gives the newest, and a wake-up without a change gives nothing. A
 document that does not read or validate is an error event: the typed error is
 raised from ``next()``, the iterator stays usable, and the same bad bytes are
 not reported twice. ``history=N`` keeps the last N committed versions
-(``_history.py``), recorded under the lock.
+through the keeper the storage gives (``storage.history(N)``; files:
+``_history.py``), recorded under the lock.
 """
 
 from __future__ import annotations
@@ -286,7 +288,9 @@ class StateStore(Generic[ModelT]):
         without a change; None waits for ever. A document that does not read or
         validate raises its typed error from ``next()`` (the iterator stays
         usable: iterate again for the next change). ``close()`` (or the
-        ``with`` block) stops it, from any thread. File stores only.
+        ``with`` block) stops it, from any thread. Any storage with a
+        ``watcher()``: files (inotify or a stat poll), PostgreSQL (``LISTEN``
+        and a slow poll of the row).
         """
         return Watch(self, timeout)
 

@@ -464,9 +464,10 @@ class PostgresStorage:
     are created when missing. ``history_table`` (default ``<table>_history``) holds
     the versions a store with ``history=N`` keeps, created at the first one.
     ``watch_poll``: seconds between a watcher's looks at the row, the latency for
-    a change made without statestore (commits through it are notified at once). ``durable=False`` commits with ``synchronous_commit =
-    off`` (a server crash may lose the last saves, never mix them). Up to ``max_idle``
-    connections are kept open between uses, shared by the process's threads.
+    a change made without statestore (commits through it are notified at once).
+    ``durable=False`` commits with ``synchronous_commit = off`` (a server crash may
+    lose the last saves, never mix them). Up to ``max_idle`` connections are kept
+    open between uses, shared by the process's threads.
 
     >>> storage = PostgresStorage("postgresql://app@db.internal/app", key="jobs")
     >>> storage.location
