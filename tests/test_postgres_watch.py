@@ -509,6 +509,19 @@ def test_a_server_gone_for_good_is_a_typed_error_never_a_silent_wait(table: str)
         proxy.close()
 
 
+def test_a_storage_made_not_to_notify_is_seen_by_the_poll_only(table: str) -> None:
+    quiet = store_of(table, notify=False)
+    quiet.save(Counter(count=1))
+    storage = quiet.storage
+    assert isinstance(storage, PostgresStorage)
+    with storage.watcher() as watcher:
+        quiet.update(bump)
+        assert watcher.wait(0.5) is False  # no notification, and the poll is far away
+    with store_of(table, poll=0.2, notify=False).watch(timeout=20) as watch:
+        quiet.update(bump)
+        assert next(watch).state.count == 3
+
+
 def test_watch_poll_is_checked() -> None:
     for bad in (0, -1, float("nan"), "1"):
         with pytest.raises(ValueError, match="watch_poll"):

@@ -465,6 +465,8 @@ class PostgresStorage:
     the versions a store with ``history=N`` keeps, created at the first one.
     ``watch_poll``: seconds between a watcher's looks at the row, the latency for
     a change made without statestore (commits through it are notified at once).
+    ``notify=False``: commits send no notification (the server serialises the
+    commits of every transaction that notifies); watchers then rely on the poll.
     ``durable=False`` commits with ``synchronous_commit = off`` (a server crash may
     lose the last saves, never mix them). Up to ``max_idle`` connections are kept
     open between uses, shared by the process's threads.
@@ -486,6 +488,7 @@ class PostgresStorage:
         max_idle: int = 2,
         history_table: str | None = None,
         watch_poll: float = WATCH_POLL_INTERVAL,
+        notify: bool = True,
     ) -> None:
         if not isinstance(key, str) or not key or "\0" in key:
             raise ValueError(f"key must be a non-empty string without NUL, not {key!r}")
@@ -516,6 +519,8 @@ class PostgresStorage:
         #: Seconds between a watcher's looks at the row (a change made without
         #: statestore, such as an ``UPDATE`` in psql, is seen within this).
         self.watch_poll = float(watch_poll)
+        #: Whether commits notify watchers (False: they see changes by the poll only).
+        self.notify = bool(notify)
         self.durable = durable
         self._conninfo = conninfo
         self._params = params
@@ -565,13 +570,18 @@ class PostgresStorage:
         self._exists = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE key = %s)").format(t)
         # The notification is queued by the same statement (one row from pg_notify),
         # and the server delivers it at commit, only if the transaction commits.
+        notifying = (
+            sql.SQL("pg_notify({}, %s)").format(self._channel_sql)
+            if self.notify
+            else sql.SQL("(SELECT %s::text) AS quiet")
+        )
         self._upsert = sql.SQL(
             "INSERT INTO {} AS d (key, document, updated_at) "
-            "SELECT %s, convert_from(%s, 'UTF8'), clock_timestamp() FROM pg_notify({}, %s) "
+            "SELECT %s, convert_from(%s, 'UTF8'), clock_timestamp() FROM {} "
             "ON CONFLICT (key) DO UPDATE "
             "SET document = EXCLUDED.document, updated_at = EXCLUDED.updated_at "
             "RETURNING pg_current_xact_id()::text"
-        ).format(t, self._channel_sql)
+        ).format(t, notifying)
         self._insert_backup = sql.SQL(
             "WITH ins AS (INSERT INTO {} (key, label, document) "
             "VALUES (%s, %s, convert_from(%s, 'UTF8')) ON CONFLICT (key, label) DO NOTHING) "
