@@ -313,6 +313,39 @@ def test_an_idle_watcher_uses_no_cpu(table: str) -> None:
     assert used < 0.05, f"an idle watcher used {used:.3f} s of CPU in 1 s"
 
 
+def test_on_change_calls_back_for_each_commit_and_each_bad_row(
+    admin: psycopg.Connection[Any], table: str
+) -> None:
+    store = store_of(table, poll=0.2)
+    store.save(Counter(count=1))
+    seen: list[int] = []
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def on(snapshot: Any) -> None:
+        seen.append(snapshot.state.count)
+        if snapshot.state.count == 4:
+            done.set()
+
+    handle = store.on_change(on, on_error=errors.append)
+    try:
+        store.update(bump)
+        deadline = time.monotonic() + 20
+        while seen != [2]:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.01)
+        put(admin, table, '{"count": "x"}')
+        while not errors:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        put(admin, table, '{"count": 4}')
+        assert done.wait(20)
+    finally:
+        handle.stop()
+    assert seen == [2, 4] and isinstance(errors[0], StateValidationError)
+    assert not handle.running
+
+
 def test_close_from_another_thread_ends_a_blocked_next(table: str) -> None:
     store = store_of(table)
     store.save(Counter(count=1))
