@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from test_postgres import DSN, admin, put  # noqa: F401 - fixtures
 
 from statestore import StateReadError, StateStore, StateValidationError, StateWriteError
-from statestore.backends.postgres import PostgresStorage
+from statestore.backends.postgres import PostgresFolder, PostgresStorage
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -280,6 +280,20 @@ def test_history_names_its_table_and_refuses_a_long_name() -> None:
     assert other.history_location.endswith("#s.kept/j")
     with pytest.raises(ValueError, match="history_table"):
         PostgresStorage("", key="jobs", history_table="x" * 64)
+
+
+def test_a_folders_store_keeps_history_and_a_group_commit_is_recorded_next_time(
+    admin: psycopg.Connection[Any], table: str
+) -> None:
+    with PostgresFolder(DSN, "plan", table=table) as folder:
+        a = folder.store(Counter, "a", default=Counter, history=3)
+        a.save(Counter(count=1))
+        with folder.transaction() as tx:
+            tx[a].count = 2  # a group commit: no version recorded now
+        assert [json.loads(d)["count"] for _, _, d in kept(admin, table, "plan/a")] == [1]
+        a.save(Counter(count=3))  # records the group's version first, then its own
+        assert [json.loads(d)["count"] for _, _, d in kept(admin, table, "plan/a")] == [1, 2, 3]
+        assert a.restore(a.history()[1].revision).count == 2
 
 
 def test_cli_log_and_restore_over_postgres(table: str, tmp_path: Path) -> None:

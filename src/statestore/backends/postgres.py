@@ -1695,13 +1695,16 @@ class PostgresFolder:
         schema_ref: str | None = None,
         read_attempts: int = 3,
         read_delay: float = 0.05,
+        history: int | None = None,
     ) -> StateStore[M]:
         """A store of the document ``name`` (without ``/``) of this folder: the row
         keyed ``<namespace>/<name>``.
 
         An ordinary :class:`StateStore` in every way; its sessions take the
         folder's lock (shared) before the document's own, so they wait for a
-        folder transaction, and it for them.
+        folder transaction, and it for them. ``history=N``: the store's own
+        commits keep versions (``<table>_history``); a group commit records
+        none, and the store's next commit records the version it replaces.
         """
         if not isinstance(name, str) or not name or "/" in name or "\0" in name:
             raise ValueError(
@@ -1733,6 +1736,7 @@ class PostgresFolder:
             schema_ref=schema_ref,
             read_attempts=read_attempts,
             read_delay=read_delay,
+            history=history,
         )
         self._stores[name] = made
         return made
