@@ -389,6 +389,7 @@ def test_the_async_watcher_does_not_block_the_loop(table: str) -> None:
         idle = store.watch(timeout=0.5)
         assert [s async for s in idle] == []
         during = ticks - before
+        idle.close()
         watch.close()
         stop.set()
         await task

@@ -1279,10 +1279,7 @@ class PostgresWatcher:
                 if deadline is not None and deadline - time.monotonic() <= 0:
                     return False
                 step = self._step(deadline)
-                fds = [self._wake_r]
-                conn = self._conn
-                if conn is not None:
-                    fds.append(conn.fileno())
+                fds = self._fds()
                 ready, _, _ = select.select(fds, [], [], step)
                 if self._wake_r in ready:
                     with contextlib.suppress(OSError):
@@ -1311,10 +1308,7 @@ class PostgresWatcher:
                 step = self._step(deadline)
                 if deadline is not None and deadline - time.monotonic() <= 0:
                     return False
-                fds = [self._wake_r]
-                conn = self._conn
-                if conn is not None:
-                    fds.append(conn.fileno())
+                fds = self._fds()
                 ready: asyncio.Future[None] = loop.create_future()
 
                 def wake(f: asyncio.Future[None] = ready) -> None:
@@ -1384,6 +1378,15 @@ class PostgresWatcher:
         self._pid = os.getpid()
         self._lost(time.monotonic())
 
+    def _fds(self) -> list[int]:
+        """What a wait sleeps on: the wake-up pipe, and the socket while connected."""
+        fds = [self._wake_r]
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):  # dropped meanwhile: the next look says
+                fds.append(conn.fileno())
+        return fds
+
     def _step(self, deadline: float | None) -> float:
         """Seconds to sleep: until the deadline, the next poll or the next reconnection."""
         now = time.monotonic()
@@ -1436,7 +1439,9 @@ class PostgresWatcher:
     def _connect(self) -> None:
         """Connect, listen on the table's channel, and look at the row."""
         conn = self._storage._connect()
-        conn.add_notify_handler(self._on_notify)
+        # Through a weak reference: the connection must not keep the watcher alive,
+        # so that a watcher let go is closed (and its connection with it) at once.
+        conn.add_notify_handler(functools.partial(_notify_weakly, weakref.ref(self)))
         self._conn = conn
         self._channel = self._oid = None
         self._poll(time.monotonic())
@@ -1547,6 +1552,12 @@ class PostgresWatcher:
 
 
 _watchers: weakref.WeakSet[PostgresWatcher] = weakref.WeakSet()
+
+
+def _notify_weakly(ref: weakref.ReferenceType[PostgresWatcher], note: psycopg.Notify) -> None:
+    watcher = ref()
+    if watcher is not None:
+        watcher._on_notify(note)
 
 
 def _open(conninfo: str, params: dict[str, Any]) -> _Conn:
