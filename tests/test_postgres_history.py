@@ -329,6 +329,9 @@ def test_cli_log_and_restore_over_postgres(table: str, tmp_path: Path) -> None:
     log = cli("log", "pgapp:store")
     assert log.returncode == 0, log.stderr
     assert first in log.stdout
+    diff = cli("diff", "pgapp:store", first)
+    assert diff.returncode == 0, diff.stderr
+    assert '"count": 1' in diff.stdout and '"count": 2' in diff.stdout
     done = cli("restore", "pgapp:store", first)
     assert done.returncode == 0, done.stderr
     assert store.load().count == 1
