@@ -89,6 +89,25 @@ def test_history_lists_and_reads_the_newest_versions(
     assert [json.loads(d)["count"] for _, _, d in kept(admin, table)] == [4, 5, 3]
 
 
+def test_the_async_store_records_in_its_sessions_too(
+    admin: psycopg.Connection[Any], table: str
+) -> None:
+    import asyncio
+
+    from statestore import AsyncStateStore
+
+    sync = store_of(table, keep=2)
+    store = AsyncStateStore.from_store(sync)
+
+    async def main() -> None:
+        for n in range(1, 4):
+            await store.save(Counter(count=n))
+        await store.update(bump)
+
+    asyncio.run(main())
+    assert [json.loads(d)["count"] for _, _, d in kept(admin, table)] == [3, 4]
+
+
 def test_history_is_bounded_at_n_under_a_long_run(
     admin: psycopg.Connection[Any], table: str
 ) -> None:
