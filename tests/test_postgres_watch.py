@@ -377,7 +377,9 @@ def test_the_async_watcher_does_not_block_the_loop(table: str) -> None:
         task = asyncio.create_task(ticker())
         seen: list[int] = []
         watch = store.watch(timeout=20)
-        await asyncio.sleep(0.3)
+        before = ticks
+        await watch.started()  # connected and listening, off the loop
+        assert watch._watch.watcher is not None and ticks >= before
         for _ in range(3):
             await store.update(bump)
         async for snap in watch:
@@ -385,11 +387,10 @@ def test_the_async_watcher_does_not_block_the_loop(table: str) -> None:
             if snap.state.count == 3:
                 break
         # Waiting with nothing to see: the loop runs on meanwhile.
-        before = ticks
-        idle = store.watch(timeout=0.5)
-        assert [s async for s in idle] == []
-        during = ticks - before
-        idle.close()
+        async with store.watch(timeout=0.5) as idle:
+            before = ticks
+            assert [s async for s in idle] == []
+            during = ticks - before
         watch.close()
         stop.set()
         await task

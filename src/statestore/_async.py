@@ -472,15 +472,7 @@ class AsyncWatch(Generic[ModelT]):
 
     async def __anext__(self) -> Snapshot[ModelT]:
         watch = self._watch
-        starting = self._starting
-        if starting is not None:
-            try:
-                await asyncio.shield(starting)  # its error (cannot connect) is raised here
-            finally:
-                if starting.done():
-                    self._starting = None
-        elif watch.watcher is None and not watch.closed:
-            await run_step(watch.start)  # a start that failed before: tried again
+        await self.started()
         loop = asyncio.get_running_loop()
         timeout = watch.timeout
         deadline = None if timeout is None else loop.time() + timeout
@@ -501,7 +493,28 @@ class AsyncWatch(Generic[ModelT]):
         """Stop watching (from any thread); a waiting ``__anext__`` ends."""
         self._watch.close()
 
+    async def started(self) -> None:
+        """Wait until the watch has started (a storage that watches through a server
+        starts it on a worker thread): changes committed after this are seen.
+        ``async with store.watch() as watch:`` waits for it; an error starting it
+        (the server cannot be reached) is raised here."""
+        watch = self._watch
+        starting = self._starting
+        if starting is not None:
+            try:
+                await asyncio.shield(starting)
+            finally:
+                if starting.done():
+                    self._starting = None
+        elif watch.watcher is None and not watch.closed:
+            await run_step(watch.start)  # a start that failed before: tried again
+
     async def __aenter__(self) -> AsyncWatch[ModelT]:
+        try:
+            await self.started()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
