@@ -113,11 +113,3 @@ def test_two_processes_with_the_same_expect_exactly_one_wins(
         after = store.read()
         assert after.state.count == winners[0]
         assert after.written_by is not None and after.written_by.pid == winners[0]
-
-
-def test_watch_and_history_say_they_are_for_files(storage: PostgresStorage) -> None:  # noqa: F811
-    store = StateStore(Counter, storage, default=Counter)
-    with pytest.raises(TypeError, match="file stores"):
-        store.watch()
-    with pytest.raises(TypeError, match="file stores"):
-        StateStore(Counter, storage, default=Counter, history=3)

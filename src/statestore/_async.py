@@ -318,8 +318,11 @@ class AsyncStateStore(Generic[ModelT]):
     def watch(self, timeout: float | None = None) -> AsyncWatch[ModelT]:
         """``async for snapshot in store.watch():`` a :class:`Snapshot` for each new
         revision; the rules of :meth:`StateStore.watch` (an invalid document raises
-        its typed error from ``__anext__``, and the iterator stays usable)."""
-        return AsyncWatch(self._store.watch(timeout))
+        its typed error from ``__anext__``, and the iterator stays usable). A storage
+        whose watch waits on a server (PostgreSQL) starts it on a worker thread."""
+        store = self._store
+        blocks = bool(getattr(store.storage, "watch_blocks", False))
+        return AsyncWatch(Watch(store, timeout, start=not blocks))
 
     # ------------------------------------------------------------------ locked
 
@@ -457,20 +460,28 @@ class AsyncWatch(Generic[ModelT]):
 
     def __init__(self, watch: Watch[ModelT]) -> None:
         self._watch = watch
+        # A watch not started yet waits on a server to start: on a worker thread, at
+        # once (changes from now on are seen), never on the loop.
+        self._starting: asyncio.Future[None] | None = None
+        if watch.watcher is None and not watch.closed:
+            try:
+                self._starting = _in_thread(watch.start)
+            except RuntimeError:  # no running loop: nothing to block
+                watch.start()
 
     def __aiter__(self) -> AsyncWatch[ModelT]:
         return self
 
     async def __anext__(self) -> Snapshot[ModelT]:
-        from ._watch import wait_async
-
         watch = self._watch
+        await self.started()
         loop = asyncio.get_running_loop()
         timeout = watch.timeout
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             left = None if deadline is None else max(deadline - loop.time(), 0.0)
-            if watch.closed or not await wait_async(watch._watcher, left):
+            watcher = watch.watcher
+            if watch.closed or watcher is None or not await watcher.wait_async(left):
                 raise StopAsyncIteration
             snapshot = await run_step(watch.check)
             if snapshot is not None:
@@ -484,7 +495,28 @@ class AsyncWatch(Generic[ModelT]):
         """Stop watching (from any thread); a waiting ``__anext__`` ends."""
         self._watch.close()
 
+    async def started(self) -> None:
+        """Wait until the watch has started (a storage that watches through a server
+        starts it on a worker thread): changes committed after this are seen.
+        ``async with store.watch() as watch:`` waits for it; an error starting it
+        (the server cannot be reached) is raised here."""
+        watch = self._watch
+        starting = self._starting
+        if starting is not None:
+            try:
+                await asyncio.shield(starting)
+            finally:
+                if starting.done():
+                    self._starting = None
+        elif watch.watcher is None and not watch.closed:
+            await run_step(watch.start)  # a start that failed before: tried again
+
     async def __aenter__(self) -> AsyncWatch[ModelT]:
+        try:
+            await self.started()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -33,6 +33,13 @@ Rules:
   serialised by the caller (the store records under the document's lock); two
   concurrent records are both kept, in an unspecified order between them.
 
+The seam. The store and the transaction core do not build a history: they
+ask the storage (``storage.history(keep)``, for listing and reading) and the
+session (``session.history(keep)``, for recording under the lock) for a
+:class:`HistoryKeeper`. A file storage gives this module's :class:`History`;
+the PostgreSQL storage a ``PostgresHistory``, which keeps the versions in a
+table and records them in the commit's own transaction.
+
 Revisions are opaque strings chosen by the caller. Reading a revision that is
 not (or no longer) kept raises :class:`StateReadError` with ``errno`` ENOENT
 (not a ``StateNotFoundError``: the state file itself may well exist).
@@ -49,7 +56,7 @@ import secrets
 import stat
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 from ._atomic import abandoned_temp_files, file_kind, write_atomic
 from ._errors import StateReadError, StateStoreError, StateWriteError
@@ -58,6 +65,7 @@ __all__ = [
     "HISTORY_FOLDER",
     "History",
     "HistoryEntry",
+    "HistoryKeeper",
 ]
 
 #: The folder, next to the state files, that holds their histories.
@@ -89,6 +97,31 @@ class HistoryEntry(NamedTuple):
     time: float
     written_by: Any
     size: int
+
+
+class HistoryKeeper(Protocol):
+    """The last ``keep`` committed versions of one document, wherever they are kept."""
+
+    keep: int
+
+    def entries(self) -> list[HistoryEntry]:
+        """The kept versions, newest first."""
+        ...
+
+    def newest(self) -> HistoryEntry | None:
+        """The newest kept version, or None."""
+        ...
+
+    def read(self, revision: str) -> bytes:
+        """The bytes committed as ``revision``; :class:`StateReadError` (ENOENT) if
+        it is not kept."""
+        ...
+
+    def record(
+        self, data: bytes, revision: str, written_by: Mapping[str, Any] | None = None
+    ) -> None:
+        """Keep ``data`` as ``revision``, then prune to the newest ``keep``."""
+        ...
 
 
 class History:

@@ -10,13 +10,15 @@ Revisions, watching and history (``docs/revisions.md``, ``docs/watching.md``):
 :meth:`StateStore.read` gives a :class:`Snapshot` (state, revision, who wrote
 it); ``save(state, expect=revision)`` is a compare-and-swap under the lock.
 :meth:`StateStore.watch` yields a snapshot for each new revision: it wakes on
-the file watcher (inotify, or a stat poll), re-reads, and hands out a state
+the watcher its storage gives (``storage.watcher()``: a file's inotify or stat
+poll, PostgreSQL's LISTEN and slow poll), re-reads, and hands out a state
 only when the revision differs from the last one it reported, so a burst of
 commits gives the newest, and a wake-up without a change gives nothing. A
 document that does not read or validate is an error event: the typed error is
 raised from ``next()``, the iterator stays usable, and the same bad bytes are
 not reported twice. ``history=N`` keeps the last N committed versions
-(``_history.py``), recorded under the lock.
+through the keeper the storage gives (``storage.history(N)``; files:
+``_history.py``), recorded under the lock.
 """
 
 from __future__ import annotations
@@ -28,19 +30,22 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Generic
+from typing import TYPE_CHECKING, Any, Generic
 
 from ._atomic import DEFAULT_MAX_SIZE
 from ._combine import UpdateGroup
 from ._document import Document, Loaded, ModelT, Snapshot, WrittenBy, revision_of
 from ._errors import StateStoreError
-from ._history import History, HistoryEntry
+from ._history import HistoryEntry, HistoryKeeper
 from ._lock import DirectoryLock
 from ._migrate import MigrationReport, Migrations
 from ._schema import Draft, document_schema
 from ._transaction import Transaction, entered, lock_identity
 from .backends import Storage, complete
 from .backends.file import MISSING_WAIT, FileStorage
+
+if TYPE_CHECKING:
+    from ._watch import Watcher
 
 __all__ = ["ChangeHandle", "ModelT", "StateStore", "Watch"]
 
@@ -126,10 +131,10 @@ class StateStore(Generic[ModelT]):
         if history is not None:
             if isinstance(history, bool) or not isinstance(history, int) or history < 1:
                 raise ValueError(f"history must be a number of versions >= 1, not {history!r}")
-            if not isinstance(storage, FileStorage):
+            if not callable(getattr(storage, "history", None)):
                 raise TypeError(
-                    f"history= applies to file stores only; {type(storage).__name__} keeps "
-                    "no history"
+                    "history= applies to storages that keep versions (file stores, "
+                    f"PostgresStorage); {type(self._given).__name__} has no history()"
                 )
         #: How many committed versions are kept (``history=N``), or None.
         self.history_size: int | None = history
@@ -320,7 +325,9 @@ class StateStore(Generic[ModelT]):
         without a change; None waits for ever. A document that does not read or
         validate raises its typed error from ``next()`` (the iterator stays
         usable: iterate again for the next change). ``close()`` (or the
-        ``with`` block) stops it, from any thread. File stores only.
+        ``with`` block) stops it, from any thread. Any storage with a
+        ``watcher()``: files (inotify or a stat poll), PostgreSQL (``LISTEN``
+        and a slow poll of the row).
         """
         return Watch(self, timeout)
 
@@ -338,10 +345,11 @@ class StateStore(Generic[ModelT]):
         """
         return ChangeHandle(self.watch(), fn, on_error)
 
-    def _keeper(self) -> History:
+    def _keeper(self) -> HistoryKeeper:
         if self.history_size is None:
             raise TypeError(f"{self.location}: the store keeps no history; give it history=N")
-        return History(self.path, keep=self.history_size)
+        keeper: HistoryKeeper = self._storage.history(self.history_size)  # type: ignore[attr-defined]
+        return keeper
 
     def update(self, fn: Callable[[ModelT], ModelT | None]) -> ModelT:
         """Load, apply ``fn``, validate and save, all under the lock; return what was saved.
@@ -410,20 +418,41 @@ class StateStore(Generic[ModelT]):
 class Watch(Generic[ModelT]):
     """What :meth:`StateStore.watch` returns: iterate for snapshots; ``close()``."""
 
-    def __init__(self, store: StateStore[ModelT], timeout: float | None) -> None:
-        from ._watch import FileWatcher  # not imported by programs that never watch
-
-        if not isinstance(store._storage, FileStorage):
+    def __init__(
+        self, store: StateStore[ModelT], timeout: float | None, *, start: bool = True
+    ) -> None:
+        make = getattr(store._storage, "watcher", None)
+        if not callable(make):
             raise TypeError(
-                f"{store.location}: watch() applies to file stores only (a PostgreSQL "
-                "store has no change notification yet)"
+                f"{store.location}: watch() applies to storages that can watch (file "
+                f"stores, PostgresStorage); {type(store.storage).__name__} has no watcher()"
             )
         self._store = store
         self.timeout = timeout
+        self._make: Callable[[], Watcher] = make
+        self._watcher: Watcher | None = None
+        self._closed = False
+        self.last: str | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Begin watching (``watch()`` does; the async store on a worker thread when
+        the storage's watcher waits on a server). Changes from here on are seen."""
+        if self._watcher is not None or self._closed:
+            return
         # The watcher first, then the revision it starts from: a change in between
         # is seen (as a wake-up) rather than lost.
-        self._watcher = FileWatcher(store._storage.path)
-        self.last: str | None = self._revision_now()
+        watcher = self._make()
+        self.last = self._revision_now()
+        self._watcher = watcher
+        if self._closed:  # closed by another thread meanwhile
+            watcher.close()
+
+    @property
+    def watcher(self) -> Watcher | None:
+        """What this watch waits on (the storage's ``watcher()``), once started."""
+        return self._watcher
 
     def _revision_now(self) -> str | None:
         try:
@@ -438,7 +467,10 @@ class Watch(Generic[ModelT]):
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            if self._watcher.closed or not self._watcher.wait(left):
+            if self._watcher is None:
+                self.start()
+            watcher = self._watcher
+            if watcher is None or watcher.closed or not watcher.wait(left):
                 raise StopIteration
             snapshot = self.check()
             if snapshot is not None:
@@ -466,11 +498,13 @@ class Watch(Generic[ModelT]):
 
     @property
     def closed(self) -> bool:
-        return self._watcher.closed
+        return self._closed or (self._watcher is not None and self._watcher.closed)
 
     def close(self) -> None:
         """Stop watching; a ``next()`` blocked in another thread ends (StopIteration)."""
-        self._watcher.close()
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.close()
 
     def __enter__(self) -> Watch[ModelT]:
         return self

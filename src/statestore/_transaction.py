@@ -49,7 +49,7 @@ from typing import Generic
 
 from ._document import Document, Loaded, ModelT, read_stamp, revision_of
 from ._errors import ConflictError, NestedTransactionError, StateNotFoundError
-from ._history import History
+from ._history import HistoryKeeper
 from ._lock import DirectoryLock
 from ._migrate import MigrationReport
 from .backends import Session
@@ -221,13 +221,19 @@ class Transaction(Generic[ModelT]):
                 keeper.record(data, revision_of(data, counter), stamp)
         return checked
 
-    def _history(self) -> History | None:
+    def _history(self) -> HistoryKeeper | None:
+        # The session's keeper: it records under the session's lock (and, in a
+        # database, in the commit's own transaction).
         if self.history is None:
             return None
-        path = getattr(self.session, "path", None)
-        if not isinstance(path, str):
-            raise TypeError(f"{self.document.location}: history= applies to file stores only")
-        return History(path, keep=self.history)
+        make = getattr(self.session, "history", None)
+        if not callable(make):
+            raise TypeError(
+                f"{self.document.location}: history= needs a session that keeps versions "
+                f"({type(self.session).__name__} has no history())"
+            )
+        keeper: HistoryKeeper = make(self.history)
+        return keeper
 
     def check_expected(self, expect: str) -> None:
         """Raise :class:`ConflictError` unless the document read under the lock is at

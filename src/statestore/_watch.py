@@ -39,6 +39,13 @@ interval, and can miss a rewrite that keeps the same inode, size and
 timestamps within one tick of a coarse clock (the limits are in
 ``docs/watching.md``).
 
+The seam. A store does not know which watcher it has: it asks its storage
+(``storage.watcher()``) for an object of the :class:`Watcher` shape, the
+file storage for a :class:`FileWatcher`, the PostgreSQL storage for a
+``PostgresWatcher`` (``LISTEN``/``NOTIFY`` and a slow poll of the row). Every
+watcher keeps the rules above: a wake-up means "may have changed", nothing is
+missed between two waits, ``close()`` from any thread ends a blocked wait.
+
 Threads and processes. ``close()`` may be called from any thread: it wakes a
 blocked ``wait()``, which then returns ``False``; a ``wait()`` after ``close()``
 raises :class:`StateReadError` (``EBADF``). A forked child never shares its parent's
@@ -61,13 +68,14 @@ import sys
 import threading
 import time
 import weakref
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from ._errors import StateReadError
 
 __all__ = [
     "POLL_INTERVAL",
     "FileWatcher",
+    "Watcher",
     "wait_async",
 ]
 
@@ -120,6 +128,26 @@ _REMOTE_FS: Final = frozenset(
         "vmhgfs",
     }
 )
+
+
+class Watcher(Protocol):
+    """What ``store.watch()`` waits on; a storage's ``watcher()`` makes one."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the document may have changed since the last wait (True), the
+        timeout passes or another thread closes the watcher (False)."""
+        ...
+
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        """:meth:`wait` for asyncio, without blocking the event loop."""
+        ...
+
+    def close(self) -> None:
+        """Stop watching, from any thread."""
+        ...
 
 
 class _Libc:
@@ -404,6 +432,10 @@ class FileWatcher:
                         os.read(self._wake_r, 512)
         finally:
             self._leave()
+
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        """:meth:`wait` for asyncio (:func:`wait_async`)."""
+        return await wait_async(self, timeout)
 
     def close(self) -> None:
         """Stop watching; a ``wait()`` blocked in another thread returns False."""

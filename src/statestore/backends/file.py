@@ -43,12 +43,16 @@ import stat
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .._atomic import DEFAULT_MAX_SIZE, read_bytes, resolve_target, sweep_temp_files, write_atomic
 from .._errors import LockError, StateMissingError, StateReadError, StateWriteError
 from .._folder_journal import MARKER, group_commit, read_marker, recover
 from .._lock import AcquiredLock, DirectoryLock
+
+if TYPE_CHECKING:
+    from .._history import History
+    from .._watch import FileWatcher
 
 __all__ = [
     "EDITOR_BACKUP_SUFFIX",
@@ -193,6 +197,12 @@ class FileSession:
                 errno=errno.EEXIST,
             )
         return target
+
+    def history(self, keep: int) -> History:
+        """The history keeper (``history=N``) of the file this session's lock guards."""
+        from .._history import History
+
+        return History(self.path, keep=keep)
 
 
 class FileStorage:
@@ -451,3 +461,17 @@ class FileStorage:
             # Once per store and process: temp files of writers that died.
             sweep_temp_files(self.path)
             self._swept = True
+
+    # Watching and history: the store asks its storage for both.
+
+    def watcher(self) -> FileWatcher:
+        """A :class:`~statestore._watch.FileWatcher` of the file (``store.watch()``)."""
+        from .._watch import FileWatcher  # not imported by programs that never watch
+
+        return FileWatcher(self.path)
+
+    def history(self, keep: int) -> History:
+        """The history keeper (``history=N``): ``.statestore-history/`` beside the file."""
+        from .._history import History
+
+        return History(self.path, keep=keep)

@@ -58,15 +58,20 @@ State folders (:class:`PostgresFolder`, the twin of ``StateFolder``): the rules.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import functools
 import hashlib
+import json
 import math
 import os
+import select
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, contextmanager
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -76,7 +81,7 @@ from pydantic import BaseModel
 try:
     import psycopg
     from psycopg import errors as pgerrors
-    from psycopg import sql
+    from psycopg import pq, sql
     from psycopg.conninfo import conninfo_to_dict
     from psycopg.pq import TransactionStatus
     from psycopg.rows import TupleRow
@@ -96,16 +101,23 @@ from .._errors import (
     StateWriteError,
 )
 from .._folder import FolderSnapshot, GroupTransaction
+from .._history import HistoryEntry
 from .._migrate import Migrations
 from .._store import StateStore
 from .._transaction import Transaction
 
 __all__ = [
+    "WATCH_POLL_INTERVAL",
+    "WATCH_RECONNECT",
     "PostgresFolder",
     "PostgresFolderSnapshot",
     "PostgresFolderTransaction",
+    "PostgresHistory",
     "PostgresSession",
     "PostgresStorage",
+    "PostgresWatcher",
+    "channel_of",
+    "notify_payload",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -140,6 +152,8 @@ def _forget_parent_connections() -> None:
     global _marks_lock
     for pool in list(_pools):
         pool.after_fork()
+    for watcher in list(_watchers):
+        watcher._forked()
     _marks_lock = threading.Lock()
     _folder_marks.clear()  # a forked child is inside none of its parent's transactions
     _store_marks.clear()
@@ -248,6 +262,19 @@ _NAMESPACE_KEY: Final = (
     "'statestore-folder:' || {table}::regclass::oid::text || ':' || {namespace}, 'UTF8')) "
     "FROM 1 FOR 8), 'hex'))::bit(64)::bigint"
 )
+#: The channel a commit notifies, computed by the server: ``statestore_<table OID>``.
+#: An identifier of digits and letters only, whatever the table is called, and one
+#: channel for every spelling of one table (the OID, as the server resolves the name).
+_CHANNEL: Final = "'statestore_' || {table}::regclass::oid::text"
+#: A key longer than this (in UTF-8) is notified by its digest: a payload is limited
+#: to 8000 bytes by the server.
+_PAYLOAD_MAX: Final = 1024
+#: Seconds between a watcher's looks at the row's version: the latency for a change
+#: made without statestore (a hand ``UPDATE`` in psql sends no notification).
+WATCH_POLL_INTERVAL: Final = 1.0
+#: How long a watcher tries to connect again after losing its connection, before
+#: raising :class:`~statestore.StateReadError` from ``wait()`` (and trying again after).
+WATCH_RECONNECT: Final = 10.0
 #: Key column types whose equality is byte equality (with a deterministic collation).
 _KEY_TYPES: Final = ("text", "character varying")
 
@@ -273,6 +300,19 @@ def _namespace_of(key: str) -> str | None:
     """
     namespace, slash, _ = key.rpartition("/")
     return namespace if slash else None
+
+
+def notify_payload(key: str) -> str:
+    """What a commit of ``key`` sends with its notification: the key itself, or for a
+    key longer than 1024 bytes (UTF-8), ``"sha256:"`` and its digest in hex."""
+    if len(key.encode()) <= _PAYLOAD_MAX:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def channel_of(table_oid: int) -> str:
+    """The channel the commits of the table ``table_oid`` notify (``LISTEN`` it)."""
+    return f"statestore_{int(table_oid)}"
 
 
 def _check_name(what: str, name: str) -> None:
@@ -316,7 +356,13 @@ class PostgresSession:
 
     def write(self, data: bytes) -> None:
         s = self._storage
-        self._change(s._upsert, (s.key, data), "saving")
+        # The notification is sent by the server at commit, only if it commits.
+        self._change(s._upsert, (s.key, data, s._payload), "saving")
+
+    def history(self, keep: int) -> PostgresHistory:
+        """The history keeper of the document (``history=N``), in this session's
+        transaction: versions recorded with the commit, pruned with it, or not at all."""
+        return PostgresHistory(self._storage, keep, self)
 
     def backup_location(self, label: str) -> str:
         return self._storage.backup_location(label)
@@ -327,7 +373,9 @@ class PostgresSession:
         self._change(s._insert_backup, (s.key, label, data), "keeping a backup")
         return self.backup_location(label)
 
-    def _change(self, query: sql.Composed, params: tuple[Any, ...], what: str) -> None:
+    def _change(
+        self, query: sql.Composed, params: tuple[Any, ...] | Mapping[str, Any], what: str
+    ) -> None:
         s = self._storage
         try:
             row = self._usable().execute(query, params).fetchone()
@@ -413,9 +461,15 @@ class PostgresStorage:
     ``conninfo`` is a libpq connection string or URI (empty: the ``PG*`` environment
     variables). ``table`` (in ``schema``, else the search path) holds the documents,
     ``backup_table`` (default ``<table>_backups``) the backups migrations keep; both
-    are created when missing. ``durable=False`` commits with ``synchronous_commit =
-    off`` (a server crash may lose the last saves, never mix them). Up to ``max_idle``
-    connections are kept open between uses, shared by the process's threads.
+    are created when missing. ``history_table`` (default ``<table>_history``) holds
+    the versions a store with ``history=N`` keeps, created at the first one.
+    ``watch_poll``: seconds between a watcher's looks at the row, the latency for
+    a change made without statestore (commits through it are notified at once).
+    ``notify=False``: commits send no notification (the server serialises the
+    commits of every transaction that notifies); watchers then rely on the poll.
+    ``durable=False`` commits with ``synchronous_commit = off`` (a server crash may
+    lose the last saves, never mix them). Up to ``max_idle`` connections are kept
+    open between uses, shared by the process's threads.
 
     >>> storage = PostgresStorage("postgresql://app@db.internal/app", key="jobs")
     >>> storage.location
@@ -432,15 +486,26 @@ class PostgresStorage:
         backup_table: str | None = None,
         durable: bool = True,
         max_idle: int = 2,
+        history_table: str | None = None,
+        watch_poll: float = WATCH_POLL_INTERVAL,
+        notify: bool = True,
     ) -> None:
         if not isinstance(key, str) or not key or "\0" in key:
             raise ValueError(f"key must be a non-empty string without NUL, not {key!r}")
         backup_table = f"{table}_backups" if backup_table is None else backup_table
-        for what, name in (("table", table), ("backup_table", backup_table), ("schema", schema)):
+        history_table = f"{table}_history" if history_table is None else history_table
+        for what, name in (
+            ("table", table),
+            ("backup_table", backup_table),
+            ("history_table", history_table),
+            ("schema", schema),
+        ):
             if name is not None:
                 _check_name(what, name)
         if max_idle < 0:
             raise ValueError("max_idle must be at least 0")
+        if not (isinstance(watch_poll, (int, float)) and watch_poll > 0):
+            raise ValueError(f"watch_poll must be a positive number of seconds, not {watch_poll!r}")
         try:
             params = conninfo_to_dict(conninfo)
         except psycopg.Error as e:
@@ -449,6 +514,13 @@ class PostgresStorage:
         self.table = table
         self.schema = schema
         self.backup_table = backup_table
+        #: The table of the kept versions (``history=N``), made at the first one.
+        self.history_table = history_table
+        #: Seconds between a watcher's looks at the row (a change made without
+        #: statestore, such as an ``UPDATE`` in psql, is seen within this).
+        self.watch_poll = float(watch_poll)
+        #: Whether commits notify watchers (False: they see changes by the poll only).
+        self.notify = bool(notify)
         self.durable = durable
         self._conninfo = conninfo
         self._params = params
@@ -463,6 +535,10 @@ class PostgresStorage:
         self._create_key = sql.SQL(_CREATE_KEY).format(
             schema=sql.Literal(schema), table=sql.Literal(table)
         )
+        #: The channel of the table's commits, computed by the server from the table's
+        #: OID (``statestore_<oid>``), and what a commit of this key sends on it.
+        self._channel_sql = sql.SQL(_CHANNEL).format(table=sql.Literal(self._qualified))
+        self._payload = notify_payload(key)
         #: The state folder namespace the document belongs to (its key's part before
         #: the last ``/``), or None. Its sessions take the namespace's lock shared,
         #: which a :class:`PostgresFolder` transaction takes exclusively.
@@ -492,13 +568,20 @@ class PostgresStorage:
             t
         )
         self._exists = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE key = %s)").format(t)
+        # The notification is queued by the same statement (one row from pg_notify),
+        # and the server delivers it at commit, only if the transaction commits.
+        notifying = (
+            sql.SQL("pg_notify({}, %s)").format(self._channel_sql)
+            if self.notify
+            else sql.SQL("(SELECT %s::text) AS quiet")
+        )
         self._upsert = sql.SQL(
             "INSERT INTO {} AS d (key, document, updated_at) "
-            "VALUES (%s, convert_from(%s, 'UTF8'), clock_timestamp()) "
+            "SELECT %s, convert_from(%s, 'UTF8'), clock_timestamp() FROM {} "
             "ON CONFLICT (key) DO UPDATE "
             "SET document = EXCLUDED.document, updated_at = EXCLUDED.updated_at "
             "RETURNING pg_current_xact_id()::text"
-        ).format(t)
+        ).format(t, notifying)
         self._insert_backup = sql.SQL(
             "WITH ins AS (INSERT INTO {} (key, label, document) "
             "VALUES (%s, %s, convert_from(%s, 'UTF8')) ON CONFLICT (key, label) DO NOTHING) "
@@ -658,6 +741,29 @@ class PostgresStorage:
 
     def __repr__(self) -> str:
         return f"PostgresStorage({self.location!r})"
+
+    # ------------------------------------------------- watching and history
+
+    #: Starting a watch waits on the server (a connection, ``LISTEN``, a read): the
+    #: async store starts it on a worker thread.
+    watch_blocks: Final = True
+
+    def watcher(self, *, poll_interval: float | None = None) -> PostgresWatcher:
+        """A :class:`PostgresWatcher` of this document (what ``store.watch()`` waits on)."""
+        return PostgresWatcher(
+            self, poll_interval=self.watch_poll if poll_interval is None else poll_interval
+        )
+
+    def history(self, keep: int) -> PostgresHistory:
+        """The history keeper of the document (``history=N``), reading on a pooled
+        connection; a session's (:meth:`PostgresSession.history`) records."""
+        return PostgresHistory(self, keep)
+
+    @property
+    def history_location(self) -> str:
+        """``postgresql://host:port/dbname#<history table>/key``: where the versions are."""
+        kept = self._quoted(self.history_table).replace(chr(34), "")
+        return f"{self._base}#{kept}/{self.key}"
 
     # ---------------------------------------------------------------- internals
 
@@ -895,6 +1001,565 @@ class PostgresStorage:
             return None
 
 
+# ------------------------------------------------------------------ history
+
+
+class PostgresHistory:
+    """The last ``keep`` committed versions of one document, in the history table.
+
+    The twin of :class:`statestore._history.History` (the same ``entries``,
+    ``newest``, ``read`` and ``record``). One row per version of a key: ``seq``
+    (orders them), ``revision``, ``written_by`` (JSON), ``document`` (the exact
+    bytes committed) and ``recorded_at``. The rules:
+
+    * **With the commit, or not at all.** A keeper made by a session
+      (:meth:`PostgresSession.history`) records in the session's transaction:
+      the version row and the pruning are committed with the document, and
+      rolled back with it (a failed commit, a killed client) — there is never a
+      version of a commit that did not happen.
+    * **Bounded.** Each record deletes the key's versions beyond the newest
+      ``keep``, in the same statement: a key has at most ``keep`` rows after
+      any commit.
+    * **Only ours.** The table is created (``IF NOT EXISTS``, serialised like
+      the documents' table) by the first record; only rows of the key are
+      read, added or deleted.
+
+    Records of one key are serialised by the key's advisory lock (the session
+    holds it), which is what makes ``max(seq) + 1`` safe.
+    """
+
+    def __init__(
+        self, storage: PostgresStorage, keep: int, session: PostgresSession | None = None
+    ) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a whole number of versions, at least 1, not {keep!r}")
+        self.keep = keep
+        self._storage = storage
+        self._session = session
+        self._table_ready = False
+        h = storage._ident(storage.history_table)
+        self._name = storage._quoted(storage.history_table)
+        self._create = sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            "key text NOT NULL, seq bigint NOT NULL, revision text NOT NULL, "
+            "written_by text, document bytea NOT NULL, "
+            "recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(), "
+            "PRIMARY KEY (key, seq))"
+        ).format(h)
+        self._create_key = sql.SQL(_CREATE_KEY).format(
+            schema=sql.Literal(storage.schema), table=sql.Literal(storage.history_table)
+        )
+        self._entries = sql.SQL(
+            "SELECT revision, extract(epoch FROM recorded_at)::float8, written_by, "
+            "octet_length(document) FROM {} WHERE key = %s ORDER BY seq DESC"
+        ).format(h)
+        self._newest = self._entries + sql.SQL(" LIMIT 1")
+        self._read = sql.SQL(
+            "SELECT document FROM {} WHERE key = %s AND revision = %s ORDER BY seq DESC LIMIT 1"
+        ).format(h)
+        # Added and pruned in one statement (a data-modifying WITH runs whether or not
+        # it is referred to); the DELETE sees the rows from before the INSERT.
+        self._record = sql.SQL(
+            "WITH n AS (SELECT coalesce(max(seq), 0) + 1 AS seq FROM {h} WHERE key = %(key)s), "
+            "ins AS (INSERT INTO {h} (key, seq, revision, written_by, document) "
+            "SELECT %(key)s, n.seq, %(revision)s, %(written_by)s, %(document)s FROM n "
+            "RETURNING seq), "
+            "del AS (DELETE FROM {h} WHERE key = %(key)s AND seq <= "
+            "(SELECT seq FROM ins) - %(keep)s RETURNING 1) "
+            "SELECT pg_current_xact_id()::text, (SELECT count(*) FROM del)"
+        ).format(h=h)
+
+    @property
+    def location(self) -> str:
+        return self._storage.history_location
+
+    def _run(self, query: sql.Composed, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Rows of ``query``; none when the table does not exist yet."""
+        s = self._storage
+        session = self._session
+        if session is not None:
+            # In the session's transaction: a failed statement would abort it, so
+            # the table's existence is asked first rather than tried.
+            try:
+                conn = session._usable()
+                if not self._exists(conn):
+                    return []
+                return conn.execute(query, params).fetchall()
+            except psycopg.Error as e:
+                raise StateReadError(
+                    self.location, _describe(e, "reading the history under the lock")
+                ) from e
+
+        def run(conn: _Conn) -> list[tuple[Any, ...]]:
+            try:
+                return conn.execute(query, params).fetchall()
+            except pgerrors.UndefinedTable:
+                return []  # no version was ever kept in this table
+
+        rows: list[tuple[Any, ...]] = s._with_connection(run, StateReadError, "reading the history")
+        return rows
+
+    def _exists(self, conn: _Conn) -> bool:
+        if not self._table_ready:
+            row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._name,)).fetchone()
+            self._table_ready = bool(row and row[0])
+        return self._table_ready
+
+    @staticmethod
+    def _entry(row: tuple[Any, ...]) -> HistoryEntry:
+        revision, when, written_by, size = row
+        who = json.loads(written_by) if written_by is not None else None
+        return HistoryEntry(str(revision), float(when), who, int(size))
+
+    def entries(self) -> list[HistoryEntry]:
+        """The kept versions, newest first (empty when nothing was recorded)."""
+        return [self._entry(r) for r in self._run(self._entries, (self._storage.key,))]
+
+    def newest(self) -> HistoryEntry | None:
+        """The newest kept version, or None."""
+        rows = self._run(self._newest, (self._storage.key,))
+        return self._entry(rows[0]) if rows else None
+
+    def read(self, revision: str) -> bytes:
+        """The bytes committed as ``revision`` (the newest such, if recorded twice)."""
+        rows = self._run(self._read, (self._storage.key, revision))
+        if rows:
+            return bytes(rows[0][0])
+        kept = ", ".join(e.revision for e in self.entries()[:5]) or "none"
+        raise StateReadError(
+            self._storage.location,
+            f"revision {revision!r} is not in the history (never recorded, or pruned: "
+            f"only the newest {self.keep} are kept). Newest kept: {kept}",
+            errno=errno.ENOENT,
+        )
+
+    def record(
+        self, data: bytes, revision: str, written_by: Mapping[str, Any] | None = None
+    ) -> None:
+        """Keep ``data`` as ``revision`` and prune to the newest ``keep``, in the
+        session's transaction (committed with it)."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("versions are recorded in a session: storage.session().history()")
+        if not isinstance(revision, str) or not revision:
+            raise ValueError(f"revision must be a non-empty string, not {revision!r}")
+        who = json.dumps(dict(written_by)) if written_by is not None else None
+        try:
+            conn = session._usable()
+            if not self._exists(conn):
+                # Serialised by a lock of its own, as the documents' table is; made
+                # in this transaction, so it is there exactly if the commit is.
+                conn.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(self._create_key))
+                conn.execute(self._create)
+                self._table_ready = True
+        except psycopg.Error as e:
+            raise StateWriteError(
+                self.location,
+                f"{_describe(e, f'creating the history table {self._name}')}. Nothing was "
+                "saved; the stored document is unchanged",
+            ) from e
+        params = {
+            "key": self._storage.key,
+            "revision": revision,
+            "written_by": who,
+            "document": bytes(data),
+            "keep": self.keep,
+        }
+        session._change(self._record, params, "keeping a version in the history")
+
+
+# ------------------------------------------------------------------ watching
+
+
+class PostgresWatcher:
+    """Wait for a change of one document of a PostgreSQL table, from any machine.
+
+    The twin of :class:`statestore._watch.FileWatcher`: ``wait(timeout)`` returns
+    True when the row *may* have changed (the caller re-reads and compares
+    revisions), False at the timeout or when another thread calls ``close()``;
+    ``wait_async`` is the same for asyncio. The rules:
+
+    * **Notified commits.** Every commit through statestore (a store's session,
+      a :class:`PostgresFolder` group) sends ``pg_notify('statestore_<table
+      OID>', <key>)`` in its transaction, so the notification is delivered
+      only if the commit happened. The watcher holds a connection of its own
+      (autocommit) that ``LISTEN``\\ s on the table's channel, and wakes on a
+      notification of its key only (``notify_payload``): a commit of another
+      document of the table is read off the socket and ignored.
+    * **Changes made by hand are polled.** An ``UPDATE`` in psql sends nothing,
+      so every ``poll_interval`` seconds (:data:`WATCH_POLL_INTERVAL`, 1 s) the
+      watcher looks at the row's ``xmin`` (the transaction that wrote the row
+      version: it changes with every update), and at the table's OID (a table
+      dropped and made again: the channel is listened for afresh). One small
+      query a second on an idle socket, not a trigger: it needs no privilege
+      beyond SELECT and changes nothing in the user's schema.
+    * **No CPU while idle.** The waiting thread sleeps in ``select`` on the
+      connection's socket and a wake-up pipe, up to the next poll.
+    * **A lost connection is not a quiet one.** When the socket fails, the
+      watcher connects again with backoff (0.1 s doubling to 2 s); once
+      connected it reports a change (the caller re-reads: what happened
+      meanwhile is not lost), and until then it reports none (nothing stale
+      is handed out). If it cannot connect within ``reconnect_for`` seconds
+      (:data:`WATCH_RECONNECT`) of the loss, ``wait()`` raises
+      :class:`StateReadError` naming the document; the next ``wait()`` tries
+      again.
+    * **Forks.** A forked child never uses its parent's connection: its first
+      ``wait()`` connects anew and reports a change.
+    """
+
+    def __init__(
+        self,
+        storage: PostgresStorage,
+        *,
+        poll_interval: float | None = None,
+        reconnect_for: float = WATCH_RECONNECT,
+    ) -> None:
+        interval = WATCH_POLL_INTERVAL if poll_interval is None else poll_interval
+        if not interval > 0:
+            raise ValueError("poll_interval must be positive")
+        self._storage = storage
+        self.location = storage.location
+        self.poll_interval = float(interval)
+        self.reconnect_for = reconnect_for
+        self._payload = storage._payload
+        self._lock = threading.Lock()  # the closed flag and the count of waiters
+        self._io = threading.Lock()  # the connection: one look at a time
+        self._closed = False
+        self._waiting = 0
+        self._pid = os.getpid()
+        self._conn: _Conn | None = None
+        self._channel: str | None = None
+        self._oid: int | None = None
+        self._seen: tuple[int | None, str | None] | None = None
+        self._pending = False
+        self._next_poll = 0.0
+        self._lost_at: float | None = None
+        self._next_try = 0.0
+        self._backoff = 0.1
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._look = sql.SQL(
+            "SELECT to_regclass(%s)::oid::int8, (SELECT xmin::text FROM {} WHERE key = %s)"
+        ).format(storage._table_id)
+        try:
+            self._connect()
+        except psycopg.Error as e:
+            self._release()
+            raise StateReadError(self.location, _describe(e, "connecting to watch")) from e
+        self._pending = False  # the first look is the state the caller starts from
+        _watchers.add(self)
+
+    # -- public -----------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def connected(self) -> bool:
+        """Whether the watcher holds a live connection now."""
+        return self._conn is not None
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process of the listening connection (None while disconnected)."""
+        conn = self._conn
+        return None if conn is None else conn.info.backend_pid
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the row may have changed since the last wait (True), the
+        timeout passes (False) or another thread closes the watcher (False)."""
+        self._enter()
+        try:
+            deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+            while True:
+                if self._collect():
+                    return True
+                if self._closed:
+                    return False
+                if deadline is not None and deadline - time.monotonic() <= 0:
+                    return False
+                step = self._step(deadline)
+                fds = self._fds()
+                ready, _, _ = select.select(fds, [], [], step)
+                if self._wake_r in ready:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 512)
+        finally:
+            self._leave()
+
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        """:meth:`wait` for asyncio: the loop watches the socket and the wake-up pipe;
+        each look at the server (a poll, a reconnection) runs on a worker thread."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        self._enter()
+        try:
+            while True:
+                job = loop.run_in_executor(None, self._collect)
+                try:
+                    changed = await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    job.add_done_callback(self._keep_pending)
+                    raise
+                if changed:
+                    return True
+                if self._closed:
+                    return False
+                step = self._step(deadline)
+                if deadline is not None and deadline - time.monotonic() <= 0:
+                    return False
+                fds = self._fds()
+                ready: asyncio.Future[None] = loop.create_future()
+
+                def wake(f: asyncio.Future[None] = ready) -> None:
+                    if not f.done():
+                        f.set_result(None)
+
+                for fd in fds:
+                    loop.add_reader(fd, wake)
+                try:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(ready), step)
+                finally:
+                    for fd in fds:
+                        loop.remove_reader(fd)
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 512)
+        finally:
+            self._leave()
+
+    def close(self) -> None:
+        """Stop watching; a ``wait()`` blocked in another thread returns False."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._waiting:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"x")
+                return  # the last waiter releases the connection
+        self._release()
+
+    def __enter__(self) -> PostgresWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("listening" if self._conn else "disconnected")
+        return f"<PostgresWatcher {self.location!r} {state}>"
+
+    # -- inside -----------------------------------------------------------
+
+    def _keep_pending(self, job: asyncio.Future[bool]) -> None:
+        # A change collected for a waiter that was cancelled is the next wait's.
+        if not job.cancelled() and job.exception() is None and job.result():
+            self._pending = True
+
+    def _forked(self) -> None:
+        """In a forked child: fresh locks and pipe, the parent's connection let go;
+        the first wait connects anew and reports a change."""
+        self._lock = threading.Lock()
+        self._io = threading.Lock()
+        self._waiting = 0
+        if self._closed:
+            return
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._drop()  # while _pid is still the parent's: kept, never closed
+        self._pid = os.getpid()
+        self._lost(time.monotonic())
+
+    def _fds(self) -> list[int]:
+        """What a wait sleeps on: the wake-up pipe, and the socket while connected."""
+        fds = [self._wake_r]
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):  # dropped meanwhile: the next look says
+                fds.append(conn.fileno())
+        return fds
+
+    def _step(self, deadline: float | None) -> float:
+        """Seconds to sleep: until the deadline, the next poll or the next reconnection."""
+        now = time.monotonic()
+        until = self._next_poll if self._conn is not None else self._next_try
+        step = max(until - now, 0.0)
+        if deadline is not None:
+            step = min(step, max(deadline - now, 0.0))
+        return step
+
+    def _enter(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise StateReadError(
+                    self.location, "the watcher is closed; make a new one", errno=errno.EBADF
+                )
+            self._waiting += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            release = self._closed and self._waiting == 0
+        if release:
+            self._release()
+
+    def _release(self) -> None:
+        self._drop()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+        _watchers.discard(self)
+
+    def _drop(self) -> None:
+        """Let the connection go (a forked child's is its parent's: kept, never used)."""
+        conn, self._conn = self._conn, None
+        self._channel = self._oid = None
+        if conn is None:
+            return
+        if self._pid != os.getpid():
+            _inherited.append(conn)
+            return
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def _on_notify(self, note: psycopg.Notify) -> None:
+        if note.channel == self._channel and note.payload == self._payload:
+            self._pending = True
+
+    def _connect(self) -> None:
+        """Connect, listen on the table's channel, and look at the row."""
+        conn = self._storage._connect()
+        # Through a weak reference: the connection must not keep the watcher alive,
+        # so that a watcher let go is closed (and its connection with it) at once.
+        conn.add_notify_handler(functools.partial(_notify_weakly, weakref.ref(self)))
+        self._conn = conn
+        self._channel = self._oid = None
+        self._poll(time.monotonic())
+
+    def _listen(self, conn: _Conn, oid: int | None) -> None:
+        if oid == self._oid:
+            return
+        if self._channel is not None:
+            conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(self._channel)))
+            self._channel = None
+        self._oid = oid
+        if oid is not None:
+            channel = channel_of(oid)
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            self._channel = channel
+
+    def _poll(self, now: float) -> None:
+        """Look at the table's OID and the row's ``xmin``; a difference is a change.
+        Listening on the channel comes before the look, so nothing falls between."""
+        conn = self._conn
+        assert conn is not None
+        s = self._storage
+        try:
+            row = conn.execute(self._look, (s._qualified, s.key)).fetchone()
+        except pgerrors.UndefinedTable:  # dropped between the two halves of the look
+            row = None
+        oid = None if row is None or row[0] is None else int(row[0])
+        if oid != self._oid:
+            self._listen(conn, oid)
+            # Again, now that the channel is listened on: a commit in between is seen.
+            try:
+                row = conn.execute(self._look, (s._qualified, s.key)).fetchone()
+            except pgerrors.UndefinedTable:
+                row = None
+        seen = (oid, None if row is None or row[1] is None else str(row[1]))
+        if seen != self._seen:
+            self._seen = seen
+            self._pending = True
+        self._next_poll = now + self.poll_interval
+
+    def _notified(self, conn: _Conn) -> None:
+        """Take in the notifications that arrived on the idle socket (never blocks)."""
+        pgconn = conn.pgconn
+        pgconn.consume_input()
+        while (note := pgconn.notifies()) is not None:
+            channel = note.relname.decode("utf-8", "replace")
+            payload = note.extra.decode("utf-8", "replace")
+            if channel == self._channel and payload == self._payload:
+                self._pending = True
+        if pgconn.status != pq.ConnStatus.OK:
+            raise psycopg.OperationalError("the connection to the server was lost")
+
+    def _collect(self) -> bool:
+        """Take in what happened (blocking only on a poll or a reconnection); True if
+        a change is to report."""
+        with self._io:
+            if self._closed:
+                return False
+            now = time.monotonic()
+            if self._pid != os.getpid():  # forked without the at-fork hook
+                self._drop()
+                self._pid = os.getpid()
+                self._lost(now)
+            if self._conn is None:
+                self._reconnect(now)
+            else:
+                try:
+                    self._notified(self._conn)
+                    if now >= self._next_poll:
+                        self._poll(now)
+                except (psycopg.Error, OSError):
+                    self._drop()
+                    self._lost(now)
+                    self._reconnect(now)
+            if self._conn is None:
+                return False  # nothing is reported while disconnected: it could be stale
+            changed, self._pending = self._pending, False
+            return changed
+
+    def _lost(self, now: float) -> None:
+        if self._lost_at is None:
+            self._lost_at = now
+            self._next_try = now
+            self._backoff = 0.1
+
+    def _reconnect(self, now: float) -> None:
+        if now < self._next_try:
+            return
+        try:
+            self._connect()
+        except (psycopg.Error, OSError) as e:
+            self._drop()
+            lost_at = self._lost_at if self._lost_at is not None else now
+            self._next_try = now + self._backoff
+            self._backoff = min(self._backoff * 2, 2.0)
+            if now - lost_at >= self.reconnect_for:
+                self._lost_at = now  # the next wait tries for as long again
+                why = _describe(e, "connecting") if isinstance(e, psycopg.Error) else str(e)
+                raise StateReadError(
+                    self.location,
+                    "the watcher lost its connection to the server and could not connect "
+                    f"again within {self.reconnect_for:g} s: {why}. Iterate again to keep "
+                    "trying, or close the watch",
+                ) from e
+            return
+        self._lost_at = None
+        self._pending = True  # what happened while disconnected is unknown: re-read
+
+
+_watchers: weakref.WeakSet[PostgresWatcher] = weakref.WeakSet()
+
+
+def _notify_weakly(ref: weakref.ReferenceType[PostgresWatcher], note: psycopg.Notify) -> None:
+    watcher = ref()
+    if watcher is not None:
+        watcher._on_notify(note)
+
+
 def _open(conninfo: str, params: dict[str, Any]) -> _Conn:
     extra: dict[str, Any] = {}
     if "connect_timeout" not in params and "PGCONNECT_TIMEOUT" not in os.environ:
@@ -1041,13 +1706,16 @@ class PostgresFolder:
         schema_ref: str | None = None,
         read_attempts: int = 3,
         read_delay: float = 0.05,
+        history: int | None = None,
     ) -> StateStore[M]:
         """A store of the document ``name`` (without ``/``) of this folder: the row
         keyed ``<namespace>/<name>``.
 
         An ordinary :class:`StateStore` in every way; its sessions take the
         folder's lock (shared) before the document's own, so they wait for a
-        folder transaction, and it for them.
+        folder transaction, and it for them. ``history=N``: the store's own
+        commits keep versions (``<table>_history``); a group commit records
+        none, and the store's next commit records the version it replaces.
         """
         if not isinstance(name, str) or not name or "/" in name or "\0" in name:
             raise ValueError(
@@ -1079,6 +1747,7 @@ class PostgresFolder:
             schema_ref=schema_ref,
             read_attempts=read_attempts,
             read_delay=read_delay,
+            history=history,
         )
         self._stores[name] = made
         return made
