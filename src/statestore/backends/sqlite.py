@@ -605,6 +605,9 @@ class SqliteStorage:
                     errno=errno.ESTALE,
                 )
             conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}")
+        except sqlite3.Error as e:
+            conn.close()
+            raise self._error(e, error, "opening the database") from e
         except BaseException:
             conn.close()
             raise
@@ -660,6 +663,7 @@ class SqliteStorage:
         try:
             conn.execute(f"PRAGMA busy_timeout = {ms}")
             if not c.wal:
+                self._to_wal(conn)
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
                 if not mode or str(mode[0]).lower() != "wal":
                     raise StateWriteError(
@@ -687,6 +691,24 @@ class SqliteStorage:
             if isinstance(e, sqlite3.Error):
                 raise self._error(e, StateWriteError, "creating the tables") from e
             raise
+
+    def _to_wal(self, conn: sqlite3.Connection) -> None:
+        """Before switching a database that is not in WAL mode yet: unless it is
+        new (no pages), a check that it is whole, as switching rewrites its header."""
+        mode = conn.execute("PRAGMA journal_mode").fetchone()
+        if mode and str(mode[0]).lower() == "wal":
+            return
+        pages = conn.execute("PRAGMA page_count").fetchone()
+        if not pages or not pages[0]:
+            return
+        found = conn.execute("PRAGMA quick_check").fetchone()
+        if not found or found[0] != "ok":
+            raise StateCorruptError(
+                self.path,
+                f"the database is damaged (quick_check: {found[0] if found else 'no answer'}); "
+                "it was not changed",
+                hint=f"restore it from a backup, or salvage it with: sqlite3 {self.path} .recover",
+            )
 
     def _end(self, c: _Conn, *, commit: bool) -> None:
         """Commit (when something changed) or roll back the session's transaction."""
