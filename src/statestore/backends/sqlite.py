@@ -75,7 +75,7 @@ import time
 import urllib.parse
 import weakref
 from collections.abc import Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager, suppress
 from types import TracebackType
 from typing import Final
 
@@ -524,7 +524,7 @@ class SqliteStorage:
         except FileNotFoundError:
             return None
         except NotADirectoryError as e:
-            raise self._refuse(path, "has a file where a folder should be", e.errno) from e
+            raise self._refuse(path, "has a file where a folder should be", errno.ENOTDIR) from e
         except OSError as e:
             raise StateReadError(
                 path, f"cannot be examined ({e.strerror or e})", errno=e.errno
@@ -565,9 +565,7 @@ class SqliteStorage:
 
     def _companions(self) -> list[str]:
         """The companions present beside the database (each passing :meth:`_inspect`)."""
-        return [
-            self.path + suffix for suffix in COMPANIONS if self._inspect(self.path + suffix)
-        ]
+        return [self.path + suffix for suffix in COMPANIONS if self._inspect(self.path + suffix)]
 
     def _connection(self, *, create: bool) -> _Conn | None:
         """A connection to the file at the path (pooled, or new), checked by the rule;
@@ -679,10 +677,8 @@ class SqliteStorage:
                 raise self._timeout(timeout) from e
             raise self._error(e, StateWriteError, "starting the write transaction") from e
         finally:
-            try:
+            with suppress(sqlite3.Error):
                 conn.execute(f"PRAGMA busy_timeout = {int(READ_BUSY * 1000)}")
-            except sqlite3.Error:
-                pass
         try:
             for statement in self._create:
                 conn.execute(statement)
