@@ -381,6 +381,27 @@ def test_killed_writer_leaves_the_old_document_and_the_next_proceeds_at_once(
     assert StateStore(Counter, SqliteStorage(db, key="jobs")).load() == Counter(count=2, note="old")
 
 
+def test_waiting_for_another_process_costs_no_cpu(db: Path, tmp_path: Path) -> None:
+    StateStore(Counter, SqliteStorage(db, key="jobs")).save(Counter())
+    ready = tmp_path / "ready"
+    holder = mp.get_context("spawn").Process(
+        target=sqlite_workers.hold, args=(str(db), "jobs", str(ready))
+    )
+    holder.start()
+    try:
+        wait_until(ready.exists, holder)
+        store = StateStore(Counter, SqliteStorage(db, key="jobs"), timeout=1.0)
+        cpu, wall = time.process_time(), time.monotonic()
+        with pytest.raises(LockTimeout):
+            store.update(bump)
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    finally:
+        os.kill(holder.pid or 0, signal.SIGKILL)
+        holder.join(10)
+    assert wall >= 1.0
+    assert cpu < 0.25 * wall  # SQLite's busy handler sleeps between tries
+
+
 @pytest.mark.parametrize("timeout", [0.0, 0.3], ids=["no-wait", "wait"])
 def test_lock_timeout_between_threads(db: Path, storage: SqliteStorage, timeout: float) -> None:
     store = StateStore(Counter, SqliteStorage(db, key="jobs"), default=Counter, timeout=timeout)
@@ -625,19 +646,27 @@ def test_what_is_not_a_database_of_ours_is_refused_and_left_alone(
     assert target.read_bytes() == target_bytes
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
 @pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
-def test_a_planted_companion_file_is_never_written_through(tmp_path: Path, suffix: str) -> None:
+def test_a_planted_companion_file_is_never_written_through(
+    tmp_path: Path, suffix: str, kind: str
+) -> None:
     path = tmp_path / "state.db"
     StateStore(Counter, SqliteStorage(path, key="jobs")).save(Counter(count=1))
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     for s in ("-wal", "-shm", "-journal"):
         Path(f"{path}{s}").unlink(missing_ok=True)
-    Path(f"{path}{suffix}").symlink_to(victim)
+    if kind == "symlink":
+        Path(f"{path}{suffix}").symlink_to(victim)
+    else:
+        os.mkfifo(f"{path}{suffix}")
     store = StateStore(Counter, SqliteStorage(path, key="jobs"), default=Counter)
     for action in (store.load, lambda: store.update(bump)):
-        with pytest.raises(StateReadError, match="symbolic link"):
+        began = time.monotonic()
+        with pytest.raises(StateReadError, match="symbolic link" if kind == "symlink" else "pipe"):
             action()
+        assert time.monotonic() - began < 5
     assert victim.read_bytes() == b"precious"
     Path(f"{path}{suffix}").unlink()
     assert store.update(bump).count == 2
