@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -456,6 +457,7 @@ def test_forked_child_never_uses_the_parents_connection(db: Path, storage: Sqlit
     store.update(bump)
     parents = list(storage._pool._idle)
     assert parents  # a pooled connection, inherited by the child below
+    kept = [c.conn for c in parents]
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
@@ -464,12 +466,17 @@ def test_forked_child_never_uses_the_parents_connection(db: Path, storage: Sqlit
             for _ in range(5):
                 store.update(bump)
             assert all(c.pid == os.getpid() for c in storage._pool._idle)
+            storage.close()
+            del parents[:]
+            gc.collect()
+            # The parent's connection was neither used nor closed here.
+            assert all(conn.total_changes >= 0 for conn in kept)
             code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert storage._pool._idle == parents
+    assert [c.conn for c in storage._pool._idle] == kept
     assert store.update(bump).count == 7
     # A child forked inside a session cannot write under the parent's lock.
     with storage.session(5) as session:
@@ -502,6 +509,25 @@ def test_a_deleted_database_is_not_written_through_an_old_connection(
     )
     with pytest.raises(sqlite3.ProgrammingError):
         conn.execute("SELECT 1")  # the old connection was closed, not reused
+
+
+def test_closing_a_connection_to_a_deleted_database_leaves_the_new_ones_log(
+    db: Path, storage: SqliteStorage
+) -> None:
+    old = StateStore(Counter, storage, default=Counter)
+    old.save(Counter(count=5))  # a pooled connection to this database stays open
+    for name in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        name.unlink()
+    with SqliteStorage(db, key="jobs") as other:
+        new = StateStore(Counter, other, default=Counter)
+        new.save(Counter(count=1, note="new"))  # in the new database's log, not yet folded
+        wal = Path(f"{db}-wal")
+        assert wal.stat().st_size > 0
+        storage.close()  # the last connection to the deleted database ends
+        assert wal.exists()  # SQLite does not fold or remove a log by the name of another file
+        assert StateStore(Counter, SqliteStorage(db, key="jobs")).load() == Counter(
+            count=1, note="new"
+        )
 
 
 # ------------------------------------------------------------------------ asyncio

@@ -114,6 +114,15 @@ _gates_lock = threading.Lock()
 _gates: dict[str, _Gate] = {}
 
 
+def _keep(conn: sqlite3.Connection) -> None:
+    """Keep a parent's connection in this child for good: not even the interpreter's
+    exit may collect it (collecting closes it, and sqlite3 has no fork check)."""
+    import ctypes  # only in a forked child that inherited connections
+
+    _inherited.append(conn)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
+
+
 def _after_fork_in_child() -> None:
     global _gates_lock
     for pool in list(_pools):
@@ -164,7 +173,8 @@ class _Pool:
 
     def after_fork(self) -> None:
         # In the child, single-threaded, right after fork.
-        _inherited.extend(c.conn for c in self._idle)
+        for c in self._idle:
+            _keep(c.conn)
         self._idle = []
         self._lock = threading.Lock()
 
@@ -185,7 +195,7 @@ class _Pool:
 
     def give(self, c: _Conn) -> None:
         if c.pid != os.getpid():
-            _inherited.append(c.conn)  # the parent's: never touch it
+            _keep(c.conn)  # the parent's: never touch it
             return
         if c.conn.in_transaction:
             c.conn.close()
@@ -203,7 +213,7 @@ class _Pool:
             if c.pid == os.getpid():
                 c.conn.close()
             else:
-                _inherited.append(c.conn)
+                _keep(c.conn)
 
 
 def _code(e: sqlite3.Error) -> int | None:
