@@ -224,6 +224,24 @@ def test_an_exception_rolls_back_and_a_nested_call_is_refused(
     assert other_key.load().count == 1
 
 
+def test_a_session_that_raises_after_writing_leaves_nothing_written(
+    db: Path, storage: SqliteStorage
+) -> None:
+    store = StateStore(Counter, storage, default=Counter)
+    store.save(Counter(count=1))
+    before = row(db)
+    with pytest.raises(RuntimeError), storage.session(5) as session:
+        session.write(b'{"schema_version": 1, "count": 50}\n')
+        session.backup("v0", b"{}")
+        assert session.read() == b'{"schema_version": 1, "count": 50}\n'
+        raise RuntimeError("interrupted")
+    assert row(db) == before
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM statestore_documents_backups").fetchone() == (0,)
+    conn.close()
+    assert store.update(bump).count == 2  # nothing left held
+
+
 def test_migration_keeps_a_backup_row_that_is_never_overwritten(
     db: Path, storage: SqliteStorage
 ) -> None:
@@ -414,6 +432,8 @@ def test_lock_timeout_between_threads(db: Path, storage: SqliteStorage, timeout:
         t.join()
         waited = time.monotonic() - began
     assert len(failed) == 1 and isinstance(failed[0], LockTimeout)
+    # Threads of one process queue in the process, not in SQLite's busy handler.
+    assert "other threads of this process" in str(failed[0])
     assert timeout <= waited < timeout + 2
     assert failed[0].path == storage.location
     assert store.update(bump).count == 1  # free again once the session ended
