@@ -502,7 +502,7 @@ class SqliteStorage:
             )
 
     def _select(
-        self, conn: sqlite3.Connection, error: type[StateStoreError], what: str
+        self, conn: sqlite3.Connection, error: type[StateReadError | StateWriteError], what: str
     ) -> bytes | None:
         try:
             row = conn.execute(self._read_sql, (self.max_size, self.key)).fetchone()
@@ -781,7 +781,9 @@ class SqliteStorage:
                 ) from e
             raise self._error(e, StateWriteError, "committing") from e
 
-    def _error(self, e: sqlite3.Error, error: type[StateStoreError], what: str) -> StateStoreError:
+    def _error(
+        self, e: sqlite3.Error, error: type[StateReadError | StateWriteError], what: str
+    ) -> StateStoreError:
         """The typed error of SQLite's ``e`` while doing ``what``."""
         code = _code(e)
         nothing = (
@@ -803,11 +805,12 @@ class SqliteStorage:
                 hint=f"restore it from a backup, or salvage it with: sqlite3 {self.path} .recover",
             )
         if code == _READONLY:
-            return StateWriteError(
+            return error(
                 self.location,
                 f"{what} failed: the database is read-only for this process ({e}); check "
-                "the mode of the database file and of its folder (SQLite writes its -wal "
-                f"and -shm files there).{nothing}",
+                "the mode of the database file and of its folder (SQLite keeps its -wal "
+                "and -shm files there, and needs them to read a WAL database too)."
+                f"{nothing}",
                 errno=errno.EROFS,
             )
         if code == _FULL:
