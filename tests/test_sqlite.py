@@ -11,6 +11,8 @@ import pwd
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -735,10 +737,42 @@ def test_a_database_of_other_tables_is_used_and_kept(db: Path) -> None:
     conn.execute("INSERT INTO mine VALUES (42)")
     conn.close()
     store = StateStore(Counter, SqliteStorage(db, key="jobs"), default=Counter)
+    assert not store.exists() and store.load() == Counter()  # no table yet: no document
     assert store.update(bump).count == 1
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT x FROM mine").fetchall() == [(42,)]
     conn.close()
+
+
+def test_the_command_line_reads_and_checks_a_sqlite_store(db: Path, tmp_path: Path) -> None:
+    (tmp_path / "sqlite_app.py").write_text(
+        "from conftest import Counter\n"
+        "from statestore import StateStore\n"
+        "from statestore.backends.sqlite import SqliteStorage\n"
+        f"store = StateStore(Counter, SqliteStorage({str(db)!r}, key='jobs'), default=Counter)\n"
+    )
+    StateStore(Counter, SqliteStorage(db, key="jobs")).save(Counter(count=3, note="cli"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).parent)]))
+    shown = subprocess.run(
+        [sys.executable, "-m", "statestore", "show", "sqlite_app:store"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {"count": 3, "note": "cli"}
+    put(db, b"{not json")
+    checked = subprocess.run(
+        [sys.executable, "-m", "statestore", "validate", "sqlite_app:store"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert checked.returncode == 1
+    assert f"{db}#statestore_documents/jobs" in checked.stdout + checked.stderr
+    assert row(db) == b"{not json"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")

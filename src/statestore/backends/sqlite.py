@@ -42,7 +42,9 @@ The rules.
   corrupts it), a folder, a named pipe, a socket, a device or another user's
   file is a :class:`StateReadError`, before anything is opened, so nothing
   blocks and nothing is written. The same holds for the ``-wal``, ``-shm`` and
-  ``-journal`` files beside it, which SQLite would otherwise write through.
+  ``-journal`` files beside it, which SQLite would otherwise write through
+  (checked before each new connection is opened: a file swapped in by another
+  writer of the folder in that instant is outside the rule, as for any program).
   A ``-wal`` or ``-shm`` file without its database (a database deleted, its log
   left) is refused too: a new database must not replay another one's log.
   A file that is not a SQLite database, or a damaged one, is an error
