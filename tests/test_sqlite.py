@@ -8,6 +8,7 @@ import json
 import multiprocessing as mp
 import os
 import pwd
+import resource
 import shutil
 import signal
 import sqlite3
@@ -242,6 +243,35 @@ def test_a_session_that_raises_after_writing_leaves_nothing_written(
     assert conn.execute("SELECT count(*) FROM statestore_documents_backups").fetchone() == (0,)
     conn.close()
     assert store.update(bump).count == 2  # nothing left held
+
+
+def test_a_log_write_that_fails_saves_nothing(db: Path, storage: SqliteStorage) -> None:
+    store = StateStore(Counter, storage, default=Counter)
+    store.save(Counter(count=1, note="old"))
+    before = row(db)
+    largest = max(os.stat(p).st_size for p in (db, Path(f"{db}-wal")))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: its files may not grow much
+        answer = "no error"
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (largest + 8192, largest + 8192))
+            child = StateStore(Counter, SqliteStorage(db, key="jobs"), default=Counter)
+            child.save(Counter(count=2, note="x" * 200_000))
+        except BaseException as e:
+            answer = f"{type(e).__name__}: {e}"
+        os.write(w, answer.encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        answer = f.read()
+    assert answer.startswith("StateWriteError"), answer
+    assert "Nothing was saved" in answer
+    assert row(db) == before
+    assert store.load() == Counter(count=1, note="old")
+    assert store.update(bump).count == 2
 
 
 def test_migration_keeps_a_backup_row_that_is_never_overwritten(

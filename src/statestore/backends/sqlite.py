@@ -31,9 +31,10 @@ The rules.
 * **Durable by default.** ``journal_mode=WAL`` and ``synchronous=FULL`` (each
   commit is fsynced to the write-ahead log before it returns); ``durable=False``
   uses ``synchronous=NORMAL`` (a power loss may lose the last commits, never
-  mix them). A commit that fails with an I/O error may or may not have reached
-  the log: :class:`DurabilityError`, never a :class:`StateWriteError`, which
-  promises nothing was saved.
+  mix them). A commit whose log write fails (a full disk, a file size limit)
+  saved nothing: :class:`StateWriteError`. One that fails otherwise (its fsync)
+  may or may not have reached the log: :class:`DurabilityError`, never a
+  :class:`StateWriteError`, which promises nothing was saved.
 * **Only a file of ours is opened.** Before SQLite opens the database, and
   again right after, the path is ``lstat``-ed: it must be a regular file, of
   this user, with one link, and the same file both times. A symbolic link, a
@@ -110,8 +111,9 @@ POLL_CAP: Final = 0.002
 #: The byte of the ``-shm`` file whose POSIX lock is SQLite's WAL write lock.
 _WAL_WRITE_LOCK_BYTE: Final = 120
 
-# SQLite's primary result codes.
+# SQLite's primary result codes, and the extended code of a failed write.
 _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8, 10, 11, 13, 14, 26
+_IOERR_WRITE: Final = _IOERR | 3 << 8
 
 # Connections a forked child inherited from its parent: never used, closed or
 # collected there (closing one could checkpoint, or delete, the parent's log).
@@ -772,8 +774,17 @@ class SqliteStorage:
                     conn.execute("ROLLBACK")
             except sqlite3.Error:
                 conn.close()
+            if code == _IOERR and getattr(e, "sqlite_errorcode", None) == _IOERR_WRITE:
+                # The log's frames end with the commit frame, each checksummed: a write
+                # that failed leaves no commit a later reader or a recovery would take.
+                raise StateWriteError(
+                    self.location,
+                    f"committing failed: writing the write-ahead log failed ({e}). Nothing "
+                    "was saved; the stored document is unchanged.",
+                    errno=errno.EIO,
+                ) from e
             if code == _IOERR:
-                # The log may hold the commit record, unsynced: either outcome is possible.
+                # The log may hold the commit frame, unsynced: either outcome is possible.
                 raise DurabilityError(
                     self.location,
                     f"committing failed with an I/O error ({e}); whether the commit reached "
