@@ -227,17 +227,18 @@ def test_an_exception_rolls_back_and_a_nested_call_is_refused(
     assert other_key.load().count == 1
 
 
+@pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt, SystemExit])
 def test_a_session_that_raises_after_writing_leaves_nothing_written(
-    db: Path, storage: SqliteStorage
+    db: Path, storage: SqliteStorage, interruption: type[BaseException]
 ) -> None:
     store = StateStore(Counter, storage, default=Counter)
     store.save(Counter(count=1))
     before = row(db)
-    with pytest.raises(RuntimeError), storage.session(5) as session:
+    with pytest.raises(interruption), storage.session(5) as session:
         session.write(b'{"schema_version": 1, "count": 50}\n')
         session.backup("v0", b"{}")
         assert session.read() == b'{"schema_version": 1, "count": 50}\n'
-        raise RuntimeError("interrupted")
+        raise interruption("interrupted")
     assert row(db) == before
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT count(*) FROM statestore_documents_backups").fetchone() == (0,)
