@@ -639,6 +639,11 @@ def _json_file(path: Path) -> bytes:
     return data
 
 
+def _bytes_file(path: Path, data: bytes) -> bytes:
+    path.write_bytes(data)
+    return data
+
+
 def _corrupt_database(path: Path) -> bytes:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(
@@ -677,11 +682,23 @@ def _hard_linked_database(path: Path) -> bytes:
         (lambda p: os.mkfifo(p), StateReadError, "named pipe"),
         (lambda p: p.symlink_to(p.parent / "target.db"), StateReadError, "symbolic link"),
         (_json_file, StateReadError, "not a SQLite database"),
+        (lambda p: _bytes_file(p, b"hi\n"), StateReadError, "not a SQLite database"),
+        (lambda p: _bytes_file(p, bytes(8192)), StateReadError, "not a SQLite database"),
         (_corrupt_database, StateCorruptError, "damaged"),
         (_other_users_database, StateReadError, "another user's file"),
         (_hard_linked_database, StateReadError, "hard links"),
     ],
-    ids=["folder", "fifo", "symlink", "json-file", "corrupt", "other-user", "hard-link"],
+    ids=[
+        "folder",
+        "fifo",
+        "symlink",
+        "json-file",
+        "tiny-file",
+        "zeros",
+        "corrupt",
+        "other-user",
+        "hard-link",
+    ],
 )
 def test_what_is_not_a_database_of_ours_is_refused_and_left_alone(
     tmp_path: Path, make: Any, error: type[Exception], words: str
