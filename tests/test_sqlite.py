@@ -371,6 +371,34 @@ def test_processes_lose_no_update(db: Path, tmp_path: Path) -> None:
     assert StateStore(Counter, SqliteStorage(db, key="jobs")).load().count == 200
 
 
+def test_processes_racing_to_create_the_database_all_succeed(tmp_path: Path) -> None:
+    for attempt in range(6):
+        db = tmp_path / f"race{attempt}.db"
+        r, w = os.pipe()
+        pids = []
+        for _ in range(6):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - a child
+                code = 1
+                try:
+                    os.close(w)
+                    os.read(r, 1)  # released together
+                    StateStore(Counter, SqliteStorage(db, key="jobs"), default=Counter).update(bump)
+                    code = 0
+                except BaseException as e:
+                    with open(f"{db}.error.{os.getpid()}", "w") as f:
+                        f.write(f"{type(e).__name__}: {e}")
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        os.close(r)
+        os.close(w)  # end of file: every child reads it at once
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        errors = [p.read_text() for p in tmp_path.glob(f"{db.name}.error.*")]
+        assert codes == [0] * 6, errors
+        assert StateStore(Counter, SqliteStorage(db, key="jobs")).load().count == 6
+
+
 def test_threads_lose_no_update_shared_or_own_storage(db: Path) -> None:
     shared = StateStore(Counter, SqliteStorage(db, key="jobs"), default=Counter)
     errors: list[BaseException] = []

@@ -80,7 +80,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager, suppress
 from types import TracebackType
 from typing import Final
@@ -633,7 +633,9 @@ class SqliteStorage:
     def _create_file(self) -> os.stat_result:
         """Create the database file (``O_EXCL``, mode 0600), unless it appeared meanwhile."""
         left = self._companions()
-        if left:
+        # Looked for again: another process may have created the database (and its
+        # log) since this one found it missing; an orphan is a log with no database.
+        if left and self._inspect(self.path) is None:
             raise StateWriteError(
                 left[0],
                 "is there, but the database it belongs to is not: a database was deleted "
@@ -670,28 +672,12 @@ class SqliteStorage:
     def _begin(self, c: _Conn, deadline: float, timeout: float) -> None:
         """``BEGIN IMMEDIATE`` within ``deadline``, in WAL mode, with the tables there."""
         conn = c.conn
-        left = deadline - time.monotonic()
-        if timeout <= 0 or left <= 0:
-            ms = 0
-        elif math.isinf(left):
-            ms = 2**31 - 1
-        else:
-            ms = max(1, math.ceil(left * 1000))
         try:
-            if not c.wal:  # once per connection: SQLite's own busy handler bounds it
-                conn.execute(f"PRAGMA busy_timeout = {ms}")
-                self._to_wal(conn)
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-                if not mode or str(mode[0]).lower() != "wal":
-                    raise StateWriteError(
-                        self.location,
-                        f"SQLite could not switch the database to WAL mode (it stays in "
-                        f"{mode[0] if mode else 'an unknown'} mode; a file system without "
-                        "shared memory?); nothing was written",
-                    )
+            conn.execute("PRAGMA busy_timeout = 0")  # waits are this loop's, below
+            if not c.wal:  # once per connection
+                self._retry(lambda: self._switch_to_wal(conn), deadline)
                 c.wal = True
-            conn.execute("PRAGMA busy_timeout = 0")
-            self._immediate(conn, deadline)
+            self._retry(lambda: conn.execute("BEGIN IMMEDIATE"), deadline)
         except sqlite3.Error as e:
             if _code(e) in (_BUSY, _LOCKED):
                 raise self._timeout(timeout) from e
@@ -709,18 +695,22 @@ class SqliteStorage:
             raise
 
     @staticmethod
-    def _immediate(conn: sqlite3.Connection, deadline: float) -> None:
-        """``BEGIN IMMEDIATE``, tried again while the lock is busy until ``deadline``.
+    def _retry(step: Callable[[], object], deadline: float) -> None:
+        """``step`` (``BEGIN IMMEDIATE``, the switch to WAL), tried again while SQLite
+        says busy, until ``deadline``.
 
         Sleeps between tries, doubling from 0.1 ms up to :data:`POLL_CAP` (with
         jitter, so that waiting processes do not try in step): a wait costs about
         one failed try per sleep, and a lock given up is taken within
-        ``POLL_CAP``, where SQLite's own busy handler sleeps up to 100 ms.
+        ``POLL_CAP``, where SQLite's own busy handler sleeps up to 100 ms. SQLite
+        also answers busy at once, without its handler, where waiting could
+        deadlock (two connections of a database not yet in WAL mode both wanting
+        its exclusive lock): a try after a sleep resolves that too.
         """
         delay = 0.0001
         while True:
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                step()
                 return
             except sqlite3.OperationalError as e:
                 left = deadline - time.monotonic()
@@ -729,22 +719,30 @@ class SqliteStorage:
             time.sleep(min(delay * (0.5 + random.random()), left))
             delay = min(delay * 2, POLL_CAP)
 
-    def _to_wal(self, conn: sqlite3.Connection) -> None:
-        """Before switching a database that is not in WAL mode yet: unless it is
-        new (no pages), a check that it is whole, as switching rewrites its header."""
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> None:
+        """WAL mode. A database not in it yet is first checked to be whole, unless
+        it is new (no pages): switching rewrites its header."""
         mode = conn.execute("PRAGMA journal_mode").fetchone()
         if mode and str(mode[0]).lower() == "wal":
             return
         pages = conn.execute("PRAGMA page_count").fetchone()
-        if not pages or not pages[0]:
-            return
-        found = conn.execute("PRAGMA quick_check").fetchone()
-        if not found or found[0] != "ok":
-            raise StateCorruptError(
-                self.path,
-                f"the database is damaged (quick_check: {found[0] if found else 'no answer'}); "
-                "it was not changed",
-                hint=f"restore it from a backup, or salvage it with: sqlite3 {self.path} .recover",
+        if pages and pages[0]:
+            found = conn.execute("PRAGMA quick_check").fetchone()
+            if not found or found[0] != "ok":
+                raise StateCorruptError(
+                    self.path,
+                    "the database is damaged (quick_check: "
+                    f"{found[0] if found else 'no answer'}); it was not changed",
+                    hint=f"restore it from a backup, or salvage it with: sqlite3 {self.path} "
+                    ".recover",
+                )
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if not mode or str(mode[0]).lower() != "wal":
+            raise StateWriteError(
+                self.location,
+                "SQLite could not switch the database to WAL mode (it stays in "
+                f"{mode[0] if mode else 'an unknown'} mode; a file system without shared "
+                "memory?); nothing was written",
             )
 
     def _end(self, c: _Conn, *, commit: bool) -> None:
