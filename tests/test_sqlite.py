@@ -268,8 +268,11 @@ def test_a_log_write_that_fails_saves_nothing(db: Path, storage: SqliteStorage) 
     os.waitpid(pid, 0)
     with os.fdopen(r) as f:
         answer = f.read()
-    assert answer.startswith("StateWriteError"), answer
-    assert "Nothing was saved" in answer
+    if sys.version_info >= (3, 11):
+        assert answer.startswith("StateWriteError"), answer
+        assert "Nothing was saved" in answer
+    else:  # no extended result codes: a failed write is not told from a failed fsync
+        assert answer.startswith("DurabilityError"), answer
     assert row(db) == before
     assert store.load() == Counter(count=1, note="old")
     assert store.update(bump).count == 2
