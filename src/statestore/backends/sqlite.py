@@ -32,7 +32,8 @@ The rules.
   commit is fsynced to the write-ahead log before it returns); ``durable=False``
   uses ``synchronous=NORMAL`` (a power loss may lose the last commits, never
   mix them). A commit whose log write fails (a full disk, a file size limit)
-  saved nothing: :class:`StateWriteError`. One that fails otherwise (its fsync)
+  saved nothing: :class:`StateWriteError` (Python 3.11+: older ``sqlite3``
+  modules do not tell it from the next case). One that fails otherwise (its fsync)
   may or may not have reached the log: :class:`DurabilityError`, never a
   :class:`StateWriteError`, which promises nothing was saved.
 * **Only a file of ours is opened.** Before SQLite opens the database, and
