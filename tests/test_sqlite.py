@@ -8,6 +8,7 @@ import json
 import multiprocessing as mp
 import os
 import pwd
+import random
 import resource
 import shutil
 import signal
@@ -483,6 +484,36 @@ def test_waiting_for_another_process_costs_no_cpu(db: Path, tmp_path: Path) -> N
         holder.join(10)
     assert wall >= 1.0
     assert cpu < 0.25 * wall  # SQLite's busy handler sleeps between tries
+
+
+def test_writers_killed_at_random_moments_leave_a_whole_document(db: Path) -> None:
+    store = StateStore(Counter, SqliteStorage(db, key="jobs"), default=Counter, timeout=5)
+    store.save(Counter())
+    rng = random.Random(16)
+    last = 0
+    for _ in range(6):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - a writer, killed while it works
+            try:
+                writer = StateStore(Counter, SqliteStorage(db, key="jobs"), default=Counter)
+                while True:
+                    writer.update(
+                        lambda s: Counter(count=s.count + 1, note="n" * rng.randrange(9000))
+                    )
+            finally:
+                os._exit(1)
+        deadline = time.monotonic() + 10
+        while StateStore(Counter, SqliteStorage(db, key="jobs")).load().count == last:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.05))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        began = time.monotonic()
+        state = store.update(lambda s: s)  # the lock is free at once
+        assert time.monotonic() - began < 1
+        assert state.count > last and set(state.note) <= {"n"}
+        last = state.count
 
 
 @pytest.mark.parametrize("timeout", [0.0, 0.3], ids=["no-wait", "wait"])
