@@ -841,6 +841,19 @@ def test_a_log_without_its_database_is_not_taken_over(tmp_path: Path) -> None:
     assert not path.exists() and wal.read_bytes() == b"the log of a deleted database"
 
 
+def test_a_database_created_meanwhile_is_no_orphan_log(db: Path) -> None:
+    # Another process created the database, and its log, after this one found it
+    # missing: its log has a database, so this one opens it instead of refusing.
+    late = SqliteStorage(db, key="jobs")
+    assert late.read() is None and not db.exists()
+    first = StateStore(Counter, SqliteStorage(db, key="jobs"), default=Counter)
+    first.update(bump)
+    assert Path(f"{db}-wal").exists()
+    st = late._create_file()
+    assert (st.st_dev, st.st_ino) == (os.stat(db).st_dev, os.stat(db).st_ino)
+    assert StateStore(Counter, late).update(bump).count == 2
+
+
 def test_a_database_of_other_tables_is_used_and_kept(db: Path) -> None:
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("CREATE TABLE mine (x)")
