@@ -60,6 +60,7 @@ LATENCY_DEFAULT = MAIN
 MEMORY_DEFAULT = MAIN
 CONTENTION_DEFAULT = [
     "statestore-durable",
+    "statestore-sqlite",
     "mkdir-backoff",
     "filelock-fsync",
     "sqlite-normal",

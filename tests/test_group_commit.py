@@ -351,3 +351,20 @@ def test_an_interrupted_leader_commits_nothing_of_its_group_and_fails_its_caller
     assert store.load().n == 1  # the slow update only: nothing of the group was written
     store.update(bump)  # and the store works on
     assert store.load().n == 2
+
+
+def test_a_store_is_freed_as_soon_as_it_is_let_go(tmp_path: Path) -> None:
+    # No reference cycle: a store's storage (and its connections, for a database)
+    # goes with the last reference, not at the collector's next pass.
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        store = StateStore(Doc, tmp_path / "state.json", default=Doc)
+        store.update(bump)
+        ref = weakref.ref(store)
+        del store
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -53,6 +53,7 @@ SPECS: dict[str, Spec] = {
             "statestore non-durable",
             {"durable": False},
         ),
+        Spec("statestore-sqlite", "statestore_sqlite", "statestore SqliteStorage (WAL, FULL)"),
         Spec("filelock-fsync", "filelock_baseline", "filelock + fsync (hand-rolled)"),
         Spec("mkdir-backoff", "mkdir_backoff", "mkdir lock + backoff, no fsync"),
         Spec("sqlite-full", "sqlite_wal", "sqlite WAL sync=FULL", {"synchronous": "FULL"}),

@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,7 +151,7 @@ class StateStore(Generic[ModelT]):
                 lock=lambda: lock_identity(storage.lock),
             ),
             history,
-            lambda: self.timeout,
+            _timeout_of(weakref.ref(self)),
             lambda: storage.lock.path if storage.lock is not None else storage.location,
         )
 
@@ -413,6 +414,18 @@ class StateStore(Generic[ModelT]):
             storage.session(self.timeout) as session,
         ):
             yield Transaction(self._doc, session, self.history_size)
+
+
+def _timeout_of(ref: weakref.ref[StateStore[Any]]) -> Callable[[], float]:
+    """The store's timeout as it is when asked, without a reference to the store: a
+    store is freed as soon as it is let go (with its storage's connections), not at
+    the collector's next pass."""
+
+    def timeout() -> float:
+        store = ref()
+        return store.timeout if store is not None else 0.0
+
+    return timeout
 
 
 class Watch(Generic[ModelT]):

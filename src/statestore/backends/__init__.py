@@ -4,7 +4,7 @@ A :class:`~statestore.StateStore` does its load, migrate, validate and save
 logic on bytes; a *storage* backend only keeps them. The interface is small on
 purpose: a lock-free read of the current bytes, and a locked session in which
 the store reads and writes. The file system (:class:`FileStorage`) is the
-default; other backends (PostgreSQL) implement the same two protocols.
+default; other backends (PostgreSQL, SQLite) implement the same two protocols.
 
 The store asks its storage for everything that differs between backends: the
 lock (a file storage builds the directory lock beside its file), durability,
