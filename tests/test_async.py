@@ -208,7 +208,8 @@ def test_a_storage_that_locks_itself() -> None:
 
     run(main())
     assert StateStore(Counter, storage).load().count == 21
-    assert storage.writes == 21
+    # The gathered updates were committed in groups (``_async_group.py``): fewer writes.
+    assert 2 <= storage.writes < 21
 
 
 # ---------------------------------------------------------- reading and writing

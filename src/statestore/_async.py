@@ -39,12 +39,15 @@ import inspect
 import math
 import os
 import threading
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
+from ._async_group import AsyncUpdateGroup
 from ._document import Snapshot
 from ._errors import LockTimeout, NestedTransactionError
 from ._lock import DirectoryLock, consume, turn_gate, wait_time
@@ -345,16 +348,44 @@ class AsyncStateStore(Generic[ModelT]):
         the event loop, in this task. If ``fn`` raises (or this task is cancelled
         before ``fn`` returns), nothing is written.
         """
-        async with self._begin("update()") as txn:
-            if not _is_async(fn):
-                return await self._update_in_thread(txn, fn)
-            state = await run_step(lambda: txn.begin(shed=True))
-            try:
-                result = await cast(Awaitable[ModelT | None], fn(state))
-            except BaseException:
-                txn.abort()
-                raise
-            return await run_step(lambda: txn.finish(fn, result))
+        # Tasks of this loop that update while another one holds the lock are
+        # committed together with it (``_async_group.py``).
+        return await self._group().update(fn)
+
+    def _group(self) -> AsyncUpdateGroup[ModelT]:
+        loop = asyncio.get_running_loop()
+        groups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncUpdateGroup[ModelT]]
+        groups = self.__dict__.setdefault("_groups", weakref.WeakKeyDictionary())
+        group = groups.get(loop)
+        if group is None:
+            group = groups[loop] = AsyncUpdateGroup(self)
+        return group
+
+    async def _update_alone(
+        self,
+        txn: Transaction[ModelT],
+        fn: Callable[[ModelT], ModelT | Awaitable[ModelT | None] | None],
+    ) -> ModelT:
+        """One update by itself, in an open transaction."""
+        if not _is_async(fn):
+            return await self._update_in_thread(txn, fn)
+        state = await run_step(lambda: txn.begin(shed=True))
+        try:
+            result = await cast(Awaitable[ModelT | None], fn(state))
+        except BaseException:
+            txn.abort()
+            raise
+        return await run_step(lambda: txn.finish(fn, result))
+
+    def _group_timed_out(self, wait: float) -> LockTimeout:
+        lock = self._storage.lock
+        return LockTimeout(
+            lock.path if lock is not None else self.location,
+            f"could not acquire the lock within {wait:g} s: another task of this "
+            "loop holds it for its update (the updates of this store's tasks wait "
+            "their turn in memory)",
+            timeout=wait,
+        )
 
     async def _update_in_thread(
         self, txn: Transaction[ModelT], fn: Callable[[ModelT], Any]
@@ -435,10 +466,8 @@ class AsyncStateStore(Generic[ModelT]):
             return frozenset((storage.identity,))
         return frozenset((storage.identity, lock_key(lock)))
 
-    @contextlib.asynccontextmanager
-    async def _begin(self, what: str) -> AsyncIterator[Transaction[ModelT]]:
-        keys = self._keys
-        if keys & inside.get():
+    def _refuse_nested(self, what: str) -> None:
+        if self._keys & inside.get():
             raise NestedTransactionError(
                 self.location,
                 f"{what} called inside a transaction on the same file or lock, in the "
@@ -446,8 +475,22 @@ class AsyncStateStore(Generic[ModelT]):
                 "for, and its commit would overwrite the result. Change the state "
                 "yielded by the transaction instead",
             )
+
+    @contextlib.asynccontextmanager
+    async def _begin(
+        self, what: str, since: float | None = None
+    ) -> AsyncIterator[Transaction[ModelT]]:
+        """A transaction in an async session of the storage (its lock held).
+        ``since``: when the caller began waiting (``time.monotonic()``), if before."""
+        self._refuse_nested(what)
+        keys = self._keys
         store = self._store
-        async with self._storage.async_session(store.timeout) as session:
+        timeout = store.timeout
+        if since is not None:
+            wait = wait_time(None, timeout)
+            if wait != math.inf:
+                timeout = max(0.0, since + wait - time.monotonic())
+        async with self._storage.async_session(timeout) as session:
             token = inside.set(inside.get() | keys)
             try:
                 yield Transaction(store.document, session, store.history_size)

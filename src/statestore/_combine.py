@@ -176,6 +176,8 @@ class UpdateGroup(Generic[ModelT]):
                 raise
         if job.error is not None:
             raise job.error
+        if job.data is None:  # never run, yet no error: not committed, say so
+            raise _interrupted(self._document.location)
         result: ModelT = job.checked
         return result
 

@@ -45,7 +45,7 @@ from .record import OWNER_FILE, new_owner
 from .registry import Held
 from .release import break_stale
 
-__all__ = ["GIVE_UP_POLL", "acquire_dir", "publish", "settle"]
+__all__ = ["GIVE_UP_POLL", "acquire_dir", "settle"]
 
 log = logging.getLogger("statestore")
 
