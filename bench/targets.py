@@ -6,10 +6,10 @@
 Every figure is a median of interleaved rounds (contenders alternate within
 each round, so they share the machine's noise); read the ratios. Sections:
 
-1. a durable update at 1 KB, 100 KB and 1 MB: statestore, the hand-rolled
-   filelock + fsync baseline, SQLite WAL with synchronous=FULL (one row per
-   document), and at 1 KB the raw floor (write, fsync, rename, fsync of the
-   folder; no lock, no validation);
+1. a durable update at 1 KB, 100 KB, 1 MB and 10 MB: statestore (a file, and
+   over ``SqliteStorage``), the hand-rolled filelock + fsync baseline, SQLite
+   WAL with synchronous=FULL (one row per document), and at 1 KB the raw floor
+   (write, fsync, rename, fsync of the folder; no lock, no validation);
 2. threads: 8 threads updating through one store against 1 thread, aggregate
    updates per second (the group commit);
 3. a repeated load of an unchanged 1 MB document: ``load()``,
@@ -37,7 +37,13 @@ from bench_common import Doc, make_doc, parse_size  # noqa: E402
 
 from statestore import StateStore  # noqa: E402
 
-UPDATE_KEYS = ["statestore-durable", "filelock-fsync", "sqlite-full", "raw-floor"]
+UPDATE_KEYS = [
+    "statestore-durable",
+    "statestore-sqlite",
+    "filelock-fsync",
+    "sqlite-full",
+    "raw-floor",
+]
 
 
 def timed(fn: Callable[[], Any], n: int) -> float:
