@@ -57,7 +57,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Final, Generic
 
 from ._document import Document, Loaded, ModelT
-from ._errors import LockTimeout, StateWriteError
+from ._errors import LockCompromisedError, LockTimeout, StateWriteError
 from ._lock import wait_time
 from ._transaction import Transaction, inside
 from .backends import Session
@@ -89,7 +89,7 @@ _groups: weakref.WeakSet[UpdateGroup[Any]] = weakref.WeakSet()
 
 def _reset_after_fork() -> None:
     for group in list(_groups):
-        group._reset()
+        group._forked()
 
 
 if hasattr(os, "register_at_fork"):
@@ -121,6 +121,25 @@ class UpdateGroup(Generic[ModelT]):
         self._reset()
         _groups.add(self)
 
+    def _forked(self) -> None:
+        """In a forked child: every update the parent's threads had under way ends
+        here with :class:`LockCompromisedError` (the one thread that came along may
+        be inside one of them: a function that forked), and the queue starts empty."""
+        try:
+            error = LockCompromisedError(
+                self._lock_path(),
+                "the update was not saved: this forked child holds none of its parent's "
+                "locks, and its parent's threads, whose updates were committed together "
+                "with it, did not come along; nothing of it was written",
+            )
+        except Exception:  # pragma: no cover - a path that no longer resolves
+            error = LockCompromisedError(self._document.location, "forked child")
+        for job in self._queue:
+            if job.error is None:
+                job.error = error
+            job.state = _DONE
+        self._reset()
+
     def _reset(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Job] = deque()
@@ -133,14 +152,15 @@ class UpdateGroup(Generic[ModelT]):
         job = _Job(fn)
         wait = wait_time(None, self._timeout())
         with self._mark():
-            cond = self._cond
-            with cond:
+            with self._cond:
                 self._queue.append(job)
                 if not self._leading:
                     self._leading = True
                     job.state = _LEADING
             try:
                 while True:
+                    # The condition is looked up each time: a forked child has its own.
+                    cond = self._cond
                     with cond:
                         while job.state == _QUEUED or job.state == _RAN:
                             if job.state == _RAN or wait == math.inf:
@@ -217,7 +237,6 @@ class UpdateGroup(Generic[ModelT]):
         self._cond.notify_all()
 
     def _lead(self, me: _Job) -> None:
-        cond = self._cond
         doc = self._document
         began = time.monotonic()
         wait = wait_time(None, self._timeout())
@@ -228,14 +247,14 @@ class UpdateGroup(Generic[ModelT]):
             try:
                 with self._session(wait) as session:
                     lend = getattr(session, "lend", None)
-                    with cond:
+                    with self._cond:
                         group = [me]
                         if lend is not None:  # the rest of the queue, first come first served
                             group += [j for j in self._queue if j.state == _QUEUED]
                             del group[MAX_GROUP:]
                     self._commit(Transaction(doc, session, self._history), group, me, lend)
             except LockTimeout as e:
-                with cond:
+                with self._cond:
                     for job in self._queue:
                         if job is me or (job.state == _QUEUED and job.queued_at <= began):
                             job.error = e
@@ -243,7 +262,7 @@ class UpdateGroup(Generic[ModelT]):
                     group = list(dict.fromkeys(group))
                 raise
             except BaseException as e:
-                with cond:
+                with self._cond:
                     if not group:
                         group = [me]
                     for job in group:
@@ -253,7 +272,7 @@ class UpdateGroup(Generic[ModelT]):
         except BaseException:
             pass  # each caller's outcome is in its job
         finally:
-            with cond:
+            with self._cond:
                 for job in group:  # each has its outcome now (an error, if not committed)
                     job.state = _DONE
                     if job in self._queue:
@@ -296,21 +315,21 @@ class UpdateGroup(Generic[ModelT]):
             except BaseException as e:
                 job.error = e
 
-        cond = self._cond
         for job in group:
             if job is me:
                 step(job)
             else:
                 assert lend is not None
+                cond = self._cond
                 with cond:
                     if job.state != _QUEUED:
-                        continue  # it left the queue meanwhile
+                        continue  # it left the queue meanwhile (or a fork ended it)
                     job.step = step
                     job.state = _RUNNING
                     cond.notify_all()
-                with lend(job.thread), cond:
-                    while job.state == _RUNNING:
-                        cond.wait()
+                    with lend(job.thread):
+                        while job.state == _RUNNING:
+                            cond.wait()
             if job.error is None and job.data is not None:
                 base = job.data  # the next function starts from this state
         counted = [j for j in group if j.error is None and j.data is not None]
