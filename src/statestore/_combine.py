@@ -66,12 +66,27 @@ __all__ = ["UpdateGroup"]
 
 #: The most update functions one group commits (then the lock is handed on).
 MAX_GROUP: Final = 64
+#: After a function of the group has run this long (seconds), the ones before it
+#: are committed without waiting for it.
+FLUSH_AFTER: Final = 0.1
 
 _QUEUED, _LEADING, _RUNNING, _RAN, _DONE = range(5)
 
 
 class _Job:
-    __slots__ = ("checked", "data", "error", "fn", "queued_at", "state", "step", "thread")
+    __slots__ = (
+        "after",
+        "body",
+        "checked",
+        "data",
+        "error",
+        "fn",
+        "queued_at",
+        "round",
+        "state",
+        "step",
+        "thread",
+    )
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
@@ -79,6 +94,9 @@ class _Job:
         self.queued_at = time.monotonic()
         self.state = _QUEUED
         self.step: Callable[[_Job], None] | None = None
+        self.round: _Round[Any] | None = None  # handed to this thread to drive
+        self.after: Loaded[Any] | None = None  # the document its bytes were framed after
+        self.body: bytes | None = None
         self.data: bytes | None = None
         self.checked: Any = None
         self.error: BaseException | None = None
@@ -138,6 +156,7 @@ class UpdateGroup(Generic[ModelT]):
             if job.error is None:
                 job.error = error
             job.state = _DONE
+            job.round = None
         self._reset()
 
     def _reset(self) -> None:
@@ -202,7 +221,9 @@ class UpdateGroup(Generic[ModelT]):
             return Transaction(self._document, session, self._history).update(fn)
 
     def _run(self, job: _Job) -> None:
-        """This thread's turn in the leader's group: run its function, report back."""
+        """This thread's turn in the group: run its function, report back; and drive
+        the rest of the group if the driver handed it over meanwhile (the function
+        took long)."""
         step = job.step
         assert step is not None
         try:
@@ -211,7 +232,10 @@ class UpdateGroup(Generic[ModelT]):
             with self._cond:
                 if job.state == _RUNNING:
                     job.state = _RAN
+                handed, job.round = job.round, None
                 self._cond.notify_all()
+            if handed is not None:
+                handed.drive(resumed=True)
 
     def _leave(self, job: _Job) -> None:
         """An interrupted caller: out of the queue, its turn (if any) given up."""
@@ -237,108 +261,245 @@ class UpdateGroup(Generic[ModelT]):
         self._cond.notify_all()
 
     def _lead(self, me: _Job) -> None:
-        doc = self._document
         began = time.monotonic()
         wait = wait_time(None, self._timeout())
         if wait != math.inf:  # a caller promoted to lead has waited already
             wait = max(0.0, me.queued_at + wait - began)
-        group: list[_Job] = []
+        group: list[_Job] = [me]
         try:
-            try:
-                with self._session(wait) as session:
-                    lend = getattr(session, "lend", None)
-                    with self._cond:
-                        group = [me]
-                        if lend is not None:  # the rest of the queue, first come first served
-                            group += [j for j in self._queue if j.state == _QUEUED]
-                            del group[MAX_GROUP:]
-                    self._commit(Transaction(doc, session, self._history), group, me, lend)
-            except LockTimeout as e:
-                with self._cond:
-                    for job in self._queue:
-                        if job is me or (job.state == _QUEUED and job.queued_at <= began):
-                            job.error = e
-                            group.append(job)
-                    group = list(dict.fromkeys(group))
-                raise
-            except BaseException as e:
-                with self._cond:
-                    if not group:
-                        group = [me]
-                    for job in group:
-                        if job.state != _DONE and job.error is None:
-                            job.error = e if job is me else _failed_with(doc.location, e)
-                raise
-        except BaseException:
-            pass  # each caller's outcome is in its job
-        finally:
+            opened = self._session(wait)
+            session = opened.__enter__()
+        except LockTimeout as e:
             with self._cond:
-                for job in group:  # each has its outcome now (an error, if not committed)
-                    job.state = _DONE
-                    if job in self._queue:
-                        self._queue.remove(job)
-                self._hand_on()
+                for job in self._queue:
+                    if job.state == _QUEUED and job.queued_at <= began:
+                        job.error = e
+                        group.append(job)
+                me.error = e
+                self._finish(group)
+            return
+        except BaseException as e:
+            with self._cond:
+                me.error = e
+                self._finish(group)
+            return
+        try:
+            lend = getattr(session, "lend", None)
+            with self._cond:
+                if lend is not None:  # the rest of the queue, first come first served
+                    group += [j for j in self._queue if j.state == _QUEUED]
+                    del group[MAX_GROUP:]
+            run = _Round(self, opened, session, group, me, lend)
+        except BaseException as e:  # interrupted before the round began
+            with self._cond:
+                me.error = e
+                for job in group[1:]:
+                    job.error = _failed_with(self._document.location, e)
+            try:
+                opened.__exit__(type(e), e, e.__traceback__)
+            finally:
+                with self._cond:
+                    self._finish(group)
+            return
+        run.drive(resumed=False)
 
-    def _commit(
+    def _finish(self, group: list[_Job]) -> None:
+        """(cond held) Each job of ``group`` has its outcome: out of the queue; the
+        next queued caller leads."""
+        for job in group:
+            job.state = _DONE
+            if job in self._queue:
+                self._queue.remove(job)
+        self._hand_on()
+
+
+class _Round(Generic[ModelT]):
+    """One group under the lock: each function in turn, then the write.
+
+    Driven by the thread that took the lock (the leader). A function that runs
+    longer than ``FLUSH_AFTER`` is handed the round: the ones before it are
+    written first and their callers return, and its thread drives the rest when
+    it returns (the lock is lent to it meanwhile).
+    """
+
+    def __init__(
         self,
-        txn: Transaction[ModelT],
+        owner: UpdateGroup[ModelT],
+        opened: AbstractContextManager[Session],
+        session: Session,
         group: list[_Job],
-        me: _Job,
+        driver: _Job,
         lend: Callable[[int], AbstractContextManager[None]] | None,
     ) -> None:
-        if len(group) == 1:  # alone: the plain update, which also lets a large file go
-            try:
-                me.checked = txn.update(me.fn)
-                me.data = b""
-            except BaseException as e:
-                me.error = e
-            return
-        doc = self._document
-        fresh = [txn.begin()]
-        loaded = txn.loaded
-        base: bytes | None = None  # the bytes of the state so far (None: as loaded)
+        self.owner = owner
+        self.doc = owner._document
+        self.opened = opened
+        self.session = session
+        self.group = group
+        self.driver = driver
+        self.lend = lend
+        self.index = 0  # the job whose turn it is
+        self.lent: list[AbstractContextManager[None]] = []  # the lock, lent to a driver
+        self.txn = Transaction(self.doc, session, owner._history)
+        self.loaded: Loaded[ModelT] | None = None
+        self.fresh: list[ModelT] = []
+        self.base: bytes | None = None  # the bytes of the state so far (None: as loaded)
+        self.pending: list[_Job] = []  # the functions that counted since the last write
 
-        def start() -> ModelT:
-            # The state after the last function that counted, as a model of its own.
-            if base is not None:
-                return doc.parse(base).model
-            if fresh:
-                loaded.model = None  # type: ignore[assignment]  # the function's now
-                return fresh.pop()
-            if loaded.raw is None:
-                return doc.make_default()
-            return doc.parse(loaded.raw).model
+    def drive(self, *, resumed: bool) -> None:
+        """Go on from the job whose turn it is, on this (the driver's) thread; end the
+        round unless it was handed to another thread. Each job's outcome is in it."""
+        error: BaseException | None = None
+        try:
+            if self._steps(resumed):
+                return  # handed on
+        except BaseException as e:
+            error = e
+            with self.owner._cond:
+                for job in self.group:
+                    if job.state != _DONE and job.error is None:
+                        job.error = e if job is self.driver else _failed_with(self.doc.location, e)
+        self._close(error)
+
+    def _close(self, error: BaseException | None) -> None:
+        cond = self.owner._cond
+        try:
+            while self.lent:
+                self.lent.pop().__exit__(None, None, None)
+            if error is None:
+                self.opened.__exit__(None, None, None)
+            else:
+                self.opened.__exit__(type(error), error, error.__traceback__)
+        except BaseException as e:  # the lock's release failed: as the plain update
+            with cond:
+                for job in self.group:
+                    if job.state != _DONE and job.error is None:
+                        job.error = e if job is self.driver else _failed_with(self.doc.location, e)
+        finally:
+            with cond:
+                self.owner._finish(self.group)
+
+    def _steps(self, resumed: bool) -> bool:
+        group = self.group
+        if not resumed:
+            me = self.driver
+            if len(group) == 1:  # alone: the plain update, which also lets a large file go
+                try:
+                    me.checked = self.txn.update(me.fn)
+                    me.data = b""
+                except BaseException as e:
+                    me.error = e
+                return False
+            self.fresh.append(self.txn.begin())
+            self.loaded = self.txn.loaded
+        while self.index < len(group):
+            job = group[self.index]
+            if job is self.driver:
+                if not resumed:
+                    self._turn()(job)
+            elif self._give_turn(job):
+                return True
+            self._count(job)
+            self.index += 1
+        if not self.pending:
+            self.txn.abort()
+            return False
+        last = self.pending[-1]
+        assert last.data is not None
+        last.checked = self.txn.publish(last.data, last.checked)  # its error fails them all
+        return False
+
+    def _turn(self) -> Callable[[_Job], None]:
+        """A job's run: its starting point and framing fixed now (a write before it
+        returns changes the round's)."""
+        doc = self.doc
+        at, after = self.base, self.loaded
+        assert after is not None
+        given = self.fresh.pop() if at is None and self.fresh else None
+        if given is not None:
+            after.model = None  # type: ignore[assignment]  # the function's now
 
         def step(job: _Job) -> None:
+            nonlocal given
             try:
-                job.data, job.checked = _apply(doc, loaded, job.fn, start())
+                if given is not None:
+                    state, given = given, None
+                elif at is not None:
+                    state = doc.parse(at).model
+                elif after.raw is None:
+                    state = doc.make_default()
+                else:
+                    state = doc.parse(after.raw).model
+                job.after = after
+                job.body, job.data, job.checked = _apply(doc, after, job.fn, state)
             except BaseException as e:
                 job.error = e
 
-        for job in group:
-            if job is me:
-                step(job)
-            else:
-                assert lend is not None
-                cond = self._cond
-                with cond:
-                    if job.state != _QUEUED:
-                        continue  # it left the queue meanwhile (or a fork ended it)
-                    job.step = step
-                    job.state = _RUNNING
-                    cond.notify_all()
-                    with lend(job.thread):
-                        while job.state == _RUNNING:
-                            cond.wait()
-            if job.error is None and job.data is not None:
-                base = job.data  # the next function starts from this state
-        counted = [j for j in group if j.error is None and j.data is not None]
-        if not counted:
-            txn.abort()
+        return step
+
+    def _give_turn(self, job: _Job) -> bool:
+        """Run ``job``'s function on its thread; True if the round was handed to it."""
+        assert self.lend is not None
+        cond = self.owner._cond
+        with cond:
+            if job.state != _QUEUED:
+                return False  # it left the queue meanwhile (or a fork ended it)
+            job.step = self._turn()
+            lent: AbstractContextManager[None] | None = self.lend(job.thread)
+            assert lent is not None
+            lent.__enter__()  # before its function can start
+            try:
+                job.state = _RUNNING
+                cond.notify_all()
+                while job.state == _RUNNING:
+                    if cond.wait(FLUSH_AFTER) or job.state != _RUNNING:
+                        continue
+                    # It takes long: write what counted so far, hand it the round.
+                    self._flush()
+                    self.driver = job
+                    job.round = self
+                    self.lent.append(lent)
+                    lent = None
+                    return True
+            finally:
+                if lent is not None:
+                    lent.__exit__(None, None, None)
+        return False
+
+    def _flush(self) -> None:
+        """(cond held) Commit the functions that counted so far; every caller before
+        the running one has its outcome."""
+        owner = self.owner
+        if self.pending:
+            last = self.pending[-1]
+            assert last.data is not None
+            last.checked = self.txn.publish(last.data, last.checked)
+            self.pending.clear()
+            self.txn = Transaction(self.doc, self.session, owner._history)
+            self.fresh = [self.txn.begin()]
+            self.loaded, self.base = self.txn.loaded, None
+        for job in self.group[: self.index]:
+            job.state = _DONE
+            if job in owner._queue:
+                owner._queue.remove(job)
+        owner._cond.notify_all()
+
+    def _count(self, job: _Job) -> None:
+        """A job whose function ran: the next one starts from its state."""
+        if job.error is not None or job.data is None:
             return
-        last = counted[-1]
-        assert last.data is not None
-        last.checked = txn.publish(last.data, last.checked)  # its error fails them all
+        loaded = self.loaded
+        assert loaded is not None
+        if job.after is not loaded:  # framed after a state written since: again
+            try:
+                assert job.body is not None
+                job.data = self.doc.frame(job.body, loaded.schema, after=loaded)
+                job.checked = self.doc.check(job.data)
+            except BaseException as e:
+                job.error = e
+                return
+        self.base = job.data
+        self.pending.append(job)
 
 
 def _apply(
@@ -346,16 +507,17 @@ def _apply(
     loaded: Loaded[ModelT],
     fn: Callable[[ModelT], ModelT | None],
     state: ModelT,
-) -> tuple[bytes, ModelT]:
-    """One function of a group: its state's exact bytes (framed after ``loaded``) and
-    the model they load as."""
+) -> tuple[bytes, bytes, ModelT]:
+    """One function of a group: its state's dump, its exact bytes (framed after
+    ``loaded``) and the model they load as."""
     result = fn(state)
     if result is not None:
         state = result
     doc.check_type(state, f"update(): {getattr(fn, '__qualname__', 'fn')} returned")
-    data = doc.frame(doc.dump(state), loaded.schema, after=loaded)
+    body = doc.dump(state)
     del state, result
-    return data, doc.check(data)
+    data = doc.frame(body, loaded.schema, after=loaded)
+    return body, data, doc.check(data)
 
 
 def _failed_with(location: str, e: BaseException) -> BaseException:
