@@ -57,7 +57,12 @@ class Group:
     then lets go: those form one group. ``results[i]``: fns[i]'s outcome."""
 
     def __init__(
-        self, store: StateStore[Any], fns: list[Callable[[Any], Any]], *, join: bool = True
+        self,
+        store: StateStore[Any],
+        fns: list[Callable[[Any], Any]],
+        *,
+        join: bool = True,
+        via_lock: bool = False,
     ) -> None:
         self.store = store
         self.pid = os.getpid()
@@ -70,15 +75,23 @@ class Group:
             inside.set()
             go.wait(10)
 
-        self.lead = threading.Thread(target=store.update, args=(first,))
-        self.lead.start()
-        assert inside.wait(10)
+        if via_lock:  # the lock held by this thread: the first caller waits for it
+            assert store.lock is not None
+            held = store.lock.acquire()
+            self.lead = threading.Thread(target=lambda: None)
+        else:
+            self.lead = threading.Thread(target=store.update, args=(first,))
+            self.lead.start()
+            assert inside.wait(10)
         self.workers = []
         for i, fn in enumerate(fns):
             t = threading.Thread(target=self._call, args=(i, fn))
             t.start()
-            wait_queued(store, i + 2)
+            wait_queued(store, i + 1 + (not via_lock))
             self.workers.append(t)
+        if via_lock:
+            self.lead.start()
+            held.release()
         go.set()
         if join:
             self.join()
@@ -290,3 +303,297 @@ def test_a_migrated_file_is_backed_up_once_by_a_group(tmp_path: Path) -> None:
     backups = [p.name for p in tmp_path.iterdir() if "v1" in p.name]
     assert len(backups) == 1, sorted(p.name for p in tmp_path.iterdir())
     assert json.loads((tmp_path / backups[0]).read_text()) == {"schema_version": 1, "n": 5}
+
+
+def test_a_group_handed_on_twice_commits_each_part_once_and_in_order(tmp_path: Path) -> None:
+    store = StateStore(Doc, tmp_path / "state.json", default=Doc, history=20)
+    store.save(Doc())
+    before = counter_of(store)
+    releases = [threading.Event(), threading.Event()]
+
+    def slow(k: int) -> Callable[[Doc], None]:
+        def fn(s: Doc) -> None:
+            assert releases[k].wait(20)
+            s.n += 10
+
+        return fn
+
+    def failing(s: Doc) -> None:
+        s.n += 1000
+        raise KeyError("mine only")
+
+    group = Group(store, [failing, bump, slow(0), bump, slow(1), bump], join=False)
+    try:
+        assert group.done[1].wait(10) and group.done[0].wait(10)
+        assert isinstance(group.results[0], KeyError) and group.results[1].n == 1
+        releases[0].set()
+        assert group.done[3].wait(10) and group.done[2].wait(10)
+        assert [group.results[2].n, group.results[3].n] == [11, 12]
+        assert store.load().n == 12
+    finally:
+        for r in releases:
+            r.set()
+        group.join()
+    assert [r.n for r in group.results[1:]] == [1, 11, 12, 22, 23]
+    assert store.load().n == 23
+    # One write per part (the leader's failure counted nothing), each recorded once.
+    assert counter_of(store) == before + 3
+    ns = [json.loads(store.version_bytes(e.revision))["n"] for e in store.history()]
+    assert ns == [23, 12, 1, 0]
+    store.update(bump)
+    assert store.load().n == 24
+
+
+def test_a_caller_handed_its_group_can_still_take_the_lock_again(tmp_path: Path) -> None:
+    lock = tmp_path / "shared.lock"
+    store = StateStore(Doc, tmp_path / "a.json", default=Doc, lock=lock, timeout=5)
+    other = StateStore(Doc, tmp_path / "b.json", default=Doc, lock=lock, timeout=5)
+    store.save(Doc())
+    release = threading.Event()
+
+    def slow_then_nested(s: Doc) -> None:
+        assert release.wait(20)
+        other.update(bump)  # the group's lock, lent to this thread, which drives it now
+        s.n += 1
+
+    group = Group(store, [bump, slow_then_nested, bump], join=False)
+    try:
+        assert group.done[0].wait(10)
+    finally:
+        release.set()
+        group.join()
+    assert [r.n for r in group.results] == [1, 2, 3]
+    assert other.load().n == 1
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals")
+def test_an_interrupted_function_of_a_handed_on_group_fails_only_itself(
+    store: StateStore[Doc],
+) -> None:
+    main = threading.main_thread().ident
+    assert main is not None
+    outcomes: list[Any] = []
+    handed = threading.Event()
+
+    def slow(s: Doc) -> None:  # on the main thread
+        handed.wait(10)
+        time.sleep(5)  # interrupted here
+        s.n += 100
+
+    def first(s: Doc) -> None:
+        s.n += 1
+
+    gate, inside = threading.Event(), threading.Event()
+
+    def blocker_fn(s: Doc) -> None:
+        inside.set()
+        gate.wait(10)
+
+    def call(fn: Callable[[Doc], Any]) -> None:
+        try:
+            outcomes.append(store.update(fn))
+        except BaseException as e:
+            outcomes.append(e)
+
+    blocker = threading.Thread(target=store.update, args=(blocker_fn,))
+    blocker.start()
+    assert inside.wait(10)
+    leader = threading.Thread(target=call, args=(first,))
+    leader.start()
+    wait_queued(store, 2)
+    after: list[threading.Thread] = []
+
+    def arrange() -> None:
+        wait_queued(store, 3)  # the main thread's slow update
+        t = threading.Thread(target=call, args=(bump,))
+        t.start()
+        after.append(t)
+        wait_queued(store, 4)
+        gate.set()
+        leader.join(10)  # returns: the group was handed to the main thread
+        handed.set()
+        time.sleep(0.2)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    arranger = threading.Thread(target=arrange)
+    arranger.start()
+    with pytest.raises(KeyboardInterrupt):
+        store.update(slow)
+    for t in (blocker, leader, arranger, *after):
+        t.join(10)
+    assert [getattr(o, "n", o) for o in outcomes] == [1, 2]
+    assert store.load().n == 2
+    store.update(bump)
+    assert store.load().n == 3
+
+
+# ------------------------------------------------------- other stores, folders
+
+
+def test_a_grouped_function_using_the_async_store_of_its_file_is_refused_not_stuck(
+    store: StateStore[Doc],
+) -> None:
+    import asyncio
+
+    from statestore import AsyncStateStore, NestedTransactionError
+
+    astore = AsyncStateStore(Doc, store.path, default=Doc, timeout=3)
+
+    def via_async(s: Doc) -> None:
+        asyncio.run(astore.update(bump))
+
+    started = time.monotonic()
+    group = Group(store, [bump, via_async, bump])
+    assert time.monotonic() - started < 10
+    assert isinstance(group.results[1], (NestedTransactionError, LockTimeout)), group.results
+    assert [group.results[0].n, group.results[2].n] == [1, 2]
+    assert store.load().n == 2
+    assert asyncio.run(astore.update(bump)).n == 3  # and it works outside
+
+
+def test_the_documents_of_a_folder_updated_from_threads(tmp_path: Path) -> None:
+    folder = StateFolder(tmp_path / "f", timeout=30)
+    a = folder.store(Doc, "a.json", default=Doc)
+    b = folder.store(Doc, "b.json", default=Doc)
+    a.save(Doc())
+
+    def both(s: Doc) -> None:
+        b.update(bump)  # another document under the folder's lock this group holds
+        s.n += 1
+
+    group = Group(a, [both, bump, both])
+    assert [r.n for r in group.results] == [1, 2, 3]
+    assert b.load().n == 2
+    snap = folder.read(a, b)
+    assert snap[a].n == 3 and snap[b].n == 2
+
+    def worker(store: StateStore[Doc], count: int) -> None:
+        for _ in range(count):
+            store.update(bump)
+
+    threads = [threading.Thread(target=worker, args=(s, 20)) for s in (a, b, a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert a.load().n == 63 and b.load().n == 62
+    assert not folder.recover()  # nothing left unfinished
+
+
+def test_a_grouped_function_may_not_open_a_folder_transaction_over_its_document(
+    tmp_path: Path,
+) -> None:
+    from statestore import NestedTransactionError
+
+    folder = StateFolder(tmp_path / "f", timeout=3)
+    a = folder.store(Doc, "a.json", default=Doc)
+    b = folder.store(Doc, "b.json", default=Doc)
+    a.save(Doc())
+
+    def via_folder(s: Doc) -> None:
+        with folder.transaction() as tx:
+            tx[a].n += 100
+
+    def other_doc(s: Doc) -> None:
+        with folder.transaction() as tx:
+            tx[b].n += 1
+        s.n += 1
+
+    group = Group(a, [bump, via_folder, other_doc, bump])
+    assert isinstance(group.results[1], NestedTransactionError), group.results
+    assert [group.results[0].n, group.results[2].n, group.results[3].n] == [1, 2, 3]
+    assert a.load().n == 3 and b.load().n == 1
+
+
+# ------------------------------------------------------- errors and interruptions
+
+
+@pytest.mark.parametrize("kind", [SystemExit, GeneratorExit, KeyboardInterrupt])
+def test_a_function_raising_a_base_exception_fails_only_its_caller(
+    store: StateStore[Doc], kind: type[BaseException]
+) -> None:
+    def raising(s: Doc) -> None:
+        s.n += 100
+        raise kind()
+
+    group = Group(store, [bump, raising, bump, raising])
+    assert isinstance(group.results[1], kind) and isinstance(group.results[3], kind)
+    assert [group.results[0].n, group.results[2].n] == [1, 2]
+    assert store.load().n == 2
+    # and the leader's own
+    group = Group(store, [raising, bump])
+    assert isinstance(group.results[0], kind) and group.results[1].n == 3
+
+
+class Other(BaseModel):
+    n: int = 0
+
+
+class Sub(Doc):
+    extra: int = 7
+
+
+def test_a_function_returning_another_model_fails_only_its_caller(store: StateStore[Doc]) -> None:
+    group = Group(store, [lambda s: Other(n=50), bump, lambda s: Sub(n=99), bump])
+    assert isinstance(group.results[0], TypeError), group.results
+    assert group.results[1].n == 1
+    got = group.results[2]
+    if isinstance(got, BaseException):  # refused: fine, as long as only for it
+        assert group.results[3].n == 2
+    else:  # accepted: what is stored is what loads back, a Doc
+        assert type(got) is Doc and got.n == 99 and group.results[3].n == 100
+    assert store.load() == group.results[3]
+
+
+def test_a_file_broken_or_removed_between_groups(store: StateStore[Doc]) -> None:
+    from statestore import StateCorruptError
+
+    Group(store, [bump] * 3)
+    store.path.write_text("{ not json")
+    group = Group(store, [bump] * 3, via_lock=True)
+    assert all(isinstance(r, StateCorruptError) for r in group.results), group.results
+    assert store.path.read_text() == "{ not json"  # not overwritten
+    store.path.unlink()
+    group = Group(store, [bump] * 3, via_lock=True)
+    assert [r.n for r in group.results] == [1, 2, 3]  # the default, once
+    nodefault = StateStore(Doc, store.path.with_name("none.json"))
+    group = Group(nodefault, [bump] * 2, via_lock=True)
+    assert all(isinstance(r, StateStoreError) for r in group.results), group.results
+    assert not nodefault.path.exists()
+
+
+@pytest.mark.parametrize("timeout", [-1, float("inf"), 10**400])
+def test_a_group_with_an_endless_timeout_commits(tmp_path: Path, timeout: float) -> None:
+    store = StateStore(Doc, tmp_path / "state.json", default=Doc, timeout=timeout)
+    group = Group(store, [bump] * 4)
+    assert [r.n for r in group.results] == [1, 2, 3, 4]
+
+
+def test_a_timeout_changed_while_queued(store: StateStore[Doc]) -> None:
+    go = threading.Event()
+
+    def slow(s: Doc) -> None:
+        go.wait(10)
+
+    lead = threading.Thread(target=store.update, args=(slow,))
+    lead.start()
+    wait_queued(store, 1)
+    store.timeout = 0.2
+    started = time.monotonic()
+    with pytest.raises(LockTimeout):
+        store.update(bump)  # the timeout when it was called
+    assert time.monotonic() - started < 5
+    outcome: list[Any] = []
+    t = threading.Thread(target=lambda: outcome.append(store.update(bump)))
+    store.timeout = 30
+    t.start()
+    wait_queued(store, 2)
+    store.timeout = 0.01  # changed while it waits: its own call keeps 30 s
+    time.sleep(0.3)
+    go.set()
+    lead.join(10)
+    t.join(10)
+    assert outcome and outcome[0].n == 1
+    with pytest.raises(ValueError):
+        store.timeout = float("nan")
+        store.update(bump)
