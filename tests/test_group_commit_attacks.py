@@ -597,3 +597,103 @@ def test_a_timeout_changed_while_queued(store: StateStore[Doc]) -> None:
     with pytest.raises(ValueError):
         store.timeout = float("nan")
         store.update(bump)
+
+
+def _interrupt_main_when(cond: Callable[[], bool]) -> threading.Thread:
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def watch() -> None:
+        deadline = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    return t
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals")
+@pytest.mark.parametrize("where", ["queued", "in its function", "waiting for the commit"])
+def test_a_caller_interrupted_in_a_group_changes_only_its_own_outcome(
+    store: StateStore[Doc], where: str
+) -> None:
+    # The main thread's update is the second of a group of three; it is interrupted
+    # while queued (nothing of it runs), while its function runs (it fails alone),
+    # or after it ran, while a later function runs (its result is in the commit:
+    # the interruption says it was written).
+    ran = threading.Event()
+    later = threading.Event()
+    release = threading.Event()
+    go, inside = threading.Event(), threading.Event()
+    outcomes: dict[str, Any] = {}
+
+    def blocker_fn(s: Doc) -> None:
+        inside.set()
+        go.wait(10)
+
+    def mine(s: Doc) -> None:
+        ran.set()
+        if where == "in its function":
+            time.sleep(5)  # interrupted here
+        s.n += 10
+
+    def last(s: Doc) -> None:
+        later.set()
+        release.wait(10)  # long enough for the interrupt, shorter than a hand-on
+        s.n += 100
+
+    def call(name: str, fn: Callable[[Doc], Any]) -> None:
+        try:
+            outcomes[name] = store.update(fn)
+        except BaseException as e:
+            outcomes[name] = e
+
+    blocker = threading.Thread(target=store.update, args=(blocker_fn,))
+    blocker.start()
+    assert inside.wait(10)
+    first = threading.Thread(target=call, args=("first", bump))
+    first.start()
+    wait_queued(store, 2)
+    rest: list[threading.Thread] = []
+
+    def arrange() -> None:
+        wait_queued(store, 3)
+        t = threading.Thread(target=call, args=("last", last))
+        t.start()
+        rest.append(t)
+        wait_queued(store, 4)
+        if where == "queued":
+            _interrupt_main_when(lambda: True).join()
+            deadline = time.monotonic() + 10
+            while len(store._group._queue) != 3:  # it left
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+        go.set()
+        if where == "waiting for the commit":
+            _interrupt_main_when(later.is_set).join()
+        elif where == "in its function":
+            _interrupt_main_when(ran.is_set).join()
+        time.sleep(0.05)
+        release.set()
+
+    arranger = threading.Thread(target=arrange)
+    arranger.start()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        store.update(mine)
+    for t in (blocker, first, arranger):
+        t.join(10)
+    for t in rest:
+        t.join(10)
+    notes = getattr(caught.value, "__notes__", [])
+    if where == "waiting for the commit":
+        assert [outcomes["first"].n, outcomes["last"].n] == [1, 111]
+        assert store.load().n == 111
+        assert any("was written" in n for n in notes), notes
+    else:
+        assert [outcomes["first"].n, outcomes["last"].n] == [1, 101]
+        assert store.load().n == 101
+        assert not any("was written" in n for n in notes), notes
+    store.update(bump)

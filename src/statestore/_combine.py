@@ -171,12 +171,12 @@ class UpdateGroup(Generic[ModelT]):
         job = _Job(fn)
         wait = wait_time(None, self._timeout())
         with self._mark():
-            with self._cond:
-                self._queue.append(job)
-                if not self._leading:
-                    self._leading = True
-                    job.state = _LEADING
             try:
+                with self._cond:
+                    self._queue.append(job)
+                    if not self._leading:
+                        self._leading = True
+                        job.state = _LEADING
                 while True:
                     # The condition is looked up each time: a forked child has its own.
                     cond = self._cond
@@ -199,8 +199,9 @@ class UpdateGroup(Generic[ModelT]):
                         self._lead(job)
                         break
                     self._run(job)  # _RUNNING: the leader gave this thread its turn
-            except BaseException:
-                self._leave(job)
+            except BaseException as e:
+                if self._leave(job):
+                    self._await_outcome(job, e)
                 raise
         if job.error is not None:
             raise job.error
@@ -237,20 +238,41 @@ class UpdateGroup(Generic[ModelT]):
             if handed is not None:
                 handed.drive(resumed=True)
 
-    def _leave(self, job: _Job) -> None:
-        """An interrupted caller: out of the queue, its turn (if any) given up."""
+    def _leave(self, job: _Job) -> bool:
+        """An interrupted caller: out of the queue, its turn (if any) given up. True
+        if its function had run: its result is in the group's commit."""
         with self._cond:
             if job.state == _QUEUED:
-                self._queue.remove(job)
+                if job in self._queue:
+                    self._queue.remove(job)
                 job.state = _DONE  # a leader that listed it skips it
             elif job.state == _RUNNING:
                 job.state = _RAN
                 if job.error is None and job.data is None:
                     job.error = _interrupted(self._document.location)
             elif job.state == _LEADING:  # promoted, but never led
-                self._queue.remove(job)
+                if job in self._queue:
+                    self._queue.remove(job)
                 self._hand_on()
             self._cond.notify_all()
+            return job.state == _RAN and job.error is None and job.data is not None
+
+    def _await_outcome(self, job: _Job, e: BaseException) -> None:
+        """An interrupted caller whose function ran: its result is committed with the
+        group's or not; wait for that (a write at most), and say which on ``e``."""
+        try:
+            with self._cond:
+                while job.state != _DONE:
+                    self._cond.wait()
+        except BaseException:  # interrupted again: it goes without knowing
+            return
+        if job.error is None:
+            what = "this update was written (it was committed with other threads' updates)"
+        else:
+            what = f"this update was not written ({type(job.error).__name__}: {job.error})"
+        add_note = getattr(e, "add_note", None)  # Python 3.11+
+        if add_note is not None:
+            add_note(f"{self._document.location}: {what}")
 
     def _hand_on(self) -> None:
         """(cond held) The next queued caller leads; or nobody does."""
