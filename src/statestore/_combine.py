@@ -14,7 +14,8 @@ Rules this module keeps:
   first served), on a fresh model of the state after the function before it:
   thread-locals and context variables are the caller's, and while it runs
   the caller may take the lock again as its holder could (a store of another
-  file under the same lock; ``AcquiredLock.lent_to``). A nested update of the
+  file under the same lock; ``AcquiredLock.lent_to``, lent before the
+  function can start). A nested update of the
   same document is refused as before (``NestedTransactionError``): each
   caller marks its own thread for the whole call.
 * **A function that raises changes nothing and fails only its caller**: the
@@ -22,26 +23,41 @@ Rules this module keeps:
   does not validate or would not load back (each result is checked as it is
   made, on the exact bytes). Each caller gets the model its own result loads
   as.
-* **All or nothing on disk**: the group's last good state is published once,
-  and every caller whose function counted gets that commit's outcome: its
+* **All or nothing on disk**: the group's last good state is published once
+  (twice when a function runs long: below), and every caller whose function counted gets that commit's outcome: its
   model, or the error of the write (a full disk, a lost lock), which then
   fails all of them. No caller returns before the bytes it counted on are
   durable.
+* **No caller waits for a later function**: a function that runs longer than
+  ``FLUSH_AFTER`` is handed the rest of the group. The states that counted
+  before it are written first (one more write) and their callers, the leader
+  among them, return; the lock is lent to its thread, which drives the rest
+  of the group when the function returns (a result framed after a state
+  written meanwhile is framed and checked again). A function that never
+  returns so holds back only itself and the callers after it, which time out
+  as they would behind any holder of the lock.
 * **Waiting**: a caller waits behind the leader in memory; the leader waits
-  for the lock within the store's ``timeout``. If that wait times out, the
-  callers queued before it began fail with the ``LockTimeout`` (they waited as
-  long); later ones stay queued and the next of them leads. A group holds at
-  most ``MAX_GROUP`` functions, so other processes still get their turns.
+  for the lock within the store's ``timeout`` (as it was when the caller
+  called). If that wait times out, the callers queued before it began fail
+  with the ``LockTimeout`` (they waited as long); later ones stay queued and
+  the next of them leads. A group holds at most ``MAX_GROUP`` functions, so
+  other processes still get their turns.
 * **Only plain callers combine**: a thread already inside a locked operation
   (of any store), a storage whose session cannot lend its lock (PostgreSQL's
   row lock belongs to its connection), and ``transaction()`` / ``save()`` go
   their own way, each under the lock by itself.
 * **Interruptions**: a caller interrupted while queued leaves the queue; one
-  interrupted while its function runs fails only itself; a leader interrupted
-  fails the callers of its group that had not yet been committed with
-  :class:`~statestore.StateWriteError` saying nothing of theirs was written,
-  and hands the lead on. In a forked child the queue starts empty (the
-  parent's threads did not come along).
+  interrupted while its function runs fails only itself; one interrupted
+  after its function ran waits for the commit it is part of (a write at
+  most), then raises the interruption with a note saying whether its update
+  was written. A leader interrupted fails the callers of its group that had
+  not yet been committed with :class:`~statestore.StateWriteError` saying
+  nothing of theirs was written, and hands the lead on.
+* **Fork**: in a forked child the queue starts empty (the parent's threads did
+  not come along), and an update the forking thread was part of (a function
+  that forked) ends in the child with :class:`~statestore.LockCompromisedError`
+  at once, writing nothing: the child holds none of its parent's locks. The
+  condition is looked up afresh at every wait, since the child has its own.
 """
 
 from __future__ import annotations
