@@ -697,3 +697,61 @@ def test_a_caller_interrupted_in_a_group_changes_only_its_own_outcome(
         assert store.load().n == 101
         assert not any("was written" in n for n in notes), notes
     store.update(bump)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals")
+def test_a_leader_interrupted_as_its_write_lands_does_not_tell_its_callers_nothing_was_written(
+    store: StateStore[Doc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from faultfs import Interposer
+
+    from statestore import StateWriteError
+
+    class InterruptAfterRename(Interposer):
+        """Ctrl-C landing just after the state file's rename, before the write returns."""
+
+        def call(
+            self, name: str, real: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> Any:
+            result = real(*args, **kwargs)
+            if name in ("replace", "rename", "exchange") and "state.json" in repr(args[1:2]):
+                raise KeyboardInterrupt
+            return result
+
+    interposer = InterruptAfterRename()
+    interposer.install(monkeypatch)
+    go, inside = threading.Event(), threading.Event()
+    outcomes: list[Any] = []
+
+    def blocker_fn(s: Doc) -> None:
+        inside.set()
+        go.wait(10)
+
+    def call() -> None:
+        try:
+            outcomes.append(store.update(bump))
+        except BaseException as e:
+            outcomes.append(e)
+
+    blocker = threading.Thread(target=store.update, args=(blocker_fn,))
+    blocker.start()
+    assert inside.wait(10)
+    followers = [threading.Thread(target=call) for _ in range(2)]
+
+    def arrange() -> None:
+        wait_queued(store, 2)  # this thread's update: the next leader
+        for i, t in enumerate(followers):
+            t.start()
+            wait_queued(store, 3 + i)
+        go.set()
+
+    arranger = threading.Thread(target=arrange)
+    arranger.start()
+    with interposer.active(), pytest.raises(KeyboardInterrupt):
+        store.update(bump)
+    for t in (blocker, arranger, *followers):
+        t.join(10)
+    assert store.load().n == 3  # the group's state landed
+    assert len(outcomes) == 2 and all(isinstance(o, StateWriteError) for o in outcomes)
+    for o in outcomes:
+        assert "nothing of it was written" not in str(o) and "may or may not" in str(o), o

@@ -102,6 +102,7 @@ class _Job:
         "state",
         "step",
         "thread",
+        "written",
     )
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
@@ -116,6 +117,7 @@ class _Job:
         self.data: bytes | None = None
         self.checked: Any = None
         self.error: BaseException | None = None
+        self.written = False  # its state is on disk (a write of its group returned)
 
 
 _groups: weakref.WeakSet[UpdateGroup[Any]] = weakref.WeakSet()
@@ -383,6 +385,7 @@ class _Round(Generic[ModelT]):
         self.fresh: list[ModelT] = []
         self.base: bytes | None = None  # the bytes of the state so far (None: as loaded)
         self.pending: list[_Job] = []  # the functions that counted since the last write
+        self.writing: list[_Job] = []  # those whose write is under way
 
     def drive(self, *, resumed: bool) -> None:
         """Go on from the job whose turn it is, on this (the driver's) thread; end the
@@ -393,10 +396,17 @@ class _Round(Generic[ModelT]):
                 return  # handed on
         except BaseException as e:
             error = e
+            location = self.doc.location
             with self.owner._cond:
                 for job in self.group:
-                    if job.state != _DONE and job.error is None:
-                        job.error = e if job is self.driver else _failed_with(self.doc.location, e)
+                    if job.state == _DONE or job.error is not None or job.written:
+                        continue  # its outcome is known (written: it stands)
+                    if job is self.driver:
+                        job.error = e
+                    elif job in self.writing and not isinstance(e, Exception):
+                        job.error = _uncertain(location)  # interrupted while it was written
+                    else:
+                        job.error = _failed_with(location, e)
         self._close(error)
 
     def _close(self, error: BaseException | None) -> None:
@@ -411,7 +421,7 @@ class _Round(Generic[ModelT]):
         except BaseException as e:  # the lock's release failed: as the plain update
             with cond:
                 for job in self.group:
-                    if job.state != _DONE and job.error is None:
+                    if job.state != _DONE and job.error is None and not job.written:
                         job.error = e if job is self.driver else _failed_with(self.doc.location, e)
         finally:
             with cond:
@@ -442,10 +452,21 @@ class _Round(Generic[ModelT]):
         if not self.pending:
             self.txn.abort()
             return False
-        last = self.pending[-1]
-        assert last.data is not None
-        last.checked = self.txn.publish(last.data, last.checked)  # its error fails them all
+        self._publish()  # its error fails them all
         return False
+
+    def _publish(self) -> None:
+        """Write the state after the last function that counted; each of them is
+        then written (an interruption meanwhile leaves them uncertain)."""
+        pending = self.pending
+        last = pending[-1]
+        assert last.data is not None
+        self.writing = pending
+        last.checked = self.txn.publish(last.data, last.checked)
+        for job in pending:
+            job.written = True
+        self.writing = []
+        self.pending = []
 
     def _turn(self) -> Callable[[_Job], None]:
         """A job's run: its starting point and framing fixed now (a write before it
@@ -489,8 +510,11 @@ class _Round(Generic[ModelT]):
             try:
                 job.state = _RUNNING
                 cond.notify_all()
+                long = time.monotonic() + FLUSH_AFTER  # other wake-ups do not delay it
                 while job.state == _RUNNING:
-                    if cond.wait(FLUSH_AFTER) or job.state != _RUNNING:
+                    left = long - time.monotonic()
+                    if left > 0:
+                        cond.wait(left)
                         continue
                     # It takes long: write what counted so far, hand it the round.
                     self._flush()
@@ -508,19 +532,18 @@ class _Round(Generic[ModelT]):
         """(cond held) Commit the functions that counted so far; every caller before
         the running one has its outcome."""
         owner = self.owner
-        if self.pending:
-            last = self.pending[-1]
-            assert last.data is not None
-            last.checked = self.txn.publish(last.data, last.checked)
-            self.pending.clear()
-            self.txn = Transaction(self.doc, self.session, owner._history)
-            self.fresh = [self.txn.begin()]
-            self.loaded, self.base = self.txn.loaded, None
-        for job in self.group[: self.index]:
+        written = bool(self.pending)
+        if written:
+            self._publish()
+        for job in self.group[: self.index]:  # their outcome, before anything else fails
             job.state = _DONE
             if job in owner._queue:
                 owner._queue.remove(job)
         owner._cond.notify_all()
+        if written:
+            self.txn = Transaction(self.doc, self.session, owner._history)
+            self.fresh = [self.txn.begin()]
+            self.loaded, self.base = self.txn.loaded, None
 
     def _count(self, job: _Job) -> None:
         """A job whose function ran: the next one starts from its state."""
@@ -563,6 +586,15 @@ def _failed_with(location: str, e: BaseException) -> BaseException:
     if isinstance(e, Exception):
         return e  # the same error for every caller (as a future's result() gives it)
     return _interrupted(location)
+
+
+def _uncertain(location: str) -> StateWriteError:
+    return StateWriteError(
+        location,
+        "the thread writing this update together with other threads' updates was "
+        "interrupted during the write: it may or may not have been written. Read the "
+        "state to see, before running it again",
+    )
 
 
 def _interrupted(location: str) -> StateWriteError:
