@@ -755,3 +755,73 @@ def test_a_leader_interrupted_as_its_write_lands_does_not_tell_its_callers_nothi
     assert len(outcomes) == 2 and all(isinstance(o, StateWriteError) for o in outcomes)
     for o in outcomes:
         assert "nothing of it was written" not in str(o) and "may or may not" in str(o), o
+
+
+def test_the_callers_after_a_stuck_function_time_out_and_the_rest_stands(tmp_path: Path) -> None:
+    store = StateStore(Doc, tmp_path / "state.json", default=Doc, timeout=0.5)
+    store.save(Doc())
+    release = threading.Event()
+
+    def stuck(s: Doc) -> None:
+        release.wait(20)
+        s.n += 100
+
+    group = Group(store, [bump, stuck, bump, bump], join=False)
+    try:
+        for i in (0, 2, 3):
+            assert group.done[i].wait(10)
+        assert group.results[0].n == 1
+        assert all(isinstance(group.results[i], LockTimeout) for i in (2, 3)), group.results
+        assert store.load().n == 1
+    finally:
+        release.set()
+        group.join()
+    assert group.results[1].n == 101 and store.load().n == 101
+
+
+def test_a_function_that_waits_for_another_threads_update_ends_with_its_timeout(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(Doc, tmp_path / "state.json", default=Doc, timeout=0.5)
+    store.save(Doc())
+    inner: list[Any] = []
+
+    def joins(s: Doc) -> None:
+        def other() -> None:
+            try:
+                inner.append(store.update(bump))
+            except BaseException as e:
+                inner.append(e)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(20)  # it waits for this group's lock, as it would for a plain update's
+        s.n += 10
+
+    started = time.monotonic()
+    group = Group(store, [bump, joins, bump])
+    assert time.monotonic() - started < 15
+    assert isinstance(inner[0], LockTimeout)
+    assert [getattr(r, "n", None) for r in group.results[:2]] == [1, 11]
+    last = group.results[2]  # queued behind it: done, or timed out as behind any holder
+    assert isinstance(last, LockTimeout) or last.n == 12, last
+    assert store.load().n == (11 if isinstance(last, LockTimeout) else 12)
+
+
+def test_a_grouped_function_takes_the_lent_lock_at_once(tmp_path: Path) -> None:
+    # Each follower's function takes the group's lock again as its very first act
+    # (a store of another file under the same lock, with no time to wait): the
+    # lock is lent to its thread before its function can start.
+    lock = tmp_path / "shared.lock"
+    store = StateStore(Doc, tmp_path / "a.json", default=Doc, lock=lock, timeout=30)
+    other = StateStore(Doc, tmp_path / "b.json", default=Doc, lock=lock, timeout=0)
+    store.save(Doc())
+
+    def first_thing(s: Doc) -> None:
+        other.update(bump)
+        s.n += 1
+
+    for _ in range(15):
+        group = Group(store, [first_thing] * 4)
+        assert not [r for r in group.results if isinstance(r, BaseException)], group.results
+    assert other.load().n == 60

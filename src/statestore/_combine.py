@@ -559,6 +559,7 @@ class _Round(Generic[ModelT]):
             except BaseException as e:
                 job.error = e
                 return
+        job.body = None  # needed no more: let it go (a group holds many states)
         self.base = job.data
         self.pending.append(job)
 
