@@ -825,3 +825,56 @@ def test_a_grouped_function_takes_the_lent_lock_at_once(tmp_path: Path) -> None:
         group = Group(store, [first_thing] * 4)
         assert not [r for r in group.results if isinstance(r, BaseException)], group.results
     assert other.load().n == 60
+
+
+def test_a_leader_that_times_out_fails_no_caller_that_has_time_left(store: StateStore[Doc]) -> None:
+    # Callers of one store with different timeouts (the store's timeout changed
+    # between calls): a leader whose own, short wait for the lock runs out must not
+    # fail a caller queued behind it that may wait longer.
+    assert store.lock is not None
+    release_first, release_other = threading.Event(), threading.Event()
+    inside = threading.Event()
+    outcomes: dict[str, Any] = {}
+
+    def first(s: Doc) -> None:
+        inside.set()
+        release_first.wait(10)
+
+    def call(name: str) -> None:
+        try:
+            outcomes[name] = store.update(bump)
+        except BaseException as e:
+            outcomes[name] = e
+
+    holder = threading.Thread(target=store.update, args=(first,))
+    holder.start()
+    assert inside.wait(10)
+    store.timeout = 0.5
+    short = threading.Thread(target=call, args=("short",))
+    short.start()
+    wait_queued(store, 2)
+    store.timeout = 30
+    patient = threading.Thread(target=call, args=("patient",))
+    patient.start()
+    wait_queued(store, 3)
+    other_lock = DirectoryLock(store.lock.path)
+    taken = threading.Event()
+
+    def other_holder() -> None:  # takes the lock between the two groups
+        with other_lock.acquire(timeout=10):
+            taken.set()
+            release_other.wait(10)
+
+    other = threading.Thread(target=other_holder)
+    other.start()
+    time.sleep(0.1)  # it waits for the lock, first in line
+    release_first.set()
+    assert taken.wait(10)
+    short.join(10)
+    assert isinstance(outcomes["short"], LockTimeout)
+    time.sleep(0.2)
+    release_other.set()
+    for t in (holder, patient, other):
+        t.join(10)
+    assert outcomes["patient"].n == 1, outcomes
+    assert store.load().n == 1

@@ -38,9 +38,9 @@ Rules this module keeps:
   as they would behind any holder of the lock.
 * **Waiting**: a caller waits behind the leader in memory; the leader waits
   for the lock within the store's ``timeout`` (as it was when the caller
-  called). If that wait times out, the callers queued before it began fail
-  with the ``LockTimeout`` (they waited as long); later ones stay queued and
-  the next of them leads. A group holds at most ``MAX_GROUP`` functions, so
+  called: each caller keeps its own). If that wait times out, the queued
+  callers whose own wait is over too fail with the ``LockTimeout`` (it names
+  the holder); the others stay queued and the next of them leads. A group holds at most ``MAX_GROUP`` functions, so
   other processes still get their turns.
 * **Only plain callers combine**: a thread already inside a locked operation
   (of any store), a storage whose session cannot lend its lock (PostgreSQL's
@@ -102,6 +102,7 @@ class _Job:
         "state",
         "step",
         "thread",
+        "wait",
         "written",
     )
 
@@ -109,6 +110,7 @@ class _Job:
         self.fn = fn
         self.thread = threading.get_ident()
         self.queued_at = time.monotonic()
+        self.wait = math.inf  # its caller's timeout (seconds)
         self.state = _QUEUED
         self.step: Callable[[_Job], None] | None = None
         self.round: _Round[Any] | None = None  # handed to this thread to drive
@@ -187,7 +189,7 @@ class UpdateGroup(Generic[ModelT]):
         if inside():
             return self._alone(fn)
         job = _Job(fn)
-        wait = wait_time(None, self._timeout())
+        job.wait = wait = wait_time(None, self._timeout())
         with self._mark():
             try:
                 with self._cond:
@@ -302,7 +304,7 @@ class UpdateGroup(Generic[ModelT]):
 
     def _lead(self, me: _Job) -> None:
         began = time.monotonic()
-        wait = wait_time(None, self._timeout())
+        wait = me.wait
         if wait != math.inf:  # a caller promoted to lead has waited already
             wait = max(0.0, me.queued_at + wait - began)
         group: list[_Job] = [me]
@@ -311,8 +313,9 @@ class UpdateGroup(Generic[ModelT]):
             session = opened.__enter__()
         except LockTimeout as e:
             with self._cond:
-                for job in self._queue:
-                    if job.state == _QUEUED and job.queued_at <= began:
+                now = time.monotonic()
+                for job in self._queue:  # those whose own wait is over: they waited as long
+                    if job.state == _QUEUED and job.queued_at + job.wait <= now:
                         job.error = e
                         group.append(job)
                 me.error = e
