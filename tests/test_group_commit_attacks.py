@@ -878,3 +878,31 @@ def test_a_leader_that_times_out_fails_no_caller_that_has_time_left(store: State
         t.join(10)
     assert outcomes["patient"].n == 1, outcomes
     assert store.load().n == 1
+
+
+def test_a_long_function_written_after_its_group_was_handed_on_follows_the_write_before(
+    tmp_path: Path,
+) -> None:
+    # Its result was framed after the state it started from; a write came in
+    # between: the bytes it commits must follow that write (the counter goes on).
+    store = StateStore(Doc, tmp_path / "state.json", default=Doc, history=10)
+    store.save(Doc())
+    before = counter_of(store)
+    release = threading.Event()
+
+    def slow(s: Doc) -> None:
+        assert release.wait(20)
+        s.n += 10
+
+    group = Group(store, [bump, slow], join=False)
+    try:
+        assert group.done[0].wait(10)
+        assert counter_of(store) == before + 1
+    finally:
+        release.set()
+        group.join()
+    assert group.results[1].n == 11
+    assert counter_of(store) == before + 2
+    counters = [int(e.revision.split("-")[0]) for e in store.history()]
+    assert counters == sorted(set(counters), reverse=True), counters
+    assert store.read().written_by is not None
