@@ -8,7 +8,6 @@ migrations, folders, interruptions and timeouts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -133,7 +132,6 @@ def _child_outcome(pid: int, seconds: float = 10) -> int | None:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     return None
-
 
 
 # ------------------------------------------------------------------ fork

@@ -15,19 +15,21 @@ Rules this module keeps:
   thread-locals and context variables are the caller's, and while it runs
   the caller may take the lock again as its holder could (a store of another
   file under the same lock; ``AcquiredLock.lent_to``, lent before the
-  function can start). A nested update of the
-  same document is refused as before (``NestedTransactionError``): each
-  caller marks its own thread for the whole call.
+  function can start). A nested update of the same document is refused as
+  before (``NestedTransactionError``): each caller marks its own thread for
+  the whole call.
 * **A function that raises changes nothing and fails only its caller**: the
   next function starts from the state before it. So does one whose result
   does not validate or would not load back (each result is checked as it is
   made, on the exact bytes). Each caller gets the model its own result loads
   as.
 * **All or nothing on disk**: the group's last good state is published once
-  (twice when a function runs long: below), and every caller whose function counted gets that commit's outcome: its
-  model, or the error of the write (a full disk, a lost lock), which then
-  fails all of them. No caller returns before the bytes it counted on are
-  durable.
+  (twice when a function runs long: below), and every caller whose function
+  counted gets that commit's outcome: its model, or the error of the write (a
+  full disk, a lost lock), which then fails all of them. No caller returns
+  before the bytes it counted on are durable; a state once written stands
+  (a later failure of the group does not fail its callers), and callers whose
+  write was interrupted as it landed are told it may have been written.
 * **No caller waits for a later function**: a function that runs longer than
   ``FLUSH_AFTER`` is handed the rest of the group. The states that counted
   before it are written first (one more write) and their callers, the leader
@@ -40,8 +42,9 @@ Rules this module keeps:
   for the lock within the store's ``timeout`` (as it was when the caller
   called: each caller keeps its own). If that wait times out, the queued
   callers whose own wait is over too fail with the ``LockTimeout`` (it names
-  the holder); the others stay queued and the next of them leads. A group holds at most ``MAX_GROUP`` functions, so
-  other processes still get their turns.
+  the holder); the others stay queued and the next of them leads. A group
+  holds at most ``MAX_GROUP`` functions, so other processes still get their
+  turns.
 * **Only plain callers combine**: a thread already inside a locked operation
   (of any store), a storage whose session cannot lend its lock (PostgreSQL's
   row lock belongs to its connection), and ``transaction()`` / ``save()`` go
