@@ -904,3 +904,26 @@ def test_a_long_function_written_after_its_group_was_handed_on_follows_the_write
     counters = [int(e.revision.split("-")[0]) for e in store.history()]
     assert counters == sorted(set(counters), reverse=True), counters
     assert store.read().written_by is not None
+
+
+def test_a_lone_update_that_times_out_reports_the_stores_timeout(store: StateStore[Doc]) -> None:
+    assert store.lock is not None
+    other = DirectoryLock(store.lock.path)
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with other.acquire(timeout=10):
+            taken.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert taken.wait(10)
+        store.timeout = 0.3
+        with pytest.raises(LockTimeout) as e:
+            store.update(bump)
+        assert e.value.timeout == 0.3  # its whole timeout, as a plain update's
+    finally:
+        release.set()
+        t.join(10)

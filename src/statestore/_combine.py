@@ -195,10 +195,11 @@ class UpdateGroup(Generic[ModelT]):
         job.wait = wait = wait_time(None, self._timeout())
         with self._mark():
             try:
+                at_once = False
                 with self._cond:
                     self._queue.append(job)
                     if not self._leading:
-                        self._leading = True
+                        self._leading = at_once = True
                         job.state = _LEADING
                 while True:
                     # The condition is looked up each time: a forked child has its own.
@@ -219,7 +220,7 @@ class UpdateGroup(Generic[ModelT]):
                     if state == _DONE:
                         break
                     if state == _LEADING:
-                        self._lead(job)
+                        self._lead(job, at_once)
                         break
                     self._run(job)  # _RUNNING: the leader gave this thread its turn
             except BaseException as e:
@@ -250,16 +251,19 @@ class UpdateGroup(Generic[ModelT]):
         took long)."""
         step = job.step
         assert step is not None
+        handed: _Round[Any] | None = None
         try:
             step(job)
         finally:
-            with self._cond:
-                if job.state == _RUNNING:
-                    job.state = _RAN
-                handed, job.round = job.round, None
-                self._cond.notify_all()
-            if handed is not None:
-                handed.drive(resumed=True)
+            try:
+                with self._cond:
+                    if job.state == _RUNNING:
+                        job.state = _RAN
+                    handed, job.round = job.round, None
+                    self._cond.notify_all()
+            finally:  # an interrupt here must not leave the round (and the lock) to nobody
+                if handed is not None:
+                    handed.drive(resumed=True)
 
     def _leave(self, job: _Job) -> bool:
         """An interrupted caller: out of the queue, its turn (if any) given up. True
@@ -305,10 +309,12 @@ class UpdateGroup(Generic[ModelT]):
             self._leading = False
         self._cond.notify_all()
 
-    def _lead(self, me: _Job) -> None:
+    def _lead(self, me: _Job, at_once: bool) -> None:
+        """Take the lock, then commit the group (``at_once``: this caller found
+        nobody leading, so its wait for the lock is its whole timeout)."""
         began = time.monotonic()
         wait = me.wait
-        if wait != math.inf:  # a caller promoted to lead has waited already
+        if wait != math.inf and not at_once:  # a caller promoted to lead has waited
             wait = max(0.0, me.queued_at + wait - began)
         group: list[_Job] = [me]
         try:
