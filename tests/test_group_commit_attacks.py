@@ -865,7 +865,10 @@ def test_a_leader_that_times_out_fails_no_caller_that_has_time_left(store: State
 
     other = threading.Thread(target=other_holder)
     other.start()
-    time.sleep(0.1)  # it waits for the lock, first in line
+    deadline = time.monotonic() + 10
+    while not other_lock._st.waiting:  # it waits for the lock, first in line
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
     release_first.set()
     assert taken.wait(10)
     short.join(10)
