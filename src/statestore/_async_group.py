@@ -8,12 +8,16 @@ each function in turn, one write and one fsync.
 
 Rules this module keeps (the same as for threads):
 
+* **Only plain functions are grouped**: an ``async def`` function awaits
+  (the network, a model, a user) and would hold back the callers before it
+  in its group, so it commits by itself, as without a group, and ends the run
+  of plain functions a group takes from the queue (first come, first served).
 * **Each function runs in its caller's task**: a plain function on a worker
-  thread in a copy of that task's context, an ``async def`` function (or a
-  plain one that returns an awaitable) on the loop in that task; in queue
-  order, each on a model of its own holding the state after the function
-  before it. A locked call of the same document or lock inside it is refused
-  (``NestedTransactionError``), as without a group.
+  thread in a copy of that task's context (one that returns an awaitable has
+  it awaited on the loop, in that task); in queue order, each on a model of
+  its own holding the state after the function before it. A locked call of
+  the same document or lock inside it is refused (``NestedTransactionError``),
+  as without a group.
 * **A function that raises, or whose task is cancelled before it returns,
   changes nothing and fails only its caller**; so does a result that does not
   validate or would not load back. Each caller gets the model its own result
@@ -257,8 +261,13 @@ class AsyncUpdateGroup(Generic[ModelT]):
         try:
             try:
                 async with store._begin("update()", me.queued_at if me.promoted else None) as txn:
-                    group = [me] + [j for j in self._queue if j.state == _QUEUED]
-                    del group[MAX_GROUP:]
+                    group = [me]
+                    if not _is_async(me.fn):
+                        for job in self._queue:  # the plain functions queued next
+                            if len(group) >= MAX_GROUP or _is_async(job.fn):
+                                break
+                            if job.state == _QUEUED:
+                                group.append(job)
                     if len(group) == 1:
                         me.checked = await store._update_alone(txn, me.fn)
                         me.data = b""  # committed by itself
