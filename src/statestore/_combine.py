@@ -97,6 +97,7 @@ class _Job:
         "after",
         "body",
         "checked",
+        "cv",
         "data",
         "error",
         "fn",
@@ -123,6 +124,9 @@ class _Job:
         self.checked: Any = None
         self.error: BaseException | None = None
         self.written = False  # its state is on disk (a write of its group returned)
+        # Its own condition, on the group's lock: a change of its state wakes only
+        # the threads waiting for it (its caller, the driver), not every caller.
+        self.cv: threading.Condition | None = None
 
 
 _groups: weakref.WeakSet[UpdateGroup[Any]] = weakref.WeakSet()
@@ -180,10 +184,12 @@ class UpdateGroup(Generic[ModelT]):
                 job.error = error
             job.state = _DONE
             job.round = None
+            job.cv = None  # on the parent's lock: the child makes its own
         self._reset()
 
     def _reset(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._queue: deque[_Job] = deque()
         self._leading = False
 
@@ -207,7 +213,7 @@ class UpdateGroup(Generic[ModelT]):
                     with cond:
                         while job.state == _QUEUED or job.state == _RAN:
                             if job.state == _RAN or wait == math.inf:
-                                cond.wait()
+                                self._cv(job).wait()
                                 continue
                             left = job.queued_at + wait - time.monotonic()
                             if left <= 0:  # still queued: the store's timeout holds here too
@@ -215,7 +221,7 @@ class UpdateGroup(Generic[ModelT]):
                                 job.state = _DONE
                                 job.error = self._timed_out(wait)
                                 break
-                            cond.wait(left)
+                            self._cv(job).wait(left)
                         state = job.state
                     if state == _DONE:
                         break
@@ -231,6 +237,18 @@ class UpdateGroup(Generic[ModelT]):
             raise job.error
         result: ModelT = job.checked
         return result
+
+    def _cv(self, job: _Job) -> threading.Condition:
+        """(lock held) ``job``'s condition, on this group's (current) lock."""
+        cv = job.cv
+        if cv is None:
+            cv = job.cv = threading.Condition(self._lock)
+        return cv
+
+    def _wake(self, *jobs: _Job) -> None:
+        """(lock held) Wake the threads waiting for a change of these jobs' state."""
+        for job in jobs:
+            self._cv(job).notify_all()
 
     def _timed_out(self, wait: float) -> LockTimeout:
         return LockTimeout(
@@ -260,7 +278,7 @@ class UpdateGroup(Generic[ModelT]):
                     if job.state == _RUNNING:
                         job.state = _RAN
                     handed, job.round = job.round, None
-                    self._cond.notify_all()
+                    self._wake(job)
             finally:  # an interrupt here must not leave the round (and the lock) to nobody
                 if handed is not None:
                     handed.drive(resumed=True)
@@ -281,7 +299,7 @@ class UpdateGroup(Generic[ModelT]):
                 if job in self._queue:
                     self._queue.remove(job)
                 self._hand_on()
-            self._cond.notify_all()
+            self._wake(job)
             return job.state == _RAN and job.error is None and job.data is not None
 
     def _await_outcome(self, job: _Job, e: BaseException) -> None:
@@ -290,7 +308,7 @@ class UpdateGroup(Generic[ModelT]):
         try:
             with self._cond:
                 while job.state != _DONE:
-                    self._cond.wait()
+                    self._cv(job).wait()
         except BaseException:  # interrupted again: it goes without knowing
             return
         if job.error is None:
@@ -305,9 +323,9 @@ class UpdateGroup(Generic[ModelT]):
         """(cond held) The next queued caller leads; or nobody does."""
         if self._queue:
             self._queue[0].state = _LEADING
+            self._wake(self._queue[0])
         else:
             self._leading = False
-        self._cond.notify_all()
 
     def _lead(self, me: _Job, at_once: bool) -> None:
         """Take the lock, then commit the group (``at_once``: this caller found
@@ -362,6 +380,7 @@ class UpdateGroup(Generic[ModelT]):
             job.state = _DONE
             if job in self._queue:
                 self._queue.remove(job)
+        self._wake(*group)
         self._hand_on()
 
 
@@ -521,12 +540,12 @@ class _Round(Generic[ModelT]):
             lent.__enter__()  # before its function can start
             try:
                 job.state = _RUNNING
-                cond.notify_all()
+                self.owner._wake(job)
                 long = time.monotonic() + FLUSH_AFTER  # other wake-ups do not delay it
                 while job.state == _RUNNING:
                     left = long - time.monotonic()
                     if left > 0:
-                        cond.wait(left)
+                        self.owner._cv(job).wait(left)
                         continue
                     # It takes long: write what counted so far, hand it the round.
                     self._flush()
@@ -551,7 +570,7 @@ class _Round(Generic[ModelT]):
             job.state = _DONE
             if job in owner._queue:
                 owner._queue.remove(job)
-        owner._cond.notify_all()
+        owner._wake(*self.group[: self.index])
         if written:
             self.txn = Transaction(self.doc, self.session, owner._history)
             self.fresh = [self.txn.begin()]
