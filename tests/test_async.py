@@ -208,8 +208,9 @@ def test_a_storage_that_locks_itself() -> None:
 
     run(main())
     assert StateStore(Counter, storage).load().count == 21
-    # The gathered updates were committed in groups (``_async_group.py``): fewer writes.
-    assert 2 <= storage.writes < 21
+    # Gathered plain functions may be committed in groups (``_async_group.py``); an
+    # ``async def`` one commits by itself: at most one write per update.
+    assert 2 <= storage.writes <= 21
 
 
 # ---------------------------------------------------------- reading and writing
