@@ -70,12 +70,15 @@ import time
 import weakref
 from typing import Final, Literal, Protocol
 
+from typing_extensions import Self
+
 from ._errors import StateReadError
 
 __all__ = [
     "POLL_INTERVAL",
     "FileWatcher",
     "Watcher",
+    "WatcherBase",
     "wait_async",
 ]
 
@@ -249,7 +252,52 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class FileWatcher:
+class WatcherBase:
+    """What every watcher's ``close()`` and waits share: closing wakes a wait blocked
+    in another thread through the watcher's wake-up pipe, and the last waiter to
+    leave releases what the watcher holds (``_release``)."""
+
+    _lock: threading.Lock
+    _closed: bool
+    _waiting: int
+    _wake_w: int
+    _pid: int
+
+    def close(self) -> None:
+        """Stop watching; a ``wait()`` blocked in another thread returns False."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._waiting:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"x")
+                return  # the last waiter releases what the watcher holds
+        self._release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            release = self._closed and self._waiting == 0
+        if release:
+            self._release()
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+class FileWatcher(WatcherBase):
     """Wait for changes of the file at ``path`` (see the module's rules)."""
 
     def __init__(
@@ -437,29 +485,6 @@ class FileWatcher:
         """:meth:`wait` for asyncio (:func:`wait_async`)."""
         return await wait_async(self, timeout)
 
-    def close(self) -> None:
-        """Stop watching; a ``wait()`` blocked in another thread returns False."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if self._waiting:
-                with contextlib.suppress(OSError):
-                    os.write(self._wake_w, b"x")
-                return  # the last waiter releases the descriptors
-        self._release()
-
-    def __enter__(self) -> FileWatcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
-            with contextlib.suppress(Exception):
-                self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.backend
         return f"<FileWatcher {self.path!r} {state}>"
@@ -478,13 +503,6 @@ class FileWatcher:
         with self._lock:
             self._check()
             self._waiting += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._waiting -= 1
-            release = self._closed and self._waiting == 0
-        if release:
-            self._release()
 
     def _release(self) -> None:
         for fd in (self._fd, self._wake_r, self._wake_w):

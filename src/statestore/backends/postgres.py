@@ -105,6 +105,7 @@ from .._history import HistoryEntry
 from .._migrate import Migrations
 from .._store import StateStore
 from .._transaction import Transaction
+from .._watch import WatcherBase
 
 __all__ = [
     "WATCH_POLL_INTERVAL",
@@ -1171,7 +1172,7 @@ class PostgresHistory:
 # ------------------------------------------------------------------ watching
 
 
-class PostgresWatcher:
+class PostgresWatcher(WatcherBase):
     """Wait for a change of one document of a PostgreSQL table, from any machine.
 
     The twin of :class:`statestore._watch.FileWatcher`: ``wait(timeout)`` returns
@@ -1328,29 +1329,6 @@ class PostgresWatcher:
         finally:
             self._leave()
 
-    def close(self) -> None:
-        """Stop watching; a ``wait()`` blocked in another thread returns False."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if self._waiting:
-                with contextlib.suppress(OSError):
-                    os.write(self._wake_w, b"x")
-                return  # the last waiter releases the connection
-        self._release()
-
-    def __enter__(self) -> PostgresWatcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
-            with contextlib.suppress(Exception):
-                self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("listening" if self._conn else "disconnected")
         return f"<PostgresWatcher {self.location!r} {state}>"
@@ -1403,13 +1381,6 @@ class PostgresWatcher:
                     self.location, "the watcher is closed; make a new one", errno=errno.EBADF
                 )
             self._waiting += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._waiting -= 1
-            release = self._closed and self._waiting == 0
-        if release:
-            self._release()
 
     def _release(self) -> None:
         self._drop()
