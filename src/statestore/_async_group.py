@@ -35,6 +35,7 @@ import asyncio
 import inspect
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Generic, cast
@@ -63,6 +64,7 @@ class _Job:
         "error",
         "fn",
         "promoted",
+        "published",
         "queued_at",
         "reported",
         "state",
@@ -74,6 +76,7 @@ class _Job:
         self.queued_at = time.monotonic()
         self.state = _QUEUED
         self.promoted = False
+        self.published = False  # its state is in the write that was made
         self.wake: asyncio.Future[None] | None = None
         self.reported: asyncio.Future[None] | None = None
         self.context: _Context[Any] | None = None
@@ -121,9 +124,17 @@ class AsyncUpdateGroup(Generic[ModelT]):
     """The queue of one async store's updates on one event loop."""
 
     def __init__(self, store: AsyncStateStore[ModelT]) -> None:
-        self._store = store
+        # Weak: the store keeps its groups, and a store let go must go at once
+        # (with its storage's connections), not at the collector's next pass.
+        self._store_ref = weakref.ref(store)
         self._queue: deque[_Job] = deque()
         self._leading = False
+
+    @property
+    def _store(self) -> AsyncStateStore[ModelT]:
+        store = self._store_ref()
+        assert store is not None  # every caller holds its store
+        return store
 
     @property
     def busy(self) -> bool:
@@ -215,6 +226,7 @@ class AsyncUpdateGroup(Generic[ModelT]):
         assert context is not None
         keys = store._keys
         token = inside.set(inside.get() | keys)
+        returned: list[object] = []  # an awaitable a plain function returned
         try:
             fn = job.fn
             if _is_async(fn):
@@ -229,6 +241,7 @@ class AsyncUpdateGroup(Generic[ModelT]):
                     with entered(keys, location, "a blocking call in update()'s function"):
                         result = fn(state)
                     if inspect.isawaitable(result):
+                        returned.append(result)
                         return False, state, result
                     return True, None, context.finish(fn, state, result)
 
@@ -242,14 +255,14 @@ class AsyncUpdateGroup(Generic[ModelT]):
             if not isinstance(e, Exception):
                 raise
         finally:
+            for awaitable in returned:  # never awaited (cancelled meanwhile): no warning
+                _close(awaitable)
             inside.reset(token)
             if job.state == _TURN:
                 job.state = _RAN
             self._report(job)
 
     async def _lead(self, me: _Job) -> None:
-        from ._async import run_step
-
         store = self._store
         loop = asyncio.get_running_loop()
         began = time.monotonic()
@@ -263,7 +276,9 @@ class AsyncUpdateGroup(Generic[ModelT]):
                         me.checked = await store._update_alone(txn, me.fn)
                         me.data = b""  # committed by itself
                         return
-                    await self._commit(txn, group, me, loop, run_step)
+                    deferred = await self._commit(txn, group, me, loop)
+                if deferred is not None:  # cancelled while the commit was made: after it
+                    raise deferred
             except LockTimeout as e:
                 for job in list(self._queue):
                     if job is me or (job.state == _QUEUED and job.queued_at <= began):
@@ -275,6 +290,8 @@ class AsyncUpdateGroup(Generic[ModelT]):
                 if not group:
                     group = [me]
                 for job in group:
+                    if job.published and not isinstance(e, Exception):
+                        continue  # written before the interruption: its state stands
                     if job.state != _DONE and job.error is None:
                         job.error = e if job is me else _failed_with(store.location, e)
                 raise
@@ -300,8 +317,12 @@ class AsyncUpdateGroup(Generic[ModelT]):
         group: list[_Job],
         me: _Job,
         loop: asyncio.AbstractEventLoop,
-        run_step: Callable[[Callable[[], Any]], Awaitable[Any]],
-    ) -> None:
+    ) -> asyncio.CancelledError | None:
+        """Each function's turn, then the one write. A cancellation that comes while
+        the write is made waits for it, and is returned: the caller raises it once
+        the session is closed (a database commits then)."""
+        from ._async import _in_thread, run_step
+
         document = txn.document
         await run_step(txn.begin)
         context = _Context(document, txn.loaded)
@@ -321,17 +342,41 @@ class AsyncUpdateGroup(Generic[ModelT]):
         counted = [j for j in group if j.error is None and j.data is not None]
         if not counted:
             txn.abort()
-            return
+            return None
         last = counted[-1]
         data, checked = last.data, last.checked
         assert data is not None
-        last.checked = await run_step(lambda: txn.publish(data, checked))
+        writing = _in_thread(lambda: txn.publish(data, checked))
+        cancelled: asyncio.CancelledError | None = None
+        while not writing.done():
+            try:
+                await asyncio.shield(writing)
+            except asyncio.CancelledError as e:
+                cancelled = e
+        try:
+            last.checked = writing.result()
+        except BaseException:
+            if cancelled is not None:
+                for job in counted:
+                    if job is not me:
+                        job.error = job.error or writing.exception()
+                raise cancelled from None
+            raise
+        for job in counted:
+            job.published = True
+        return cancelled
 
 
 def _is_async(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - an object with ``async def __call__``
     )
+
+
+def _close(awaitable: object) -> None:
+    close = getattr(awaitable, "close", None)
+    if callable(close):
+        close()
 
 
 def _failed_with(location: str, e: BaseException) -> BaseException:

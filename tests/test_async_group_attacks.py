@@ -1,0 +1,203 @@
+"""Attacks on the group commit of an async store's updates (``_async_group.py``).
+
+Each test pins a rule of that module from the side an outside caller would
+break it: a cancellation or an interruption at a point of the leader's or a
+follower's path, many tasks with random failures, other storages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from statestore import AsyncStateStore, StateStore, StateWriteError
+
+
+class Doc(BaseModel):
+    n: int = 0
+    ids: list[int] = []
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    async def bounded() -> Any:
+        async with asyncio.timeout(30):  # no task around ``coro``: all_tasks() is its own
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+def queued(store: AsyncStateStore[Doc]) -> int:
+    return len(store._group()._queue)
+
+
+async def until(check: Callable[[], bool]) -> None:
+    for _ in range(4000):
+        if check():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition did not come")
+
+
+def add(i: int) -> Callable[[Doc], None]:
+    def fn(s: Doc) -> None:
+        s.n += 1
+        s.ids.append(i)
+
+    return fn
+
+
+def aadd(i: int) -> Callable[[Doc], Coroutine[Any, Any, None]]:
+    async def fn(s: Doc) -> None:
+        await asyncio.sleep(0)
+        s.n += 1
+        s.ids.append(i)
+
+    return fn
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    p = tmp_path / "state.json"
+    StateStore(Doc, p).save(Doc())
+    return p
+
+
+def no_tasks_left() -> None:
+    current = asyncio.current_task()
+    assert [t for t in asyncio.all_tasks() if t is not current] == []
+
+
+class HeldRename:
+    """``os.replace`` of the state file waits (on its worker thread) until let go:
+    the leader is cancelled while its group's commit is under way."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, target: Path) -> None:
+        self.started = threading.Event()
+        self.go = threading.Event()
+        real = os.replace
+        name = str(target)
+
+        def replace(src: Any, dst: Any, **kw: Any) -> None:
+            if os.fspath(dst) == name and not self.go.is_set():
+                self.started.set()
+                self.go.wait(20)
+            real(src, dst, **kw)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_leader_cancelled_while_its_group_is_written_tells_no_caller_nothing_was_written(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A commit that has started is completed; then what each caller is told must be
+    # true: a follower whose increment is on disk gets its state, not "nothing written".
+    store = AsyncStateStore(Doc, path, default=Doc)
+
+    async def main() -> tuple[list[Any], Any]:
+        go, inside = asyncio.Event(), asyncio.Event()
+
+        async def first(s: Doc) -> None:
+            inside.set()
+            await go.wait()
+            s.n += 1
+            s.ids.append(0)
+
+        holder = asyncio.create_task(store.update(first))
+        await inside.wait()
+        lead = asyncio.create_task(store.update(add(1)))
+        await until(lambda: queued(store) >= 2)
+        followers = [asyncio.create_task(store.update(add(i))) for i in (2, 3)]
+        await until(lambda: queued(store) >= 4)
+        go.set()
+        await holder
+        held = HeldRename(monkeypatch, path)  # add(1) leads the group of 1, 2, 3
+        await asyncio.to_thread(held.started.wait, 20)
+        lead.cancel()
+        await asyncio.sleep(0.05)
+        held.go.set()
+        out = await asyncio.gather(*followers, return_exceptions=True)
+        lead_out = await asyncio.gather(lead, return_exceptions=True)
+        no_tasks_left()
+        return out, lead_out[0]
+
+    out, lead_out = run(main())
+    on_disk = StateStore(Doc, path).load()
+    assert isinstance(lead_out, asyncio.CancelledError)  # the commit finished, then the cancel
+    assert on_disk.ids == [0, 1, 2, 3]
+    for i, r in zip((2, 3), out, strict=True):
+        assert isinstance(r, Doc), r  # written: the caller is told so
+        assert r.ids[-1] == i
+
+
+def test_the_cycle_free_store_holds_for_the_async_store_with_groups(path: Path) -> None:
+    # The group of a loop keeps no reference to its store: a store let go goes at
+    # once, with its storage, as a StateStore does.
+    async def main() -> None:
+        store = AsyncStateStore(Doc, path, default=Doc)
+        await asyncio.gather(*(store.update(add(i)) for i in range(5)))
+        ref = weakref.ref(store)
+        del store
+        assert ref() is None  # while the loop runs on
+
+    gc.disable()
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
+
+
+def test_a_plain_fn_returning_a_coroutine_in_a_cancelled_queued_task_leaves_no_unawaited_coroutine(
+    path: Path,
+) -> None:
+    store = AsyncStateStore(Doc, path, default=Doc)
+    entered, release = threading.Event(), threading.Event()
+
+    async def later(s: Doc) -> None:
+        s.n += 100
+
+    def plain(s: Doc) -> Any:
+        entered.set()
+        release.wait(20)
+        return later(s)
+
+    async def main() -> Any:
+        go, inside = asyncio.Event(), asyncio.Event()
+
+        async def first(s: Doc) -> None:
+            inside.set()
+            await go.wait()
+            s.n += 1
+
+        holder = asyncio.create_task(store.update(first))
+        await inside.wait()
+        lead = asyncio.create_task(store.update(add(1)))
+        await until(lambda: queued(store) >= 2)
+        task = asyncio.create_task(store.update(plain))  # a follower of add(1)'s group
+        await until(lambda: queued(store) >= 3)
+        go.set()
+        await asyncio.to_thread(entered.wait, 20)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        out = await asyncio.gather(task, return_exceptions=True)
+        await holder
+        assert (await lead).n == 2
+        return out[0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = type(run(main()))  # the error (and the frames it holds) goes now
+        gc.collect()
+    assert out is asyncio.CancelledError
+    assert not [w for w in caught if "never awaited" in str(w.message)], caught
+    assert StateStore(Doc, path).load().n == 2
