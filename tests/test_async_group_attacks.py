@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import random
 import threading
 import warnings
 import weakref
@@ -201,3 +202,169 @@ def test_a_plain_fn_returning_a_coroutine_in_a_cancelled_queued_task_leaves_no_u
     assert out is asyncio.CancelledError
     assert not [w for w in caught if "never awaited" in str(w.message)], caught
     assert StateStore(Doc, path).load().n == 2
+
+
+def check_outcomes(path: Path, outcomes: dict[int, Any], *, before: int = 0) -> None:
+    """Each caller is told the truth: a returned state holds its own increment and
+    it is on disk; "nothing written" (or its function's error) means not on disk;
+    no increment is lost or doubled."""
+    on_disk = StateStore(Doc, path).load()
+    assert len(on_disk.ids) == len(set(on_disk.ids)) == on_disk.n - before
+    written = set(on_disk.ids)
+    for i, r in outcomes.items():
+        if isinstance(r, Doc):
+            assert r.ids[-1] == i and i in written, (i, r)
+        elif isinstance(r, (StateWriteError, ValueError)):
+            assert i not in written, (i, r)
+        else:
+            assert isinstance(r, asyncio.CancelledError), (i, r)  # either: it says neither
+    ok = {i for i, r in outcomes.items() if isinstance(r, Doc)}
+    assert ok <= written
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_many_tasks_with_random_failures_and_cancellations_lose_and_double_nothing(
+    path: Path, seed: int
+) -> None:
+    rng = random.Random(seed)
+    store = AsyncStateStore(Doc, path, default=Doc)
+
+    def make(i: int) -> Any:
+        kind = rng.choice(["plain", "async", "fail", "afail", "slow"])
+        if kind == "plain":
+            return add(i)
+        if kind == "async":
+            return aadd(i)
+        if kind == "fail":
+
+            def fail(s: Doc) -> None:
+                s.ids.append(i)
+                raise ValueError(i)
+
+            return fail
+
+        async def afail(s: Doc) -> None:
+            s.ids.append(i)
+            await asyncio.sleep(0)
+            if kind == "afail":
+                raise ValueError(i)
+            await asyncio.sleep(0.001)
+            s.n += 1
+
+        return afail
+
+    async def main() -> dict[int, Any]:
+        tasks = {i: asyncio.create_task(store.update(make(i))) for i in range(200)}
+        victims = rng.sample(sorted(tasks), 30)
+        for v in victims:
+            for _ in range(rng.randrange(6)):
+                await asyncio.sleep(0)
+            tasks[v].cancel()
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        no_tasks_left()
+        assert queued(store) == 0 and not store._group().busy
+        return dict(zip(tasks, results, strict=True))
+
+    outcomes = run(main())
+    check_outcomes(path, outcomes)
+    assert sum(isinstance(r, Doc) for r in outcomes.values()) > 50
+    StateStore(Doc, path, timeout=1).update(lambda s: None)  # the lock is free
+
+
+@pytest.mark.parametrize("who", ["leader", "follower"])
+def test_a_cancellation_at_every_await_of_a_group_tells_each_caller_the_truth(
+    path: Path, who: str
+) -> None:
+    store = AsyncStateStore(Doc, path, default=Doc)
+    before = 0
+
+    async def once(k: int, start: int) -> dict[int, Any]:
+        go, inside = asyncio.Event(), asyncio.Event()
+
+        async def first(s: Doc) -> None:
+            inside.set()
+            await go.wait()
+
+        holder = asyncio.create_task(store.update(first))
+        await inside.wait()
+        ids = list(range(start, start + 4))
+        tasks = {}
+        for n, i in enumerate(ids):
+            tasks[i] = asyncio.create_task(store.update(add(i) if n % 2 else aadd(i)))
+            await until(lambda n=n: queued(store) >= n + 2)
+        go.set()
+        await holder
+        for _ in range(k):
+            await asyncio.sleep(0)
+        tasks[ids[0] if who == "leader" else ids[2]].cancel()
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        no_tasks_left()
+        return dict(zip(tasks, results, strict=True))
+
+    for k in range(0, 40, 2):
+        outcomes = run(once(k, 10 * k))
+        check_outcomes(path, {i: r for i, r in outcomes.items()}, before=before)
+        before = 0
+    assert StateStore(Doc, path).load().n == len(StateStore(Doc, path).load().ids)
+
+
+async def grouped(store: AsyncStateStore[Doc], fns: list[Any]) -> list[Any]:
+    """A first update holds the lock until ``fns`` have queued; the first of them
+    then leads the group of all of them. Their outcomes, in order."""
+    go, inside = asyncio.Event(), asyncio.Event()
+
+    async def first(s: Doc) -> None:
+        inside.set()
+        await go.wait()
+
+    holder = asyncio.create_task(store.update(first))
+    await inside.wait()
+    tasks = []
+    for n, fn in enumerate(fns):
+        tasks.append(asyncio.create_task(store.update(fn)))
+        await until(lambda n=n: queued(store) >= n + 2)
+    go.set()
+    await holder
+    return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+
+@pytest.mark.parametrize("error", [asyncio.CancelledError, KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("where", [0, 1])
+def test_a_function_raising_a_base_exception_itself_fails_only_its_caller(
+    path: Path, error: type[BaseException], where: int
+) -> None:
+    # Raised by the function, not a cancellation of its task: the other callers of
+    # the group are committed, leader (where=0) or follower (where=1).
+    store = AsyncStateStore(Doc, path, default=Doc)
+
+    async def raiser(s: Doc) -> None:
+        s.ids.append(99)
+        raise error()
+
+    fns: list[Any] = [add(1), add(2), add(3)]
+    fns.insert(where, raiser)
+
+    async def main() -> list[Any]:
+        out = await grouped(store, fns)
+        no_tasks_left()
+        return out
+
+    if error is asyncio.CancelledError:
+        out = run(main())
+    else:
+        # asyncio re-raises these out of the loop once their task ends; the loop
+        # is then torn down, so run the group in a loop of its own and look.
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(main())
+        with pytest.raises(error):
+            loop.run_until_complete(task)
+        while not task.done():
+            try:
+                loop.run_until_complete(task)
+            except error:
+                pass
+        out = task.result()
+        loop.close()
+    assert isinstance(out[where], error)
+    assert [type(r) for i, r in enumerate(out) if i != where] == [Doc, Doc, Doc]
+    assert StateStore(Doc, path).load().ids == [1, 2, 3]

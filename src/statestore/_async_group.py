@@ -317,22 +317,31 @@ class AsyncUpdateGroup(Generic[ModelT]):
         group: list[_Job],
         me: _Job,
         loop: asyncio.AbstractEventLoop,
-    ) -> asyncio.CancelledError | None:
-        """Each function's turn, then the one write. A cancellation that comes while
-        the write is made waits for it, and is returned: the caller raises it once
-        the session is closed (a database commits then)."""
+    ) -> BaseException | None:
+        """Each function's turn, then the one write. What the leader raises after
+        the session is closed (a database commits then) is returned: a cancellation
+        that came while the write was made (it waited for the write), or what the
+        leader's own function raised that is no ``Exception`` (``KeyboardInterrupt``,
+        a ``CancelledError`` of its own: its task was not cancelled)."""
         from ._async import _in_thread, run_step
 
         document = txn.document
         await run_step(txn.begin)
         context = _Context(document, txn.loaded)
+        own: BaseException | None = None
         for job in group:
             if job is not me and job.state != _QUEUED:
                 continue  # it left the queue meanwhile
             job.context = context
             job.state = _TURN
             if job is me:
-                await self._run(job)
+                try:
+                    await self._run(job)
+                except BaseException as e:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # the leader's task is cancelled: the group ends
+                    own = e  # its function's own: it fails only the leader
             else:
                 job.reported = loop.create_future()
                 job.rouse()
@@ -342,7 +351,7 @@ class AsyncUpdateGroup(Generic[ModelT]):
         counted = [j for j in group if j.error is None and j.data is not None]
         if not counted:
             txn.abort()
-            return None
+            return own
         last = counted[-1]
         data, checked = last.data, last.checked
         assert data is not None
@@ -364,7 +373,7 @@ class AsyncUpdateGroup(Generic[ModelT]):
             raise
         for job in counted:
             job.published = True
-        return cancelled
+        return cancelled or own
 
 
 def _is_async(fn: object) -> bool:
