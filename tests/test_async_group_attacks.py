@@ -367,3 +367,185 @@ def test_a_function_raising_a_base_exception_itself_fails_only_its_caller(
     assert isinstance(out[where], error)
     assert [type(r) for i, r in enumerate(out) if i != where] == [Doc, Doc, Doc]
     assert StateStore(Doc, path).load().ids == [1, 2, 3]
+
+
+def test_timeouts_around_queued_and_in_turn_updates(path: Path) -> None:
+    # asyncio.timeout() around an update: a queued task leaves the queue, a task
+    # whose function never returns is cut off in its turn; the others commit, and
+    # each timed-out caller gets TimeoutError, not a hang nor a lost update.
+    store = AsyncStateStore(Doc, path, default=Doc)
+    never = asyncio.Event()
+
+    async def stuck(s: Doc) -> None:
+        s.ids.append(98)
+        await never.wait()
+
+    async def bounded(fn: Any, t: float) -> Any:
+        async with asyncio.timeout(t):
+            return await store.update(fn)
+
+    async def main() -> list[Any]:
+        go, inside = asyncio.Event(), asyncio.Event()
+
+        async def first(s: Doc) -> None:
+            inside.set()
+            await go.wait()
+
+        holder = asyncio.create_task(store.update(first))
+        await inside.wait()
+        tasks = [
+            asyncio.create_task(store.update(add(1))),
+            asyncio.create_task(bounded(stuck, 0.3)),  # times out in its turn
+            asyncio.create_task(bounded(add(97), 0.05)),  # times out while queued
+            asyncio.create_task(asyncio.wait_for(store.update(aadd(2)), 10)),
+        ]
+        await until(lambda: queued(store) >= 5)
+        await asyncio.sleep(0.1)  # add(97) has left the queue
+        assert queued(store) == 4
+        go.set()
+        await holder
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        no_tasks_left()
+        return out
+
+    out = run(main())
+    assert [type(r) for r in out] == [Doc, TimeoutError, TimeoutError, Doc]
+    assert StateStore(Doc, path).load().ids == [1, 2]
+
+
+def test_a_plain_fn_of_a_queued_task_that_calls_the_sync_store_is_refused(path: Path) -> None:
+    # The worker thread of a follower's plain function is marked: store.sync.update
+    # there is NestedTransactionError at once, not a wait for the leader's lock.
+    store = AsyncStateStore(Doc, path, default=Doc, timeout=30)
+
+    def nested(s: Doc) -> None:
+        store.sync.update(add(50))
+
+    async def main() -> list[Any]:
+        out = await grouped(store, [add(1), nested, aadd(2)])
+        no_tasks_left()
+        return out
+
+    out = run(main())
+    from statestore import NestedTransactionError
+
+    assert [type(r) for r in out] == [Doc, NestedTransactionError, Doc]
+    assert StateStore(Doc, path).load().ids == [1, 2]
+
+
+def test_a_corrupt_file_fails_every_queued_caller_with_the_typed_error(path: Path) -> None:
+    from statestore import StateCorruptError
+
+    store = AsyncStateStore(Doc, path, default=Doc)
+
+    async def main() -> list[Any]:
+        go, inside = asyncio.Event(), asyncio.Event()
+
+        async def first(s: Doc) -> None:
+            inside.set()
+            await go.wait()
+
+        holder = asyncio.create_task(store.update(first))
+        await inside.wait()
+        tasks = []
+        for n, fn in enumerate([add(1), aadd(2), add(3)]):
+            tasks.append(asyncio.create_task(store.update(fn)))
+            await until(lambda n=n: queued(store) >= n + 2)
+        go.set()
+        await holder
+        path.write_bytes(b"{ not json")  # before the leader of the group runs again
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    out = run(main())
+    assert all(isinstance(r, StateCorruptError) for r in out), out
+    assert str(path) in str(out[0])
+    assert path.read_bytes() == b"{ not json"  # nothing overwritten
+
+
+STORAGES = ["file", "history", "folder", "sqlite", "postgres"]
+
+
+@contextlib.contextmanager
+def store_on(kind: str, tmp_path: Path) -> Any:
+    if kind == "file":
+        yield AsyncStateStore(Doc, tmp_path / "s.json", default=Doc)
+    elif kind == "history":
+        yield AsyncStateStore(Doc, tmp_path / "s.json", default=Doc, history=3)
+    elif kind == "folder":
+        from statestore import StateFolder
+
+        yield AsyncStateStore.from_store(
+            StateFolder(tmp_path / "f").store(Doc, "s.json", default=Doc)
+        )
+    elif kind == "sqlite":
+        from statestore.backends.sqlite import SqliteStorage
+
+        with SqliteStorage(tmp_path / "s.db", key="k") as storage:
+            yield AsyncStateStore(Doc, storage, default=Doc)
+    else:
+        import uuid
+
+        psycopg = pytest.importorskip("psycopg")
+        dsn = os.environ.get("STATESTORE_PG_DSN")
+        if not dsn:
+            pytest.skip("no PostgreSQL server named (STATESTORE_PG_DSN)")
+        from statestore.backends.postgres import PostgresStorage
+
+        table = f"test_{uuid.uuid4().hex[:12]}"
+        try:
+            with PostgresStorage(dsn, key="k", table=table) as storage:
+                yield AsyncStateStore(Doc, storage, default=Doc)
+        finally:
+            with psycopg.connect(dsn, autocommit=True) as admin:
+                for t in (table, f"{table}_backups"):
+                    admin.execute(f'DROP TABLE IF EXISTS "{t}"')
+
+
+@pytest.mark.parametrize("kind", STORAGES)
+def test_groups_on_every_storage_tell_each_caller_the_truth(kind: str, tmp_path: Path) -> None:
+    rng = random.Random(kind)
+    with store_on(kind, tmp_path) as store:
+        seen: dict[int, Any] = {}
+
+        async def once(k: int, start: int) -> None:
+            go, inside = asyncio.Event(), asyncio.Event()
+
+            async def first(s: Doc) -> None:
+                inside.set()
+                await go.wait()
+
+            holder = asyncio.create_task(store.update(first))
+            await inside.wait()
+            tasks = {}
+            for n in range(5):
+                i = start + n
+                fn = add(i) if n % 2 else aadd(i)
+                if n == 3:
+
+                    def fn(s: Doc) -> None:
+                        raise ValueError("no")
+
+                tasks[i] = asyncio.create_task(store.update(fn))
+                await until(lambda n=n: queued(store) >= n + 2)
+            go.set()
+            await holder
+            for _ in range(k):
+                await asyncio.sleep(0)
+            tasks[start + rng.choice([0, 0, 2, 4])].cancel()
+            results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+            no_tasks_left()
+            assert queued(store) == 0
+            seen.update(zip(tasks, results, strict=True))
+
+        for k in range(0, 30, 3):
+            run(once(k, 10 * k))
+        on_disk = run(store.load())
+        assert len(on_disk.ids) == len(set(on_disk.ids)) == on_disk.n
+        for i, r in seen.items():
+            if isinstance(r, Doc):
+                assert r.ids[-1] == i and i in on_disk.ids, (i, r)
+            elif not isinstance(r, asyncio.CancelledError):
+                assert i not in on_disk.ids, (i, r)
+        assert sum(isinstance(r, Doc) for r in seen.values()) >= 10
+        if kind == "history":
+            assert len(store.sync.history()) == 3
