@@ -310,13 +310,14 @@ def test_a_cancellation_at_every_await_of_a_group_tells_each_caller_the_truth(
 
 
 async def grouped(store: AsyncStateStore[Doc], fns: list[Any]) -> list[Any]:
-    """A first update holds the lock until ``fns`` have queued; the first of them
-    then leads the group of all of them. Their outcomes, in order."""
+    """A first update holds the lock until ``fns`` have queued, and writes nothing;
+    the first of them then leads the group of all of them. Their outcomes, in order."""
     go, inside = asyncio.Event(), asyncio.Event()
 
     async def first(s: Doc) -> None:
         inside.set()
         await go.wait()
+        raise LookupError("the holder writes nothing")
 
     holder = asyncio.create_task(store.update(first))
     await inside.wait()
@@ -325,7 +326,8 @@ async def grouped(store: AsyncStateStore[Doc], fns: list[Any]) -> list[Any]:
         tasks.append(asyncio.create_task(store.update(fn)))
         await until(lambda n=n: queued(store) >= n + 2)
     go.set()
-    await holder
+    with pytest.raises(LookupError):
+        await holder
     return list(await asyncio.gather(*tasks, return_exceptions=True))
 
 
@@ -549,3 +551,182 @@ def test_groups_on_every_storage_tell_each_caller_the_truth(kind: str, tmp_path:
         assert sum(isinstance(r, Doc) for r in seen.values()) >= 10
         if kind == "history":
             assert len(store.sync.history()) == 3
+
+
+class OldDoc(BaseModel):
+    count: int = 0
+
+
+def test_a_group_over_an_older_schema_version_migrates_once_and_keeps_one_backup(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.json"
+    StateStore(OldDoc, path).save(OldDoc(count=5))
+    original = path.read_bytes()
+
+    def upgrade(d: dict[str, Any]) -> dict[str, Any]:
+        return {"n": d.pop("count"), "ids": []}
+
+    store = AsyncStateStore(Doc, path, default=Doc, version=2, migrations={1: upgrade})
+
+    def fail(s: Doc) -> None:  # takes the model as loaded: the next one starts afresh
+        s.n = -1000
+        raise ValueError("no")
+
+    async def main() -> list[Any]:
+        out = await grouped(store, [fail, add(1), aadd(2), fail, add(3)])
+        no_tasks_left()
+        return out
+
+    out = run(main())
+    assert [type(r) for r in out] == [ValueError, Doc, Doc, ValueError, Doc]
+    assert [r.n for r in out if isinstance(r, Doc)] == [6, 7, 8]
+    assert StateStore(Doc, path, version=2, migrations={1: upgrade}).load() == Doc(
+        n=8, ids=[1, 2, 3]
+    )
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "state.json.v1.bak"]
+    assert (tmp_path / "state.json.v1.bak").read_bytes() == original
+    assert b'"schema_version": 2' in path.read_bytes() or b'"schema_version":2' in path.read_bytes()
+
+
+def test_loops_in_threads_and_sync_threads_share_one_store_and_lose_nothing(path: Path) -> None:
+    # Each loop has its own queue; across loops, and against sync updates from
+    # threads, the file lock decides. One store object, run twice per thread
+    # (asyncio.run again: a new loop, a new queue).
+    store = AsyncStateStore(Doc, path, default=Doc, timeout=60)
+    errors: list[BaseException] = []
+
+    def in_loop(base: int) -> None:
+        async def main(start: int) -> None:
+            got = await asyncio.gather(
+                *(store.update(add(i) if i % 2 else aadd(i)) for i in range(start, start + 25))
+            )
+            assert [r.ids[-1] for r in got] == list(range(start, start + 25))
+            no_tasks_left()
+
+        try:
+            asyncio.run(main(base))
+            asyncio.run(main(base + 100))
+        except BaseException as e:
+            errors.append(e)
+
+    def in_thread(base: int) -> None:
+        try:
+            for i in range(base, base + 10):
+                store.sync.update(add(i))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=in_loop, args=(1000 * k,)) for k in range(1, 4)]
+    threads += [threading.Thread(target=in_thread, args=(1000 * k + 500,)) for k in range(1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    on_disk = StateStore(Doc, path).load()
+    assert on_disk.n == len(on_disk.ids) == len(set(on_disk.ids)) == 3 * 50 + 2 * 10
+
+
+def test_a_lock_held_elsewhere_times_out_every_queued_caller_and_nobody_waits_longer(
+    path: Path,
+) -> None:
+    from statestore import LockTimeout
+
+    store = AsyncStateStore(Doc, path, default=Doc, timeout=0.3)
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with StateStore(Doc, path).transaction():
+            held.set()
+            release.wait(20)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(20)
+
+    async def main() -> list[Any]:
+        tasks = []
+        for i in range(6):
+            tasks.append(asyncio.create_task(store.update(add(i) if i % 2 else aadd(i))))
+            await asyncio.sleep(0.02)
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        no_tasks_left()
+        assert queued(store) == 0 and not store._group().busy
+        return out
+
+    try:
+        out = run(main())
+    finally:
+        release.set()
+        thread.join()
+    assert all(isinstance(r, LockTimeout) for r in out), out
+    assert StateStore(Doc, path).load() == Doc()
+    assert run(store.update(add(7))).ids == [7]  # and the store works on
+
+
+def test_a_leader_cancelled_while_a_database_group_is_written_commits_it_and_says_so(
+    tmp_path: Path,
+) -> None:
+    # PostgreSQL writes in the session's transaction, committed when the session
+    # closes: a cancellation during the write waits for it, the session commits,
+    # and then the leader gets its CancelledError; the followers their states.
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    dsn = os.environ.get("STATESTORE_PG_DSN")
+    if not dsn:
+        pytest.skip("no PostgreSQL server named (STATESTORE_PG_DSN)")
+    from statestore.backends.postgres import PostgresStorage
+
+    table = f"test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg.connect(dsn)
+    try:
+        with PostgresStorage(dsn, key="k", table=table) as storage:
+            store = AsyncStateStore(Doc, storage, default=Doc)
+            run(store.save(Doc()))
+
+            async def main() -> tuple[Any, list[Any]]:
+                go, inside = asyncio.Event(), asyncio.Event()
+
+                async def first(s: Doc) -> None:
+                    inside.set()
+                    await go.wait()
+                    raise LookupError("nothing")
+
+                holder = asyncio.create_task(store.update(first))
+                await inside.wait()
+                tasks = []
+                for n in range(3):
+                    tasks.append(asyncio.create_task(store.update(add(n))))
+                    await until(lambda n=n: queued(store) >= n + 2)
+                # The row is locked: the group's write waits for it.
+                admin.execute(f'SELECT * FROM "{table}" FOR UPDATE')
+                go.set()
+                await asyncio.gather(holder, return_exceptions=True)
+                with psycopg.connect(dsn, autocommit=True) as look:
+                    for _ in range(500):  # until the group's write waits for the row
+                        await asyncio.sleep(0.01)
+                        found = look.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        ).fetchone()
+                        if found and found[0]:
+                            break
+                    else:
+                        raise AssertionError("the group's write did not wait for the row")
+                tasks[0].cancel()
+                await asyncio.sleep(0.05)
+                admin.rollback()
+                out = await asyncio.gather(*tasks, return_exceptions=True)
+                no_tasks_left()
+                return out[0], out[1:]
+
+            lead, followers = run(main())
+            assert isinstance(lead, asyncio.CancelledError)
+            assert [r.ids for r in followers] == [[0, 1], [0, 1, 2]]
+            assert run(store.load()).ids == [0, 1, 2]
+    finally:
+        admin.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for t in (table, f"{table}_backups"):
+                conn.execute(f'DROP TABLE IF EXISTS "{t}"')
