@@ -16,8 +16,12 @@ Rules this module keeps (the same as for threads):
   (``NestedTransactionError``), as without a group.
 * **A function that raises, or whose task is cancelled before it returns,
   changes nothing and fails only its caller**; so does a result that does not
-  validate or would not load back. Each caller gets the model its own result
-  loads as.
+  validate or would not load back. That holds for what a function raises
+  that is no ``Exception`` too (``KeyboardInterrupt``, ``SystemExit``, a
+  ``CancelledError`` of its own while its task is not cancelled): the
+  leader's own is raised once the group is committed. Each caller gets the
+  model its own result loads as. An awaitable a plain function returned
+  that never ran (its task cancelled meanwhile) is closed.
 * **All or nothing on disk**: the group's last good state is published once;
   if that fails, every caller whose function counted gets the error.
 * **Waiting**: a queued task waits at most the store's ``timeout`` (then
@@ -27,6 +31,14 @@ Rules this module keeps (the same as for threads):
 * **A cancelled leader** lets the lock go; the callers of its group whose
   updates were not committed get :class:`~statestore.StateWriteError` saying
   nothing of theirs was written, and the next queued task leads.
+* **What a caller is told is true**: a cancellation of the leader that comes
+  while the group's write is made waits for it; the session is then closed
+  normally (a database commits), every caller whose function counted gets its
+  state, and only then does the leader get its ``CancelledError`` (as a task
+  alone does: a commit that has started is completed). No caller hears
+  "nothing written" of a state that was written.
+* **No reference cycle**: a group holds its store weakly (the store keeps its
+  groups, one per loop), so a store let go goes at once with its storage.
 """
 
 from __future__ import annotations
