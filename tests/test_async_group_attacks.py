@@ -730,3 +730,83 @@ def test_a_leader_cancelled_while_a_database_group_is_written_commits_it_and_say
         with psycopg.connect(dsn, autocommit=True) as conn:
             for t in (table, f"{table}_backups"):
                 conn.execute(f'DROP TABLE IF EXISTS "{t}"')
+
+
+def test_a_follower_cancelled_after_its_function_returned_is_written_with_the_group(
+    path: Path,
+) -> None:
+    # Its function counted and the next ones built on its state: it stands, and its
+    # caller gets CancelledError, as a task alone whose commit has begun does.
+    store = AsyncStateStore(Doc, path, default=Doc)
+    ran, go = asyncio.Event(), asyncio.Event()
+
+    async def gate(s: Doc) -> None:
+        ran.set()
+        await go.wait()
+        s.ids.append(3)
+        s.n += 1
+
+    async def main() -> list[Any]:
+        holder_go, inside = asyncio.Event(), asyncio.Event()
+
+        async def first(s: Doc) -> None:
+            inside.set()
+            await holder_go.wait()
+
+        holder = asyncio.create_task(store.update(first))
+        await inside.wait()
+        tasks = []
+        for n, fn in enumerate([add(1), add(2), gate]):
+            tasks.append(asyncio.create_task(store.update(fn)))
+            await until(lambda n=n: queued(store) >= n + 2)
+        holder_go.set()
+        await holder
+        await ran.wait()  # add(2) has run and waits for the commit
+        tasks[1].cancel()
+        await asyncio.sleep(0.01)
+        go.set()
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        no_tasks_left()
+        return out
+
+    out = run(main())
+    assert isinstance(out[1], asyncio.CancelledError)
+    assert out[2].ids == [1, 2, 3]
+    assert StateStore(Doc, path).load().ids == [1, 2, 3]
+
+
+def test_a_leader_cancelled_while_it_waits_for_a_lock_held_elsewhere_hands_on(
+    path: Path,
+) -> None:
+    store = AsyncStateStore(Doc, path, default=Doc, timeout=30)
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with StateStore(Doc, path).transaction():
+            held.set()
+            release.wait(20)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(20)
+
+    async def main() -> list[Any]:
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(store.update(add(i) if i % 2 else aadd(i))))
+            await until(lambda i=i: queued(store) >= i + 1)
+        tasks[0].cancel()
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(release.set)
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        no_tasks_left()
+        return out
+
+    try:
+        out = run(main())
+    finally:
+        release.set()
+        thread.join()
+    assert isinstance(out[0], asyncio.CancelledError)
+    assert [r.ids for r in out[1:]] == [[1], [1, 2], [1, 2, 3]]
+    assert StateStore(Doc, path).load().ids == [1, 2, 3]

@@ -21,7 +21,10 @@ Rules this module keeps (the same as for threads):
   ``CancelledError`` of its own while its task is not cancelled): the
   leader's own is raised once the group is committed. Each caller gets the
   model its own result loads as. An awaitable a plain function returned
-  that never ran (its task cancelled meanwhile) is closed.
+  that never ran (its task cancelled meanwhile) is closed. A task cancelled
+  after its function returned gets ``CancelledError``, and its update is
+  written with the group (the functions after it started from its state),
+  as a task alone whose commit has begun.
 * **All or nothing on disk**: the group's last good state is published once;
   if that fails, every caller whose function counted gets the error.
 * **Waiting**: a queued task waits at most the store's ``timeout`` (then
