@@ -12,6 +12,7 @@ import contextlib
 import gc
 import os
 import random
+import sys
 import threading
 import warnings
 import weakref
@@ -30,12 +31,11 @@ class Doc(BaseModel):
     ids: list[int] = []
 
 
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(30):  # no task around ``coro``: all_tasks() is its own
-            return await coro
+pytestmark = pytest.mark.timeout(120)
 
-    return asyncio.run(bounded())
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)  # no task around ``coro``: all_tasks() is its own
 
 
 def queued(store: AsyncStateStore[Doc]) -> int:
@@ -338,6 +338,8 @@ def test_a_function_raising_a_base_exception_itself_fails_only_its_caller(
 ) -> None:
     # Raised by the function, not a cancellation of its task: the other callers of
     # the group are committed, leader (where=0) or follower (where=1).
+    if error is asyncio.CancelledError and where == 0 and sys.version_info < (3, 11):
+        pytest.skip("Python 3.10 cannot tell it from a cancellation of the task")
     store = AsyncStateStore(Doc, path, default=Doc)
 
     async def raiser(s: Doc) -> None:
@@ -383,6 +385,8 @@ def test_timeouts_around_queued_and_in_turn_updates(path: Path) -> None:
         await never.wait()
 
     async def bounded(fn: Any, t: float) -> Any:
+        if sys.version_info < (3, 11):
+            return await asyncio.wait_for(store.update(fn), t)
         async with asyncio.timeout(t):
             return await store.update(fn)
 
@@ -411,7 +415,7 @@ def test_timeouts_around_queued_and_in_turn_updates(path: Path) -> None:
         return out
 
     out = run(main())
-    assert [type(r) for r in out] == [Doc, TimeoutError, TimeoutError, Doc]
+    assert [type(r) for r in out] == [Doc, asyncio.TimeoutError, asyncio.TimeoutError, Doc]
     assert StateStore(Doc, path).load().ids == [1, 2]
 
 
@@ -446,6 +450,8 @@ def test_a_corrupt_file_fails_every_queued_caller_with_the_typed_error(path: Pat
         async def first(s: Doc) -> None:
             inside.set()
             await go.wait()
+            path.write_bytes(b"{ not json")  # under the lock, before the group loads
+            raise LookupError("the holder writes nothing")
 
         holder = asyncio.create_task(store.update(first))
         await inside.wait()
@@ -454,9 +460,11 @@ def test_a_corrupt_file_fails_every_queued_caller_with_the_typed_error(path: Pat
             tasks.append(asyncio.create_task(store.update(fn)))
             await until(lambda n=n: queued(store) >= n + 2)
         go.set()
-        await holder
-        path.write_bytes(b"{ not json")  # before the leader of the group runs again
-        return await asyncio.gather(*tasks, return_exceptions=True)
+        with pytest.raises(LookupError):
+            await holder
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        no_tasks_left()
+        return out
 
     out = run(main())
     assert all(isinstance(r, StateCorruptError) for r in out), out
@@ -810,3 +818,83 @@ def test_a_leader_cancelled_while_it_waits_for_a_lock_held_elsewhere_hands_on(
     assert isinstance(out[0], asyncio.CancelledError)
     assert [r.ids for r in out[1:]] == [[1], [1, 2], [1, 2, 3]]
     assert StateStore(Doc, path).load().ids == [1, 2, 3]
+
+
+class SlowCloseStorage:
+    """A storage that locks itself (as a database does), in memory; when armed, the
+    closing of a session waits (on its worker thread) until let go."""
+
+    location = "memory://slow-close"
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.lock = threading.Lock()
+        self.closing, self.go = threading.Event(), threading.Event()
+        self.armed = False
+
+    def read(self) -> bytes | None:
+        return self.data
+
+    def exists(self) -> bool:
+        return self.data is not None
+
+    @contextlib.contextmanager
+    def session(self, timeout: float) -> Any:
+        if not self.lock.acquire(timeout=timeout):
+            raise AssertionError("lock")
+        try:
+            yield self
+        finally:
+            if self.armed:
+                self.armed = False
+                self.closing.set()
+                self.go.wait(20)
+            self.lock.release()
+
+    def write(self, data: bytes) -> None:
+        self.data = data
+
+    def backup_location(self, label: str) -> str:
+        return f"{self.location}.{label}"
+
+    def backup(self, label: str, data: bytes) -> str:
+        return self.backup_location(label)
+
+
+@pytest.mark.parametrize("grouped_too", [False, True])
+def test_a_cancellation_while_a_session_closes_is_not_lost(grouped_too: bool) -> None:
+    # The commit is completed, then the task gets its CancelledError: a task whose
+    # cancel() was accepted does not go on as if nothing happened. Alone, and as
+    # the leader of a group (whose followers get their states).
+    storage = SlowCloseStorage()
+    store = AsyncStateStore(Doc, storage, default=Doc)  # type: ignore[arg-type]
+
+    async def main() -> list[Any]:
+        go, inside = asyncio.Event(), asyncio.Event()
+
+        async def first(s: Doc) -> None:
+            inside.set()
+            await go.wait()
+            s.ids.append(0)
+
+        holder = asyncio.create_task(store.update(first))
+        await inside.wait()
+        tasks = []
+        for n in range(1, 4 if grouped_too else 2):
+            tasks.append(asyncio.create_task(store.update(add(n))))
+            await until(lambda n=n: queued(store) >= n + 1)
+        go.set()
+        await holder
+        storage.armed = True  # the next session: add(1)'s (its group's)
+        await asyncio.to_thread(storage.closing.wait, 20)
+        assert tasks[0].cancel()
+        await asyncio.sleep(0.01)
+        storage.go.set()
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        no_tasks_left()
+        return out
+
+    out = run(main())
+    assert isinstance(out[0], asyncio.CancelledError), out[0]
+    assert [r.ids for r in out[1:]] == [[0, 1, 2], [0, 1, 2, 3]][: len(out) - 1]
+    assert run(store.load()).ids == [0, 1, 2, 3][: len(out) + 1]

@@ -353,8 +353,10 @@ class AsyncUpdateGroup(Generic[ModelT]):
                 try:
                     await self._run(job)
                 except BaseException as e:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
+                    # Python 3.10 cannot tell a cancellation from a CancelledError of
+                    # the function's own: there it ends the group.
+                    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+                    if cancelling() if cancelling else isinstance(e, asyncio.CancelledError):
                         raise  # the leader's task is cancelled: the group ends
                     own = e  # its function's own: it fails only the leader
             else:
