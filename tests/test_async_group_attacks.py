@@ -917,13 +917,17 @@ def test_a_loop_closed_with_a_group_under_way_leaves_the_store_usable(
         s.n += 1
         s.ids.append(len(s.ids) + 100)
 
+    left: list[Any] = []
+
     async def abandon() -> None:
         for i in range(20):
-            asyncio.create_task(store.update(slow if i % 3 == 0 else add(i)))
+            left.append(asyncio.create_task(store.update(slow if i % 3 == 0 else add(i))))
         await asyncio.sleep(0.08)  # a commit or two, then the loop ends
 
     caplog.set_level("ERROR", logger="asyncio")
     asyncio.run(abandon())
+    assert all(t.done() for t in left)
+    left.clear()
     gc.collect()
     on_disk = StateStore(Doc, path).load()
     assert on_disk.n == len(on_disk.ids)
