@@ -942,3 +942,47 @@ def test_a_loop_closed_with_a_group_under_way_leaves_the_store_usable(
     StateStore(Doc, path, timeout=1).update(lambda s: None)
     gc.collect()
     assert [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()] == []
+
+
+def test_a_follower_whose_function_never_returns_holds_only_until_its_leader_is_cancelled(
+    path: Path,
+) -> None:
+    store = AsyncStateStore(Doc, path, default=Doc)
+    stuck_in = asyncio.Event()
+
+    async def stuck(s: Doc) -> None:
+        stuck_in.set()
+        s.ids.append(99)
+        await asyncio.Event().wait()
+
+    async def main() -> list[Any]:
+        go, inside = asyncio.Event(), asyncio.Event()
+
+        async def first(s: Doc) -> None:
+            inside.set()
+            await go.wait()
+
+        holder = asyncio.create_task(store.update(first))
+        await inside.wait()
+        tasks = []
+        for n, fn in enumerate([add(1), stuck]):
+            tasks.append(asyncio.create_task(store.update(fn)))
+            await until(lambda n=n: queued(store) >= n + 2)
+        go.set()
+        await holder
+        await stuck_in.wait()
+        later = asyncio.create_task(store.update(add(2)))  # queued behind the group
+        await until(lambda: queued(store) >= 3)
+        tasks[0].cancel()  # the leader: the lock goes to add(2)
+        got = await later
+        assert got.ids == [2]
+        assert not tasks[1].done()  # its function still runs: it fails itself
+        tasks[1].cancel()
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        no_tasks_left()
+        return out
+
+    out = run(main())
+    assert isinstance(out[0], asyncio.CancelledError)
+    assert isinstance(out[1], asyncio.CancelledError)
+    assert StateStore(Doc, path).load().ids == [2]
