@@ -47,6 +47,7 @@ Rules this module keeps (the same as for threads):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import math
 import time
@@ -338,7 +339,7 @@ class AsyncUpdateGroup(Generic[ModelT]):
         that came while the write was made (it waited for the write), or what the
         leader's own function raised that is no ``Exception`` (``KeyboardInterrupt``,
         a ``CancelledError`` of its own: its task was not cancelled)."""
-        from ._async import _in_thread, run_step
+        from ._async import run_step
 
         document = txn.document
         await run_step(txn.begin)
@@ -372,7 +373,8 @@ class AsyncUpdateGroup(Generic[ModelT]):
         last = counted[-1]
         data, checked = last.data, last.checked
         assert data is not None
-        writing = _in_thread(lambda: txn.publish(data, checked))
+        context_now = contextvars.copy_context()  # the write on a worker thread, as run_step
+        writing = loop.run_in_executor(None, context_now.run, lambda: txn.publish(data, checked))
         cancelled: asyncio.CancelledError | None = None
         while not writing.done():
             try:
