@@ -100,13 +100,17 @@ async def run_step(fn: Callable[[], T]) -> T:
 
 
 async def _finish(future: asyncio.Future[Any]) -> None:
-    """Wait for ``future`` even if cancelled again meanwhile."""
+    """Wait for ``future`` even if cancelled meanwhile; then raise its error, or the
+    cancellation (a cancellation is deferred, never lost)."""
+    cancelled: asyncio.CancelledError | None = None
     while not future.done():
         try:
             await asyncio.shield(future)
-        except asyncio.CancelledError:
-            continue
+        except asyncio.CancelledError as e:
+            cancelled = e
     future.result()
+    if cancelled is not None:
+        raise cancelled
 
 
 @contextlib.asynccontextmanager

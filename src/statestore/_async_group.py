@@ -20,8 +20,15 @@ Rules this module keeps (the same as for threads):
   as without a group.
 * **A function that raises, or whose task is cancelled before it returns,
   changes nothing and fails only its caller**; so does a result that does not
-  validate or would not load back. Each caller gets the model its own result
-  loads as.
+  validate or would not load back. That holds for what a function raises
+  that is no ``Exception`` too (``KeyboardInterrupt``, ``SystemExit``, a
+  ``CancelledError`` of its own while its task is not cancelled): the
+  leader's own is raised once the group is committed. Each caller gets the
+  model its own result loads as. An awaitable a plain function returned
+  that never ran (its task cancelled meanwhile) is closed. A task cancelled
+  after its function returned gets ``CancelledError``, and its update is
+  written with the group (the functions after it started from its state),
+  as a task alone whose commit has begun.
 * **All or nothing on disk**: the group's last good state is published once;
   if that fails, every caller whose function counted gets the error.
 * **Waiting**: a queued task waits at most the store's ``timeout`` (then
@@ -31,14 +38,24 @@ Rules this module keeps (the same as for threads):
 * **A cancelled leader** lets the lock go; the callers of its group whose
   updates were not committed get :class:`~statestore.StateWriteError` saying
   nothing of theirs was written, and the next queued task leads.
+* **What a caller is told is true**: a cancellation of the leader that comes
+  while the group's write is made waits for it; the session is then closed
+  normally (a database commits), every caller whose function counted gets its
+  state, and only then does the leader get its ``CancelledError`` (as a task
+  alone does: a commit that has started is completed). No caller hears
+  "nothing written" of a state that was written.
+* **No reference cycle**: a group holds its store weakly (the store keeps its
+  groups, one per loop), so a store let go goes at once with its storage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Generic, cast
@@ -67,6 +84,7 @@ class _Job:
         "error",
         "fn",
         "promoted",
+        "published",
         "queued_at",
         "reported",
         "state",
@@ -78,6 +96,7 @@ class _Job:
         self.queued_at = time.monotonic()
         self.state = _QUEUED
         self.promoted = False
+        self.published = False  # its state is in the write that was made
         self.wake: asyncio.Future[None] | None = None
         self.reported: asyncio.Future[None] | None = None
         self.context: _Context[Any] | None = None
@@ -125,9 +144,17 @@ class AsyncUpdateGroup(Generic[ModelT]):
     """The queue of one async store's updates on one event loop."""
 
     def __init__(self, store: AsyncStateStore[ModelT]) -> None:
-        self._store = store
+        # Weak: the store keeps its groups, and a store let go must go at once
+        # (with its storage's connections), not at the collector's next pass.
+        self._store_ref = weakref.ref(store)
         self._queue: deque[_Job] = deque()
         self._leading = False
+
+    @property
+    def _store(self) -> AsyncStateStore[ModelT]:
+        store = self._store_ref()
+        assert store is not None  # every caller holds its store
+        return store
 
     @property
     def busy(self) -> bool:
@@ -219,6 +246,7 @@ class AsyncUpdateGroup(Generic[ModelT]):
         assert context is not None
         keys = store._keys
         token = inside.set(inside.get() | keys)
+        returned: list[object] = []  # an awaitable a plain function returned
         try:
             fn = job.fn
             if _is_async(fn):
@@ -233,6 +261,7 @@ class AsyncUpdateGroup(Generic[ModelT]):
                     with entered(keys, location, "a blocking call in update()'s function"):
                         result = fn(state)
                     if inspect.isawaitable(result):
+                        returned.append(result)
                         return False, state, result
                     return True, None, context.finish(fn, state, result)
 
@@ -246,14 +275,14 @@ class AsyncUpdateGroup(Generic[ModelT]):
             if not isinstance(e, Exception):
                 raise
         finally:
+            for awaitable in returned:  # never awaited (cancelled meanwhile): no warning
+                _close(awaitable)
             inside.reset(token)
             if job.state == _TURN:
                 job.state = _RAN
             self._report(job)
 
     async def _lead(self, me: _Job) -> None:
-        from ._async import run_step
-
         store = self._store
         loop = asyncio.get_running_loop()
         began = time.monotonic()
@@ -272,7 +301,9 @@ class AsyncUpdateGroup(Generic[ModelT]):
                         me.checked = await store._update_alone(txn, me.fn)
                         me.data = b""  # committed by itself
                         return
-                    await self._commit(txn, group, me, loop, run_step)
+                    deferred = await self._commit(txn, group, me, loop)
+                if deferred is not None:  # cancelled while the commit was made: after it
+                    raise deferred
             except LockTimeout as e:
                 for job in list(self._queue):
                     if job is me or (job.state == _QUEUED and job.queued_at <= began):
@@ -284,6 +315,8 @@ class AsyncUpdateGroup(Generic[ModelT]):
                 if not group:
                     group = [me]
                 for job in group:
+                    if job.published and not isinstance(e, Exception):
+                        continue  # written before the interruption: its state stands
                     if job.state != _DONE and job.error is None:
                         job.error = e if job is me else _failed_with(store.location, e)
                 raise
@@ -309,18 +342,33 @@ class AsyncUpdateGroup(Generic[ModelT]):
         group: list[_Job],
         me: _Job,
         loop: asyncio.AbstractEventLoop,
-        run_step: Callable[[Callable[[], Any]], Awaitable[Any]],
-    ) -> None:
+    ) -> BaseException | None:
+        """Each function's turn, then the one write. What the leader raises after
+        the session is closed (a database commits then) is returned: a cancellation
+        that came while the write was made (it waited for the write), or what the
+        leader's own function raised that is no ``Exception`` (``KeyboardInterrupt``,
+        a ``CancelledError`` of its own: its task was not cancelled)."""
+        from ._async import run_step
+
         document = txn.document
         await run_step(txn.begin)
         context = _Context(document, txn.loaded)
+        own: BaseException | None = None
         for job in group:
             if job is not me and job.state != _QUEUED:
                 continue  # it left the queue meanwhile
             job.context = context
             job.state = _TURN
             if job is me:
-                await self._run(job)
+                try:
+                    await self._run(job)
+                except BaseException as e:
+                    # Python 3.10 cannot tell a cancellation from a CancelledError of
+                    # the function's own: there it ends the group.
+                    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+                    if cancelling() if cancelling else isinstance(e, asyncio.CancelledError):
+                        raise  # the leader's task is cancelled: the group ends
+                    own = e  # its function's own: it fails only the leader
             else:
                 job.reported = loop.create_future()
                 job.rouse()
@@ -330,17 +378,42 @@ class AsyncUpdateGroup(Generic[ModelT]):
         counted = [j for j in group if j.error is None and j.data is not None]
         if not counted:
             txn.abort()
-            return
+            return own
         last = counted[-1]
         data, checked = last.data, last.checked
         assert data is not None
-        last.checked = await run_step(lambda: txn.publish(data, checked))
+        context_now = contextvars.copy_context()  # the write on a worker thread, as run_step
+        writing = loop.run_in_executor(None, context_now.run, lambda: txn.publish(data, checked))
+        cancelled: asyncio.CancelledError | None = None
+        while not writing.done():
+            try:
+                await asyncio.shield(writing)
+            except asyncio.CancelledError as e:
+                cancelled = e
+        try:
+            last.checked = writing.result()
+        except BaseException:
+            if cancelled is not None:
+                for job in counted:
+                    if job is not me:
+                        job.error = job.error or writing.exception()
+                raise cancelled from None
+            raise
+        for job in counted:
+            job.published = True
+        return cancelled or own
 
 
 def _is_async(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - an object with ``async def __call__``
     )
+
+
+def _close(awaitable: object) -> None:
+    close = getattr(awaitable, "close", None)
+    if callable(close):
+        close()
 
 
 def _failed_with(location: str, e: BaseException) -> BaseException:
