@@ -749,11 +749,11 @@ def test_a_follower_cancelled_after_its_function_returned_is_written_with_the_gr
     # Its function counted and the next ones built on its state: it stands, and its
     # caller gets CancelledError, as a task alone whose commit has begun does.
     store = AsyncStateStore(Doc, path, default=Doc)
-    ran, go = asyncio.Event(), asyncio.Event()
+    ran, go = threading.Event(), threading.Event()
 
-    async def gate(s: Doc) -> None:
+    def gate(s: Doc) -> None:  # plain (grouped), on a worker thread
         ran.set()
-        await go.wait()
+        go.wait(10)
         s.ids.append(3)
         s.n += 1
 
@@ -772,7 +772,7 @@ def test_a_follower_cancelled_after_its_function_returned_is_written_with_the_gr
             await until(lambda n=n: queued(store) >= n + 2)
         holder_go.set()
         await holder
-        await ran.wait()  # add(2) has run and waits for the commit
+        await until(ran.is_set)  # add(2) has run and waits for the commit
         tasks[1].cancel()
         await asyncio.sleep(0.01)
         go.set()
@@ -948,12 +948,12 @@ def test_a_follower_whose_function_never_returns_holds_only_until_its_leader_is_
     path: Path,
 ) -> None:
     store = AsyncStateStore(Doc, path, default=Doc)
-    stuck_in = asyncio.Event()
+    stuck_in, release = threading.Event(), threading.Event()
 
-    async def stuck(s: Doc) -> None:
+    def stuck(s: Doc) -> None:  # plain (grouped): it blocks its worker thread
         stuck_in.set()
         s.ids.append(99)
-        await asyncio.Event().wait()
+        release.wait(20)
 
     async def main() -> list[Any]:
         go, inside = asyncio.Event(), asyncio.Event()
@@ -970,7 +970,7 @@ def test_a_follower_whose_function_never_returns_holds_only_until_its_leader_is_
             await until(lambda n=n: queued(store) >= n + 2)
         go.set()
         await holder
-        await stuck_in.wait()
+        await until(stuck_in.is_set)
         later = asyncio.create_task(store.update(add(2)))  # queued behind the group
         await until(lambda: queued(store) >= 3)
         tasks[0].cancel()  # the leader: the lock goes to add(2)
@@ -978,6 +978,7 @@ def test_a_follower_whose_function_never_returns_holds_only_until_its_leader_is_
         assert got.ids == [2]
         assert not tasks[1].done()  # its function still runs: it fails itself
         tasks[1].cancel()
+        release.set()
         out = await asyncio.gather(*tasks, return_exceptions=True)
         no_tasks_left()
         return out
