@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from statestore._document import RESERVED
+
 __all__ = [
     "RESERVED_KEYS",
     "STEP_KEYS",
@@ -37,8 +39,9 @@ __all__ = [
     "step_documents",
 ]
 
-#: Top-level keys the store writes itself; documents never carry them.
-RESERVED_KEYS = ("schema_version", "$schema")
+#: Top-level keys the store writes itself; documents never carry them (the
+#: library's own list, so a key added there is left out here too).
+RESERVED_KEYS: tuple[str, ...] = tuple(RESERVED)
 #: The few keys migration steps work on, so that steps touch each other's keys.
 STEP_KEYS = ("a", "b", "c", "d", "e")
 
