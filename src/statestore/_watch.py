@@ -79,6 +79,7 @@ __all__ = [
     "FileWatcher",
     "Watcher",
     "WatcherBase",
+    "readable",
     "wait_async",
 ]
 
@@ -592,21 +593,28 @@ async def wait_async(watcher: FileWatcher, timeout: float | None = None) -> bool
             fds = [watcher._wake_r] + ([watcher._fd] if watcher._fd >= 0 else [])
             if watcher._fd < 0:
                 left = watcher.poll_interval if left is None else min(left, watcher.poll_interval)
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def wake(f: asyncio.Future[None] = ready) -> None:
-                if not f.done():
-                    f.set_result(None)
-
-            for fd in fds:
-                loop.add_reader(fd, wake)
-            try:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(ready), left)
-            finally:
-                for fd in fds:
-                    loop.remove_reader(fd)
+            await readable(fds, left)
             with contextlib.suppress(OSError):
                 os.read(watcher._wake_r, 512)
     finally:
         watcher._leave()
+
+
+async def readable(fds: list[int], timeout: float | None) -> None:
+    """Return when one of ``fds`` is readable, or after ``timeout`` seconds (None:
+    no limit), without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake(f: asyncio.Future[None] = ready) -> None:
+        if not f.done():
+            f.set_result(None)
+
+    for fd in fds:
+        loop.add_reader(fd, wake)
+    try:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(ready), timeout)
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)

@@ -105,7 +105,7 @@ from .._history import HistoryEntry
 from .._migrate import Migrations
 from .._store import StateStore
 from .._transaction import Transaction
-from .._watch import WatcherBase
+from .._watch import WatcherBase, readable
 
 __all__ = [
     "WATCH_POLL_INTERVAL",
@@ -1309,21 +1309,7 @@ class PostgresWatcher(WatcherBase):
                 step = self._step(deadline)
                 if deadline is not None and deadline - time.monotonic() <= 0:
                     return False
-                fds = self._fds()
-                ready: asyncio.Future[None] = loop.create_future()
-
-                def wake(f: asyncio.Future[None] = ready) -> None:
-                    if not f.done():
-                        f.set_result(None)
-
-                for fd in fds:
-                    loop.add_reader(fd, wake)
-                try:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(ready), step)
-                finally:
-                    for fd in fds:
-                        loop.remove_reader(fd)
+                await readable(self._fds(), step)
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 512)
         finally:
