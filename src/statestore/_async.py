@@ -47,7 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
-from ._async_group import AsyncUpdateGroup
+from ._async_group import AsyncUpdateGroup, is_async
 from ._document import Snapshot
 from ._errors import LockTimeout, NestedTransactionError
 from ._lock import DirectoryLock, consume, turn_gate, wait_time
@@ -198,12 +198,6 @@ class _Once(AbstractAsyncContextManager[T]):
         tb: TracebackType | None,
     ) -> bool | None:
         return await self._cm.__aexit__(exc_type, exc, tb)
-
-
-def _is_async(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - an object with ``async def __call__``
-    )
 
 
 def _close(awaitable: object) -> None:
@@ -371,7 +365,7 @@ class AsyncStateStore(Generic[ModelT]):
         fn: Callable[[ModelT], ModelT | Awaitable[ModelT | None] | None],
     ) -> ModelT:
         """One update by itself, in an open transaction."""
-        if not _is_async(fn):
+        if not is_async(fn):
             return await self._update_in_thread(txn, fn)
         state = await run_step(lambda: txn.begin(shed=True))
         try:

@@ -60,6 +60,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Generic, cast
 
+from ._combine import settle
 from ._document import Document, Loaded, ModelT
 from ._errors import LockTimeout, StateWriteError
 from ._lock import wait_time
@@ -68,7 +69,7 @@ from ._transaction import Transaction, entered
 if TYPE_CHECKING:
     from ._async import AsyncStateStore
 
-__all__ = ["AsyncUpdateGroup"]
+__all__ = ["AsyncUpdateGroup", "is_async"]
 
 #: The most update functions one group commits (then the lock is handed on).
 MAX_GROUP: Final = 64
@@ -132,12 +133,8 @@ class _Context(Generic[ModelT]):
         return doc.parse(loaded.raw).model
 
     def finish(self, fn: object, state: ModelT, result: ModelT | None) -> tuple[bytes, ModelT]:
-        doc = self.document
-        if result is not None:
-            state = result
-        doc.check_type(state, f"update(): {getattr(fn, '__qualname__', 'fn')} returned")
-        data = doc.frame(doc.dump(state), self.loaded.schema, after=self.loaded)
-        return data, doc.check(data)
+        _, data, checked = settle(self.document, self.loaded, fn, state, result)
+        return data, checked
 
 
 class AsyncUpdateGroup(Generic[ModelT]):
@@ -249,7 +246,7 @@ class AsyncUpdateGroup(Generic[ModelT]):
         returned: list[object] = []  # an awaitable a plain function returned
         try:
             fn = job.fn
-            if _is_async(fn):
+            if is_async(fn):
                 state = await run_step(context.start)
                 result = await fn(state)
                 job.data, job.checked = await run_step(lambda: context.finish(fn, state, result))
@@ -291,9 +288,9 @@ class AsyncUpdateGroup(Generic[ModelT]):
             try:
                 async with store._begin("update()", me.queued_at if me.promoted else None) as txn:
                     group = [me]
-                    if not _is_async(me.fn):
+                    if not is_async(me.fn):
                         for job in self._queue:  # the plain functions queued next
-                            if len(group) >= MAX_GROUP or _is_async(job.fn):
+                            if len(group) >= MAX_GROUP or is_async(job.fn):
                                 break
                             if job.state == _QUEUED:
                                 group.append(job)
@@ -404,7 +401,9 @@ class AsyncUpdateGroup(Generic[ModelT]):
         return cancelled or own
 
 
-def _is_async(fn: object) -> bool:
+def is_async(fn: object) -> bool:
+    """Whether ``fn`` is an ``async def`` function (or an object with an ``async def
+    __call__``)."""
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - an object with ``async def __call__``
     )

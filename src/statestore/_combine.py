@@ -81,7 +81,7 @@ from ._lock import wait_time
 from ._transaction import Transaction, inside
 from .backends import Session
 
-__all__ = ["UpdateGroup"]
+__all__ = ["UpdateGroup", "settle"]
 
 #: The most update functions one group commits (then the lock is handed on).
 MAX_GROUP: Final = 64
@@ -603,7 +603,19 @@ def _apply(
 ) -> tuple[bytes, bytes, ModelT]:
     """One function of a group: its state's dump, its exact bytes (framed after
     ``loaded``) and the model they load as."""
-    result = fn(state)
+    return settle(doc, loaded, fn, state, fn(state))
+
+
+def settle(
+    doc: Document[ModelT],
+    loaded: Loaded[ModelT],
+    fn: object,
+    state: ModelT,
+    result: ModelT | None,
+) -> tuple[bytes, bytes, ModelT]:
+    """What a grouped function gave (a new model, or None: ``state`` changed in
+    place) as its dump, its exact bytes framed after ``loaded``, and the model
+    they load as; for the thread and the asyncio groups alike."""
     if result is not None:
         state = result
     doc.check_type(state, f"update(): {getattr(fn, '__qualname__', 'fn')} returned")
