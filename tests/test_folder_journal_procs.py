@@ -125,7 +125,10 @@ def test_lock_free_readers_in_other_processes_see_only_whole_groups(
     tmp_path: Path, durable: bool
 ) -> None:
     folder = setup(tmp_path / "f")
-    writer = fork(transfer_forever, folder, durable, 7, 0.001)
+    # A pause between the writer's groups: a lock-free reader retries while groups
+    # land (a seqlock), and a writer without pauses can starve it of snapshots on a
+    # busy machine; the naive reader below still sees broken sums at this pace.
+    writer = fork(transfer_forever, folder, durable, 7, 0.003)
     try:
         deadline = time.monotonic() + 2.0
         outs = [tmp_path / f"reader{i}.json" for i in range(3)]
